@@ -1,0 +1,31 @@
+"""One entry point for the service: an external Redis (or Cluster) when a URL is given, else the
+embedded redis-server on ``<home>/redis``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .embedded import EmbeddedRedis
+from .keys import DEFAULT_NAMESPACE
+from .store import DEFAULT_CAP, MemoryStore
+
+
+def open_store(
+    redis_url: str | None,
+    home: str | Path,
+    *,
+    cluster: bool | None = None,
+    appendfsync: str = "always",
+    socket_timeout: float = 5.0,
+    namespace: str = DEFAULT_NAMESPACE,
+    cap: int = DEFAULT_CAP,
+) -> tuple[MemoryStore, EmbeddedRedis | None]:
+    """Return ``(store, server)``. ``redis_url`` (the service's REDIS_URL; ``?cluster=true`` or
+    ``cluster=True`` for a Redis Cluster) wins; without it an embedded server is started on
+    ``home/redis`` (or attached to, if one already runs there) and returned so the caller can stop it."""
+    server = None
+    if not redis_url:
+        server = EmbeddedRedis(Path(home) / "redis", appendfsync=appendfsync).start()  # type: ignore[arg-type]
+        redis_url, cluster = server.url, False
+    store = MemoryStore.from_url(redis_url, cluster=cluster, socket_timeout=socket_timeout,
+                                 namespace=namespace, cap=cap)
+    return store, server

@@ -1,0 +1,1 @@
+"""Datasets: loaders per format -> one Interactions table; the protocol -> Samples; prepared storage."""

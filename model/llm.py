@@ -1,0 +1,631 @@
+"""The generator LLM cut after layer L (METHOD.md §2, AutoMR §3.1).
+
+``LLM^(:L)`` = embeddings + layers 1..L, ``LLM^(L:)`` = layers L+1..N + final norm + LM head. The lower
+part encodes prompts into memory vectors and queries (``encode_lower``); the upper part generates with
+the memory slot filled (``generate``) and scores a target title for many candidate slot vectors at once
+(``target_logprob``, Eq. 5).
+
+The slot: the prompt holds a placeholder token span (``model/prompts.py``). At the output of layer L
+the hidden state at each slot position is replaced by the given vector, on the prefill only; the
+ordinary KV cache then carries it into every decoding step. The replacement is a forward hook on
+``model.model.layers[L-1]`` that reads a ``contextvars.ContextVar``, so concurrent requests (threads or
+asyncio tasks) on one shared model never see each other's vectors.
+
+Hand-written loops over the layers (``encode_lower``, ``target_logprob``, ``embed_final`` and the
+training forward) use ``model.model.rotary_emb`` and ``transformers.masking_utils.create_causal_mask``
+exactly as ``LlamaModel.forward`` does in transformers 5.23 (pinned); the tests compare them with the
+full forward. Positions of left-padded rows follow ``generate``: ``cumsum(attention_mask) - 1``.
+"""
+from __future__ import annotations
+
+import contextvars
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
+from transformers.masking_utils import create_causal_mask
+
+from model.prompts import PromptIds
+
+UPPER_FORMAT = "automr-upper/1"
+UPPER_WEIGHTS = "upper.safetensors"
+UPPER_CONFIG = "upper.json"
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"dtype {dtype} is not supported: use bfloat16 or float32")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported: use 'bfloat16' or 'float32'")
+    return _DTYPES[dtype]
+
+
+# --------------------------------------------------------------------------------------------------
+# The slot replacement (request-scoped)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _SlotFill:
+    """One request's replacement: applied once, to the first (prefill) output of ``module``."""
+
+    module: nn.Module  # the decoder layer whose output is patched (layers[L-1])
+    positions: torch.Tensor  # [B, S] long, positions in the (padded) prefill input
+    vectors: torch.Tensor  # [B, S, H]
+    seq_len: int  # length of the prefill input; a call of another length is not the prefill
+    done: bool = False
+
+
+_SLOT_FILL: contextvars.ContextVar[_SlotFill | None] = contextvars.ContextVar("automr_slot_fill", default=None)
+
+
+def _slot_hook(module: nn.Module, args, output):
+    """Forward hook on layers[L-1]: replace the slot states of this request's prefill, else no-op."""
+    fill = _SLOT_FILL.get()
+    if fill is None or fill.done or fill.module is not module:
+        return None
+    h = output[0] if isinstance(output, tuple) else output  # [B', T, H]
+    if h.shape[1] != fill.seq_len:
+        raise RuntimeError(
+            f"slot fill expected the prefill call with {fill.seq_len} positions, got {h.shape[1]}"
+        )
+    fill.done = True
+    rows = fill.positions.shape[0]
+    if h.shape[0] % rows:
+        raise RuntimeError(f"batch of {h.shape[0]} rows is not a multiple of the {rows} prompts")
+    rep = h.shape[0] // rows  # generate() expands each prompt num_beams times with repeat_interleave
+    pos = fill.positions.repeat_interleave(rep, dim=0).to(h.device)  # [B', S]
+    vec = fill.vectors.repeat_interleave(rep, dim=0).to(device=h.device, dtype=h.dtype)  # [B', S, H]
+    h = h.clone()
+    h[torch.arange(h.shape[0], device=h.device)[:, None], pos] = vec
+    return (h, *output[1:]) if isinstance(output, tuple) else h
+
+
+class slot_fill:
+    """Context manager: fill the slots of the next forward of ``split`` (its prefill) in this context.
+
+    ``positions`` [B, S] are positions in the padded input of length ``seq_len``; ``vectors`` [B, S, H].
+    Used by ``SplitLM.generate`` and by training with memory; safe across threads and asyncio tasks.
+    """
+
+    def __init__(self, split: "SplitLM", positions: torch.Tensor, vectors: torch.Tensor, seq_len: int):
+        self._fill = _SlotFill(split.model.model.layers[split.cut - 1], positions, vectors, seq_len)
+        self._token = None
+
+    def __enter__(self) -> "slot_fill":
+        self._token = _SLOT_FILL.set(self._fill)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _SLOT_FILL.reset(self._token)
+
+    @property
+    def applied(self) -> bool:
+        return self._fill.done
+
+
+def _ensure_slot_hook(layer: nn.Module) -> None:
+    if not getattr(layer, "_automr_slot_hook", False):
+        layer.register_forward_hook(_slot_hook)
+        layer._automr_slot_hook = True
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists: ids [B, T] long, attention mask [B, T] long (1 = real token)."""
+    if not seqs:
+        raise ValueError("empty batch")
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("a sequence in the batch has no tokens")
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, t - len(s):] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, t - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, T] of left-padded rows, as ``generate`` computes them (pads get 0)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _batches(order: list[int], size: int) -> Iterable[list[int]]:
+    for i in range(0, len(order), size):
+        yield order[i:i + size]
+
+
+# --------------------------------------------------------------------------------------------------
+# SplitLM
+# --------------------------------------------------------------------------------------------------
+
+
+class SplitLM:
+    """A Llama-family causal LM seen as ``LLM^(:L)`` and ``LLM^(L:)``; see the module docstring.
+
+    Attributes: ``model`` (the HF ``*ForCausalLM``), ``tokenizer`` (pad token set, left padding),
+    ``cut`` (L, 1 <= L < N), ``n_layers`` (N), ``hidden_size``, ``dtype``, ``device``.
+    Vectors returned (``encode_lower``, ``embed_final``) are float32 on the CPU; vectors passed in
+    are cast to the model's dtype.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, cut: int):
+        base = getattr(model, "model", None)
+        if base is None or not hasattr(base, "layers") or not hasattr(base, "rotary_emb"):
+            raise ValueError(f"{type(model).__name__} is not a Llama-family causal LM (model.model.layers)")
+        n = len(base.layers)
+        if not 1 <= cut < n:
+            raise ValueError(f"cut L={cut} must satisfy 1 <= L < N={n}")
+        layer_types = getattr(model.config, "layer_types", None)
+        if layer_types and any(t != "full_attention" for t in layer_types):
+            raise ValueError("only full-attention models are supported (found sliding/linear attention layers)")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cut = cut
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ValueError("the tokenizer has neither a pad nor an eos token")
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        _ensure_slot_hook(base.layers[cut - 1])
+        self._base_upper: nn.ModuleList | None = None  # untuned layers L+1..N (+ norm), see embed_final
+        self._base_norm: nn.Module | None = None
+        self._fp_cache: tuple[tuple, str] | None = None
+
+    # ---- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer, cut: int) -> "SplitLM":
+        return cls(model, tokenizer, cut)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        gguf_file: str | None = None,
+        cut: int = 20,
+        dtype: str | torch.dtype = "bfloat16",
+    ) -> "SplitLM":
+        """Load a local HF directory, or a GGUF file (``path`` = the .gguf, or a dir + ``gguf_file``).
+
+        Nothing is downloaded (``local_files_only``). GGUF weights are dequantized into plain
+        ``nn.Linear`` layers, so the upper layers can be tuned and hashed like any other model.
+        """
+        path = Path(path)
+        if gguf_file is None and path.suffix == ".gguf":
+            path, gguf_file = path.parent, path.name
+        if not path.exists():
+            raise ValueError(f"model path {path} does not exist")
+        if gguf_file is not None and not (path / gguf_file).is_file():
+            raise ValueError(f"GGUF file {path / gguf_file} does not exist")
+        torch_dtype = resolve_dtype(dtype)
+        kwargs: dict = {"local_files_only": True}
+        if gguf_file is not None:
+            from transformers import GgufConfig
+
+            kwargs["gguf_file"] = gguf_file
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            kwargs["quantization_config"] = GgufConfig(gguf_file=str(path / gguf_file), dequantize=True)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+        return cls(model, tokenizer, cut)
+
+    # ---- basic properties -----------------------------------------------------------------------
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.model.model.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.model.embed_tokens.weight.device
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    def lower_modules(self) -> list[nn.Module]:
+        """Embeddings + layers 1..L: never tuned (memory vectors depend on them)."""
+        return [self.model.model.embed_tokens, *self.model.model.layers[: self.cut]]
+
+    def upper_layers(self) -> nn.ModuleList:
+        return self.model.model.layers[self.cut:]
+
+    # ---- the pieces of the forward --------------------------------------------------------------
+
+    def _mask(self, h: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache=None):
+        return create_causal_mask(
+            config=self.model.config,
+            inputs_embeds=h,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=position_ids,
+            layer_idx=self.cut if cache is not None else None,
+        )
+
+    def _run_layers(self, layers, h, mask, position_ids, cache=None) -> torch.Tensor:
+        pe = self.model.model.rotary_emb(h, position_ids=position_ids)
+        for layer in layers:
+            h = layer(
+                h,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                position_embeddings=pe,
+            )
+        return h
+
+    def lower_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Layer-L states [B, T, H] of left-padded ``input_ids`` [B, T] (embeddings + layers 1..L only)."""
+        pos = positions_from_mask(attention_mask)
+        h = self.model.model.embed_tokens(input_ids)
+        mask = self._mask(h, attention_mask, pos)
+        return self._run_layers(self.model.model.layers[: self.cut], h, mask, pos)
+
+    def upper_forward(
+        self, h: torch.Tensor, attention_mask: torch.Tensor, layers=None, norm=None
+    ) -> torch.Tensor:
+        """Final-norm states [B, T, H] from layer-L states ``h`` [B, T, H] (layers L+1..N + norm)."""
+        pos = positions_from_mask(attention_mask)
+        mask = self._mask(h, attention_mask, pos)
+        layers = self.upper_layers() if layers is None else layers
+        h = self._run_layers(layers, h, mask, pos)
+        return (self.model.model.norm if norm is None else norm)(h)
+
+    @staticmethod
+    def replace_slots(h: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """Out-of-place: ``h`` [B, T, H] with ``h[b, positions[b, s]] = vectors[b, s]``."""
+        h = h.clone()
+        rows = torch.arange(h.shape[0], device=h.device)[:, None]
+        h[rows, positions.to(h.device)] = vectors.to(device=h.device, dtype=h.dtype)
+        return h
+
+    # ---- LLM^(:L) -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_lower(self, batch: Sequence[Sequence[int]], batch_size: int = 16) -> torch.Tensor:
+        """[B, H] float32: the layer-L state of each sequence's last token (Eq. 2 / the query z_t).
+
+        Runs only the embeddings and layers 1..L. Sequences are grouped by length to limit padding.
+        """
+        if len(batch) == 0:
+            return torch.zeros(0, self.hidden_size)
+        order = sorted(range(len(batch)), key=lambda i: len(batch[i]))
+        out = torch.empty(len(batch), self.hidden_size, dtype=torch.float32)
+        for idx in _batches(order, batch_size):
+            ids, mask = left_pad([batch[i] for i in idx], self.pad_id, self.device)
+            h = self.lower_forward(ids, mask)  # [b, T, H]
+            out[idx] = h[:, -1].float().cpu()
+        return out
+
+    # ---- generation with the slot ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[PromptIds],
+        slot_vectors: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = None,
+        return_ids: bool = False,
+    ) -> list[str] | list[list[int]]:
+        """Greedy (or beam) generation from a batch of prompts; the decoded new tokens per prompt.
+
+        ``slot_vectors`` [B, S, H] replace the layer-L states at each prompt's ``slot_positions``
+        (prefill only); ``None`` keeps the placeholder's own states (BIGRec, no memory).
+        ``prefix_allowed_tokens_fn(batch_id, input_ids)`` is passed to ``generate`` as is (HF
+        convention): ``input_ids`` is the whole row, left-padded to T = max prompt length, so the new
+        tokens start at index T (``max(len(p.input_ids) for p in prompts)``); ``batch_id`` is the
+        prompt's row, shared by its beams.
+        ``return_ids=True`` returns the new token ids (eos and later tokens removed) instead of text.
+        """
+        if not prompts:
+            return []
+        ids, mask = left_pad([p.input_ids for p in prompts], self.pad_id, self.device)
+        b, t = ids.shape
+        fill = None
+        if slot_vectors is not None:
+            positions = self._padded_slot_positions(prompts, mask, slot_vectors)
+            fill = slot_fill(self, positions, slot_vectors, seq_len=t)
+        gen_cfg = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            num_return_sequences=1,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+        )
+        kwargs = dict(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
+                      prefix_allowed_tokens_fn=prefix_allowed_tokens_fn)
+        if fill is None:
+            out = self.model.generate(**kwargs)
+        else:
+            with fill:
+                out = self.model.generate(**kwargs)
+            if not fill.applied:
+                raise RuntimeError("the slot replacement hook did not run during generate")
+        new = out[:, t:].tolist()
+        if return_ids:
+            return [self._strip_eos(seq) for seq in new]
+        return [self.tokenizer.decode(self._strip_eos(seq), skip_special_tokens=True) for seq in new]
+
+    def _strip_eos(self, seq: list[int]) -> list[int]:
+        return seq[: seq.index(self.eos_id)] if self.eos_id in seq else seq
+
+    def _padded_slot_positions(self, prompts, mask, slot_vectors) -> torch.Tensor:
+        """Slot positions [B, S] in the left-padded batch (each row shifted by its padding)."""
+        b = len(prompts)
+        if slot_vectors.ndim != 3 or slot_vectors.shape[0] != b or slot_vectors.shape[2] != self.hidden_size:
+            raise ValueError(
+                f"slot_vectors must be [B={b}, S, H={self.hidden_size}], got {tuple(slot_vectors.shape)}"
+            )
+        s = slot_vectors.shape[1]
+        pads = (mask == 0).sum(-1).tolist()
+        rows = []
+        for i, p in enumerate(prompts):
+            if len(p.slot_positions) != s:
+                raise ValueError(f"prompt {i} has {len(p.slot_positions)} slots, slot_vectors give {s}")
+            rows.append([pads[i] + q for q in p.slot_positions])
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    # ---- LLM^(L:) scores for Eq. 5 --------------------------------------------------------------
+
+    @torch.no_grad()
+    def target_logprob(
+        self,
+        prompt: PromptIds,
+        target_ids: Sequence[int],
+        slot_vectors: torch.Tensor | None,
+        chunk_size: int = 32,
+    ) -> torch.Tensor:
+        """[E] float32: sum_i log P(target_i | prompt with the slots filled by candidate e, target_<i).
+
+        ``slot_vectors`` [E, S, H] (or [E, H] when S = 1); ``None`` scores the placeholder itself
+        (E = 1, the no-memory term log P(y | z_t) of Eq. 5). Cost: layers 1..L run once over
+        prompt+target; layers L+1..N run once over the prefix before the first slot (its KV cache is
+        shared), then over the rest for the E candidates in chunks; the LM head only at the target
+        positions.
+        """
+        target_ids = list(target_ids)
+        if not target_ids:
+            raise ValueError("target_ids is empty")
+        seq = list(prompt.input_ids) + target_ids
+        n_prompt, n_total = len(prompt.input_ids), len(seq)
+        slots = list(prompt.slot_positions)
+        if slot_vectors is not None:
+            if not slots:
+                raise ValueError("slot_vectors given but the prompt has no slot")
+            if slot_vectors.ndim == 2:
+                slot_vectors = slot_vectors[:, None, :]
+            if slot_vectors.ndim != 3 or slot_vectors.shape[1] != len(slots) or slot_vectors.shape[2] != self.hidden_size:
+                raise ValueError(
+                    f"slot_vectors must be [E, S={len(slots)}, H={self.hidden_size}], got {tuple(slot_vectors.shape)}"
+                )
+            if slot_vectors.shape[0] == 0:
+                return torch.zeros(0)
+        p0 = min(slots) if slots else n_prompt - 1  # the first position whose upper states vary
+        dev = self.device
+        ids = torch.tensor([seq], dtype=torch.long, device=dev)
+        ones = torch.ones_like(ids)
+        h_low = self.lower_forward(ids, ones)  # [1, T, H]
+
+        # Upper layers over the shared prefix [0, p0), once, into a cache of layers L+1..N.
+        prefix = DynamicCache(config=self.model.config)
+        pos = torch.arange(n_total, device=dev)[None]  # [1, T]
+        if p0 > 0:
+            hp = h_low[:, :p0]
+            self._run_layers(self.upper_layers(), hp, self._mask(hp, ones[:, :p0], pos[:, :p0], prefix),
+                             pos[:, :p0], prefix)
+
+        tgt = torch.tensor(target_ids, device=dev)  # [Y]
+        first = n_prompt - 1 - p0  # suffix index of the state that predicts target token 0
+        e_total = 1 if slot_vectors is None else slot_vectors.shape[0]
+        rel_slots = torch.tensor([q - p0 for q in slots], dtype=torch.long, device=dev)
+        out = []
+        for start in range(0, e_total, chunk_size):
+            c = min(chunk_size, e_total - start)
+            hs = h_low[:, p0:].expand(c, -1, -1)  # [c, T - p0, H]
+            if slot_vectors is not None:
+                vec = slot_vectors[start:start + c]
+                hs = self.replace_slots(hs, rel_slots[None].expand(c, -1), vec)
+            cache = self._repeat_cache(prefix, c) if p0 > 0 else DynamicCache(config=self.model.config)
+            spos = pos[:, p0:].expand(c, -1)
+            mask = self._mask(hs, torch.ones(c, n_total, dtype=torch.long, device=dev), spos, cache)
+            hs = self._run_layers(self.upper_layers(), hs, mask, spos, cache)
+            hs = self.model.model.norm(hs[:, first:first + len(target_ids)])  # [c, Y, H]
+            logp = torch.log_softmax(self.model.lm_head(hs).float(), dim=-1)  # [c, Y, V]
+            out.append(logp.gather(-1, tgt[None, :, None].expand(c, -1, 1))[..., 0].sum(-1).cpu())
+        return torch.cat(out)
+
+    def _repeat_cache(self, prefix: DynamicCache, c: int) -> DynamicCache:
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.cut, self.n_layers):
+            k, v = prefix.layers[i].keys, prefix.layers[i].values  # [1, kv_heads, p0, d]
+            cache.layers[i].update(k.expand(c, -1, -1, -1), v.expand(c, -1, -1, -1))
+        return cache
+
+    # ---- grounding embeddings -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def embed_final(self, texts: Sequence[str], batch_size: int = 64, base: bool = True) -> torch.Tensor:
+        """[B, H] float32: last-layer state (after the final norm) of the last token of each bare text.
+
+        BIGRec's grounding embedding (``hidden_states[-1][:, -1]``), tokenized with the tokenizer's
+        own special tokens, no prompt. ``base=True`` uses the untuned upper layers even after
+        ``load_upper`` or training (BIGRec grounds with the base model).
+        """
+        seqs = [self.tokenizer(t).input_ids for t in texts]
+        for i, s in enumerate(seqs):
+            if not s:
+                raise ValueError(f"text {i} ({texts[i]!r}) has no tokens")
+        layers = norm = None
+        if base and self._base_upper is not None:
+            layers, norm = self._base_upper, self._base_norm
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        out = torch.empty(len(seqs), self.hidden_size, dtype=torch.float32)
+        for idx in _batches(order, batch_size):
+            ids, mask = left_pad([seqs[i] for i in idx], self.pad_id, self.device)
+            h = self.upper_forward(self.lower_forward(ids, mask), mask, layers=layers, norm=norm)
+            out[idx] = h[:, -1].float().cpu()
+        return out
+
+    def snapshot_base_upper(self) -> None:
+        """Keep a copy of the untuned upper layers + norm (once) before they are tuned or replaced."""
+        if self._base_upper is None:
+            self._base_upper = copy.deepcopy(self.upper_layers())
+            self._base_norm = copy.deepcopy(self.model.model.norm)
+            for p in [*self._base_upper.parameters(), *self._base_norm.parameters()]:
+                p.requires_grad_(False)
+
+    # ---- identity of the lower part -------------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        """Hex digest that changes when the model config, the tokenizer vocabulary, the embedding or
+        lower-layer weights (all their bytes), L or the dtype change. Upper layers are excluded: tuning
+        them keeps stored memory vectors valid. Hashes ~20 layers (~0.2 s for SmolLM2); cached until a
+        lower parameter is modified in place (torch version counters)."""
+        tensors = [t for m in self.lower_modules() for t in m.state_dict().values()]
+        key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors)
+        if self._fp_cache is not None and self._fp_cache[0] == key:
+            return self._fp_cache[1]
+        h = hashlib.blake2b(digest_size=16)
+        cfg = self.model.config.to_dict()
+        for k in ("_name_or_path", "transformers_version", "quantization_config", "dtype", "torch_dtype",
+                  "architectures", "use_cache", "_commit_hash"):
+            cfg.pop(k, None)
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+        vocab = sorted(self.tokenizer.get_vocab().items())
+        h.update(json.dumps(vocab, ensure_ascii=False).encode())
+        h.update(f"cut={self.cut};dtype={self.dtype}".encode())
+        for m in self.lower_modules():
+            for name, t in m.state_dict().items():
+                h.update(name.encode())
+                h.update(_tensor_bytes(t))
+        digest = h.hexdigest()
+        self._fp_cache = (key, digest)
+        return digest
+
+    # ---- tuned upper layers on disk -------------------------------------------------------------
+
+    def upper_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tunable part: ``layers.{i}.*`` for i in L..N-1 (0-based), ``norm.weight``, and
+        ``lm_head.weight`` only when it is not tied to the (frozen) embeddings."""
+        state = {}
+        for i in range(self.cut, self.n_layers):
+            for k, v in self.model.model.layers[i].state_dict().items():
+                state[f"layers.{i}.{k}"] = v
+        for k, v in self.model.model.norm.state_dict().items():
+            state[f"norm.{k}"] = v
+        if not self._head_tied():
+            state["lm_head.weight"] = self.model.lm_head.weight
+        return state
+
+    def _head_tied(self) -> bool:
+        return self.model.lm_head.weight.data_ptr() == self.model.model.embed_tokens.weight.data_ptr()
+
+    def save_upper(self, path: str | Path, extra: dict | None = None) -> None:
+        """Write ``path/upper.safetensors`` + ``path/upper.json`` (the live dtype of the parameters)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.upper_state_dict().items()}
+        save_file(state, str(path / UPPER_WEIGHTS))
+        meta = {
+            "format": UPPER_FORMAT,
+            "cut": self.cut,
+            "n_layers": self.n_layers,
+            "hidden_size": self.hidden_size,
+            "vocab_size": int(self.model.config.vocab_size),
+            "model_type": getattr(self.model.config, "model_type", None),
+            "base_fingerprint": self.fingerprint(),
+            "dtype": str(next(iter(state.values())).dtype).replace("torch.", ""),
+            "keys": sorted(state),
+            "extra": extra or {},
+        }
+        (path / UPPER_CONFIG).write_text(json.dumps(meta, indent=2))
+
+    def load_upper(self, path: str | Path, check_fingerprint: bool = True) -> dict:
+        """Apply tuned upper layers saved by ``save_upper`` on top of this (base) model; returns the
+        JSON config. Refuses files made for another cut, model shape, or (unless
+        ``check_fingerprint=False``) another lower part."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_path, w_path = path / UPPER_CONFIG, path / UPPER_WEIGHTS
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise ValueError(f"{path} does not hold {UPPER_CONFIG} and {UPPER_WEIGHTS}")
+        try:
+            meta = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+        if meta.get("format") != UPPER_FORMAT:
+            raise ValueError(f"{cfg_path}: format {meta.get('format')!r}, expected {UPPER_FORMAT!r}")
+        for k, mine in (("cut", self.cut), ("n_layers", self.n_layers), ("hidden_size", self.hidden_size)):
+            if meta.get(k) != mine:
+                raise ValueError(f"{cfg_path}: {k}={meta.get(k)} but this model has {k}={mine}")
+        if check_fingerprint and meta.get("base_fingerprint") != self.fingerprint():
+            raise ValueError(
+                f"{cfg_path}: saved for a lower part with fingerprint {meta.get('base_fingerprint')}, this model "
+                f"has {self.fingerprint()} (other base weights, tokenizer or dtype)"
+            )
+        state = load_file(str(w_path))
+        mine = self.upper_state_dict()
+        if set(state) != set(mine):
+            missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+            raise ValueError(f"{w_path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(mine[k].shape):
+                raise ValueError(f"{w_path}: {k} has shape {tuple(v.shape)}, expected {tuple(mine[k].shape)}")
+        self.snapshot_base_upper()
+        with torch.no_grad():
+            for k, v in state.items():
+                mine[k].copy_(v.to(mine[k].dtype))
+        return meta

@@ -1,0 +1,238 @@
+"""A prefix tree over the catalogue's response token sequences, for constrained title decoding.
+
+"Decoding Matters" (Bao et al. 2024): beam search restricted to a prefix tree of real titles returns
+only valid items, no grounding needed. Each item's sequence is its response exactly as the model is
+trained to emit it, ``'"Title"' + eos`` tokenized by ``PromptBuilder.response_ids`` (any
+``encode(title) -> list[int]`` works), so the allowed tokens at every step are precisely the ones
+that continue some catalogue title.
+
+Representation (memory matters: Amazon catalogues have 100k+ titles, ~1M trie nodes): flat int32
+arrays in CSR form, no Python object per node. Node 0 is the root; the children of node ``v`` are
+``child_node[child_ptr[v]:child_ptr[v+1]]`` reached by tokens ``child_tok[...]`` (sorted ascending,
+looked up by binary search). The items ending at node ``v`` are ``term_items[term_ptr[v]:term_ptr[v+1]]``.
+The build is vectorized with numpy: sort the sequences, take each one's longest common prefix with
+its predecessor, and number the new nodes in order (which is a preorder of the tree).
+
+Duplicate titles: several items can share a title and so a token sequence; they end at the same
+node and ``items_of`` returns all of them, ascending by item index. A ranker that needs one list of
+items per beam expands each beam to all its items in that order (``beams_to_items``).
+
+Stopping: with eos at the end of every sequence (the ``response_ids`` form) no sequence is a proper
+prefix of another and decoding stops by itself. If ``encode`` does not append eos, a terminal node can
+have children; when the trie knows ``eos_token_id`` it then also allows eos there.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+
+class TitleTrie:
+    """Prefix tree over token sequences; ``sequences[i]`` is item i's response tokens."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]], eos_token_id: int | None = None) -> None:
+        t0 = time.perf_counter()
+        n = len(sequences)
+        if n == 0:
+            raise ValueError("TitleTrie needs at least one sequence")
+        lens = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=n)  # [N]
+        if (lens == 0).any():
+            raise ValueError(f"item {int(np.argmin(lens))} encodes to an empty token sequence")
+        flat = np.fromiter((t for s in sequences for t in s), dtype=np.int64, count=int(lens.sum()))
+        if flat.min() < 0 or flat.max() >= 2**31 - 1:
+            raise ValueError(f"token ids must lie in [0, 2^31-1), got range [{flat.min()}, {flat.max()}]")
+        L = int(lens.max())
+
+        # [N, L] padded with -1: -1 sorts before every token, so a prefix sorts before its extensions
+        pad = np.full((n, L), -1, dtype=np.int32)
+        row = np.repeat(np.arange(n), lens)
+        col = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
+        pad[row, col] = flat
+        order = np.lexsort(pad.T[::-1])  # rows in lexicographic order
+        S, S_len = pad[order], lens[order]  # [N, L], [N]
+        del pad, row, col, flat
+
+        # longest common prefix of each sorted row with the one before it
+        lcp = np.zeros(n, dtype=np.int64)
+        if n > 1:
+            diff = S[1:] != S[:-1]  # [N-1, L]
+            first = np.where(diff.any(axis=1), diff.argmax(axis=1), L)
+            lcp[1:] = np.minimum(first, np.minimum(S_len[1:], S_len[:-1]))
+            del diff
+
+        # cell (i, p) is the node of row i's prefix of length p+1; row i creates cells p in [lcp_i, len_i)
+        cols = np.arange(L)[None, :]  # [1, L]
+        valid = cols < S_len[:, None]  # [N, L]
+        new = (cols >= lcp[:, None]) & valid  # [N, L]
+        ids = np.cumsum(new.ravel(), dtype=np.int64).reshape(n, L) * new  # 1.. in preorder, 0 elsewhere
+        node = np.maximum.accumulate(ids, axis=0)  # cells a row shares take the node of the row above
+        n_nodes = int(new.sum()) + 1
+
+        parent = np.zeros(n_nodes, dtype=np.int64)
+        token = np.full(n_nodes, -1, dtype=np.int32)
+        ri, pi = np.nonzero(new)  # row-major: ascending node id
+        nid = node[ri, pi]
+        parent[nid] = np.where(pi > 0, node[ri, np.maximum(pi - 1, 0)], 0)
+        token[nid] = S[ri, pi]
+
+        # children in CSR, grouped by parent; preorder within a parent = ascending token
+        kids = np.argsort(parent[1:], kind="stable") + 1
+        self.child_ptr = np.zeros(n_nodes + 1, dtype=np.int32)
+        self.child_ptr[1:] = np.cumsum(np.bincount(parent[1:], minlength=n_nodes))
+        self.child_node = kids.astype(np.int32)
+        self.child_tok = token[kids]
+
+        # terminal nodes -> items (ascending item index within a node)
+        end = node[np.arange(n), S_len - 1]  # [N] terminal node of each sorted row
+        by = np.lexsort((order, end))
+        self.term_items = order[by].astype(np.int32)
+        self.term_ptr = np.zeros(n_nodes + 1, dtype=np.int32)
+        self.term_ptr[1:] = np.cumsum(np.bincount(end, minlength=n_nodes))
+
+        self.n_items = n
+        self.n_nodes = n_nodes
+        self.max_len = L
+        self.eos_token_id = eos_token_id
+        self.build_s = time.perf_counter() - t0
+
+    # -- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def from_titles(
+        cls,
+        titles: Sequence[str],
+        encode: Callable[[str], list[int]],
+        eos_token_id: int | None = None,
+        progress: bool = True,
+    ) -> "TitleTrie":
+        """Tokenize every title with ``encode`` (e.g. ``PromptBuilder.response_ids``) and build."""
+        seqs = [encode(t) for t in tqdm(titles, desc="tokenize titles", disable=not progress)]
+        return cls(seqs, eos_token_id=eos_token_id)
+
+    @classmethod
+    def from_prompt_builder(cls, titles: Sequence[str], builder: Any, progress: bool = True) -> "TitleTrie":
+        """The trie of ``builder.response_ids(title)`` ('"Title"' + eos), the tokens the model is tuned on."""
+        return cls.from_titles(titles, builder.response_ids, builder.tokenizer.eos_token_id, progress)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.child_ptr, self.child_node, self.child_tok, self.term_ptr, self.term_items))
+
+    # -- lookups ---------------------------------------------------------------------------------
+
+    def child(self, node: int, tok: int) -> int:
+        """The child of ``node`` along ``tok``, or -1."""
+        lo, hi = int(self.child_ptr[node]), int(self.child_ptr[node + 1])
+        if lo == hi:
+            return -1
+        j = lo + int(np.searchsorted(self.child_tok[lo:hi], tok))
+        return int(self.child_node[j]) if j < hi and int(self.child_tok[j]) == tok else -1
+
+    def node_of(self, prefix: Iterable[int]) -> int:
+        """The node reached by ``prefix`` from the root, or -1 if no title starts with it."""
+        v = 0
+        for t in prefix:
+            v = self.child(v, int(t))
+            if v < 0:
+                return -1
+        return v
+
+    def is_terminal(self, node: int) -> bool:
+        return self.term_ptr[node + 1] > self.term_ptr[node]
+
+    def allowed(self, prefix: Iterable[int]) -> list[int]:
+        """Tokens that extend ``prefix`` towards some title (ascending); [] if it leads nowhere.
+
+        A terminal node that still has children also allows ``eos_token_id`` (only possible when the
+        sequences do not end with eos).
+        """
+        v = self.node_of(prefix)
+        if v < 0:
+            return []
+        out = self.child_tok[self.child_ptr[v] : self.child_ptr[v + 1]].tolist()
+        if out and self.eos_token_id is not None and self.is_terminal(v) and self.eos_token_id not in out:
+            out = sorted(out + [self.eos_token_id])
+        return out
+
+    def items_at(self, node: int) -> list[int]:
+        return self.term_items[self.term_ptr[node] : self.term_ptr[node + 1]].tolist()
+
+    def items_of(self, tokens: Iterable[int]) -> list[int]:
+        """Items whose sequence is ``tokens`` (ascending item index; several for a duplicated title).
+
+        Tokens past a complete sequence (eos, padding of a finished row) are ignored, and a missing
+        final eos is implied (``SplitLM.generate(return_ids=True)`` strips it); a sequence that is no
+        complete title gives [].
+        """
+        v, consumed = 0, True
+        for t in tokens:
+            w = self.child(v, int(t))
+            if w < 0:
+                consumed = False
+                break
+            v = w
+        if consumed and not self.is_terminal(v) and self.eos_token_id is not None:
+            w = self.child(v, self.eos_token_id)
+            if w >= 0:
+                v = w
+        return self.items_at(v)  # [] unless v is terminal
+
+    def paths(self) -> Iterator[tuple[list[int], list[int]]]:
+        """Every (token path, items) of a terminal node, depth first (for checks and debugging)."""
+        stack: list[tuple[int, list[int]]] = [(0, [])]
+        while stack:
+            v, path = stack.pop()
+            if self.is_terminal(v):
+                yield path, self.items_at(v)
+            lo, hi = int(self.child_ptr[v]), int(self.child_ptr[v + 1])
+            for j in range(hi - 1, lo - 1, -1):
+                stack.append((int(self.child_node[j]), path + [int(self.child_tok[j])]))
+
+    # -- generation ------------------------------------------------------------------------------
+
+    def prefix_allowed_tokens_fn(
+        self, prompt_lengths: int | Sequence[int], fallback_token_id: int | None = None
+    ) -> Callable[[int, Any], list[int]]:
+        """A ``prefix_allowed_tokens_fn(batch_id, input_ids)`` for transformers ``generate``.
+
+        ``prompt_lengths``: where the response starts in each row's ``input_ids`` (index by the
+        ``batch_id`` transformers passes, i.e. the input row, shared by its beams). With a left-padded
+        batch every row's response starts at the padded input length: pass that int. (Sampling with
+        ``num_return_sequences > 1`` and no beams expands the rows before the processor sees them:
+        pass an int there too.)
+
+        A row that has left the trie (a finished row being padded, or a prefix that is no title)
+        gets ``[fallback_token_id]`` (default: the trie's eos) so that the mask is never empty.
+        """
+        fallback = self.eos_token_id if fallback_token_id is None else fallback_token_id
+        if fallback is None:
+            raise ValueError("prefix_allowed_tokens_fn needs an eos_token_id on the trie or a fallback_token_id")
+        fixed = prompt_lengths if isinstance(prompt_lengths, int) else None
+        lengths = None if fixed is not None else [int(x) for x in prompt_lengths]
+
+        def fn(batch_id: int, input_ids: Any) -> list[int]:
+            start = fixed if fixed is not None else lengths[batch_id]
+            ids = input_ids[start:]
+            ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+            return self.allowed(ids) or [fallback]
+
+        return fn
+
+
+def beams_to_items(trie: TitleTrie, beams: Sequence[Sequence[int]]) -> list[int]:
+    """Response token sequences, best first -> unique item indices, best first.
+
+    A duplicated title expands to all its items (ascending index) at its beam's rank; sequences that
+    are no complete title are skipped.
+    """
+    seen: set[int] = set()
+    out: list[int] = []
+    for b in beams:
+        for i in trie.items_of(b):
+            if i not in seen:
+                seen.add(i)
+                out.append(i)
+    return out

