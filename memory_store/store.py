@@ -31,9 +31,9 @@ from redis.retry import Retry
 from tqdm.auto import tqdm
 
 from . import scripts
-from .codec import check_fingerprint, decode_member, event_member, pack_vector, to_float16, unpack_payload, vector_header
+from .codec import decode_member, event_member, pack_vector, to_float16, unpack_payload, vector_header
 from .errors import StoreUnavailable, is_unavailable
-from .keys import DEFAULT_NAMESPACE, check_namespace, check_text, user_keys, MAX_EVENT_ID_CHARS
+from .keys import DEFAULT_NAMESPACE, MAX_EVENT_ID_CHARS, check_namespace, check_text, user_keys
 from .types import AppendResult, Event, LoadResult, PutResult, UserState
 
 DEFAULT_CAP = 100

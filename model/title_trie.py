@@ -161,23 +161,25 @@ class TitleTrie:
         return self.term_items[self.term_ptr[node] : self.term_ptr[node + 1]].tolist()
 
     def items_of(self, tokens: Iterable[int]) -> list[int]:
-        """Items whose sequence is ``tokens`` (ascending item index; several for a duplicated title).
+        """Items whose sequence is exactly ``tokens`` (ascending item index; several for a duplicated title).
 
-        Tokens past a complete sequence (eos, padding of a finished row) are ignored, and a missing
-        final eos is implied (``SplitLM.generate(return_ids=True)`` strips it); a sequence that is no
-        complete title gives [].
+        With a known eos, everything after the first eos is dropped (padding of a finished row) and a
+        missing final eos is implied (``SplitLM.generate(return_ids=True)`` strips it). A sequence that
+        is no complete title gives [].
         """
-        v, consumed = 0, True
-        for t in tokens:
-            w = self.child(v, int(t))
-            if w < 0:
-                consumed = False
-                break
-            v = w
-        if consumed and not self.is_terminal(v) and self.eos_token_id is not None:
-            w = self.child(v, self.eos_token_id)
-            if w >= 0:
-                v = w
+        toks = [int(t) for t in tokens]
+        eos = self.eos_token_id
+        if eos is not None and eos in toks:
+            toks = toks[: toks.index(eos) + 1]
+        v = self.node_of(toks)
+        if v < 0 and eos is not None and toks and toks[-1] == eos:
+            v = self.node_of(toks[:-1])  # the eos that ``allowed`` adds at an inner terminal node
+            return self.items_at(v) if v >= 0 else []
+        if v < 0:
+            return []
+        if not self.is_terminal(v) and eos is not None:
+            w = self.child(v, eos)
+            v = w if w >= 0 else v
         return self.items_at(v)  # [] unless v is terminal
 
     def paths(self) -> Iterator[tuple[list[int], list[int]]]:

@@ -83,6 +83,16 @@ def tiny_lm(tiny_tokenizer):
 
 
 @pytest.fixture
+def tiny_lm_factory(tiny_tokenizer):
+    """``make(seed=0, n_layers=4, tie=True)`` -> a fresh tiny Llama for ``tiny_tokenizer``."""
+
+    def make(seed: int = 0, n_layers: int = 4, tie: bool = True):
+        return build_tiny_lm(len(tiny_tokenizer), seed=seed, n_layers=n_layers, tie=tie)
+
+    return make
+
+
+@pytest.fixture
 def tiny_split(tiny_lm, tiny_tokenizer):
     from model.llm import SplitLM
 

@@ -388,6 +388,20 @@ def test_killed_server_restarts_on_its_data_dir_with_data_intact(tmp_path):
     assert not pid_alive(restarted.pid or old_pid) and not (data_dir / "embedded.json").exists()
 
 
+def test_stale_record_of_a_recycled_pid_is_not_attached(tmp_path, redis_server):
+    data_dir = tmp_path / "redis"
+    data_dir.mkdir()
+    # a record left by a crash whose pid now belongs to another redis-server (another data dir)
+    (data_dir / "embedded.json").write_text(json.dumps({"pid": redis_server.pid, "url": redis_server.url}))
+    server = EmbeddedRedis(data_dir, transport="tcp").start()
+    try:
+        assert server.owned and server.pid != redis_server.pid and server.url.startswith("redis://127.0.0.1:")
+        assert json.loads((data_dir / "embedded.json").read_text())["pid"] == server.pid
+    finally:
+        server.stop()
+    assert pid_alive(redis_server.pid)
+
+
 def test_open_store_embedded_by_default_external_with_a_url(tmp_path, redis_server):
     store, server = open_store(None, tmp_path / "home")
     try:

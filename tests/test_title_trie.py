@@ -30,6 +30,7 @@ def random_sequences(n: int, vocab: int, max_len: int, seed: int) -> list[list[i
 
 def test_random_sequences_match_brute_force() -> None:
     seqs = random_sequences(400, vocab=6, max_len=6, seed=0)
+    seqs[3], seqs[7] = [1, 2, 3, 4, 5, 0, 1], [1, 2, 3, 4, 5, 0]  # the second a prefix of the first
     seqs += [list(seqs[3]), list(seqs[7]), list(seqs[3])]  # duplicated titles
     trie = TitleTrie(seqs)  # no eos: some sequences are proper prefixes of others
     prefixes = {tuple(s[:k]) for s in seqs for k in range(len(s) + 1)}

@@ -208,7 +208,8 @@ class SASRecRanker:
         out = []
         for start in range(0, len(samples), self.batch_size):
             chunk = samples[start : start + self.batch_size]
-            seq = encode_histories([s.history for s in chunk], self.config.max_len)
+            width = max(1, min(self.config.max_len, max(len(s.history) for s in chunk)))  # trim the padding
+            seq = encode_histories([s.history for s in chunk], width)  # [b, width]
             out.append(self.model.score_all(seq).float().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.config.n_items), dtype=np.float32)
 
@@ -302,7 +303,9 @@ def train_sasrec(
             total, count = 0.0, 0
             for start in range(0, inp.shape[0], tcfg.batch_size):
                 b = perm[start : start + tcfg.batch_size]
-                x, p = inp[b], pos[b]  # [B, T]
+                x, p = inp[b], pos[b]  # [B, max_len]
+                width = int((p > 0).sum(1).max())
+                x, p = x[:, -width:], p[:, -width:]  # [B, T]: drop the all-padding left columns
                 n = sample_negatives(x, p, n_items, gen)  # [B, T]
                 h = model(x)  # [B, T, H]
                 mask = p > 0  # [B, T]

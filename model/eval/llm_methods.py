@@ -1,0 +1,111 @@
+"""The LLM methods of the evaluator: bigrec, full-history, automr, random, semantic.
+
+All share one generator, one prompt slot and one grounding index; they differ only in what fills the
+slot (``model/recommend.py``). Options (``automr evaluate --option key=value``):
+
+    model=PATH         base model (HF dir or .gguf); default: the embedded SmolLM2 GGUF
+    cut=20             L
+    dtype=bfloat16     bfloat16 | float32
+    generator=DIR      tuned upper layers; default ARTEFACTS/generator (base model when absent)
+    retriever=DIR      default ARTEFACTS/retriever (automr only)
+    element=window     memory element kind: window | item
+    n_slots=1          top-k elements into k slots
+    max_new_tokens=32, num_beams=1, batch_size=16
+"""
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from model.artefacts import load_lm, load_or_build_index
+from model.data.types import Sample
+from model.eval.evaluator import MethodContext, register_method
+from model.prompts import PromptBuilder
+from model.recommend import Recommender, RecommenderConfig, RecommendRequest
+
+
+def sample_seed(sample: Sample, seed: int) -> int:
+    """A per-sample seed that does not depend on batch composition (random policy)."""
+    return zlib.crc32(f"{seed}:{sample.user_id}:{sample.timestamp}:{sample.target}".encode())
+
+
+class LLMRanker:
+    """A ``Ranker`` over the shared recommend function."""
+
+    def __init__(self, name: str, recommender: Recommender, k_short: int, memory_encoder=None, seed: int = 0):
+        self.name = name
+        self.recommender, self.k_short, self.memory, self.seed = recommender, k_short, memory_encoder, seed
+        self.trace: list[dict] = []  # per sample: generated title and selected memory (for the reports)
+
+    def _request(self, s: Sample) -> RecommendRequest:
+        full = self.recommender.config.full_history
+        req = RecommendRequest(
+            context=list(s.history) if full else s.short_term(self.k_short),
+            exclude=set(s.history),
+            seed=sample_seed(s, self.seed),
+        )
+        if self.memory is not None and len(s.history) > self.k_short:
+            _, req.memory = self.memory.memory_for_sample(s)
+            req.query = self.memory.query_for_sample(s)
+        return req
+
+    def rank(self, samples: Sequence[Sample], topk: int) -> np.ndarray:
+        if self.memory is not None:
+            self.memory.prefetch(samples)
+        recs = self.recommender.recommend([self._request(s) for s in samples], topk=topk)
+        out = np.full((len(samples), topk), -1, dtype=np.int64)
+        for i, r in enumerate(recs):
+            out[i, : len(r.items)] = r.items[:topk]
+            n_mem = max(len(samples[i].history) - self.k_short, 0)
+            self.trace.append({
+                "generated": r.generated,
+                # how far back the selected element lies: 1 = the newest memory element
+                "memory_age": [n_mem - m for m in r.memory_indices],
+            })
+        return out
+
+
+def _factory(name: str, policy: str, full_history: bool = False):
+    def build(ctx: MethodContext) -> LLMRanker:
+        opt = ctx.options
+        ds = ctx.dataset
+        root = Path(ctx.artefact_dir).parent if ctx.artefact_dir else Path(ds.root) / "artefacts"
+        cut = int(opt.get("cut", 20))
+        lm = load_lm(opt.get("model"), cut=cut, dtype=opt.get("dtype", "bfloat16"),
+                     generator_dir=opt.get("generator", root / "generator"))
+        n_slots = int(opt.get("n_slots", 1))
+        builder = PromptBuilder.for_model(lm, domain=ds.domain, n_slots=n_slots)
+        titles = ds.catalogue.titles
+        index = load_or_build_index(lm, titles, root / "index", progress=ctx.progress)
+        retriever = None
+        if policy == "learned":
+            from model.retriever import Retriever
+
+            retriever = Retriever.load(opt.get("retriever", root / "retriever"))
+        cfg = RecommenderConfig(policy=policy, full_history=full_history, n_slots=n_slots,
+                                max_new_tokens=int(opt.get("max_new_tokens", 32)),
+                                num_beams=int(opt.get("num_beams", 1)), batch_size=int(opt.get("batch_size", 16)))
+        rec = Recommender(lm, builder, titles, index, retriever, cfg)
+        memory = None
+        if policy != "none":
+            from model.memory import MemoryCache, MemoryEncoder
+
+            element = opt.get("element", "window")
+            enc = MemoryEncoder(lm, builder, titles, element=element, k_short=ds.k_short)
+            cache = MemoryCache(root / "memory", enc.cache_fingerprint(element), element)
+            qcache = cache if element == "window" else MemoryCache(root / "memory", enc.cache_fingerprint("window"), "window")
+            memory = MemoryEncoder(lm, builder, titles, element=element, k_short=ds.k_short, cache=cache,
+                                   query_cache=qcache, progress=ctx.progress)
+        return LLMRanker(name, rec, ds.k_short, memory, seed=ctx.seed)
+
+    return build
+
+
+register_method("bigrec", _factory("bigrec", "none"))
+register_method("full-history", _factory("full-history", "none", full_history=True))
+register_method("automr", _factory("automr", "learned"))
+register_method("random", _factory("random", "random"))
+register_method("semantic", _factory("semantic", "semantic"))

@@ -1,0 +1,189 @@
+"""The one recommend function: context + memory -> slot filling -> generated title -> grounded ranking.
+
+The offline evaluator (``model/eval/llm_methods.py``) and the online service both call
+``Recommender.recommend``; the only difference is where the short-term items and the memory vectors
+come from (prepared samples + a memory cache, or Redis).
+
+What fills the memory slot is the *slot policy*:
+
+- ``none``      BIGRec: the slot keeps the placeholder's own state (no memory);
+- ``learned``   AutoMR: the retriever's top-k elements (Eq. 3);
+- ``random``    a uniformly random element (RQ2 baseline), seeded per request;
+- ``semantic``  ReLLa adapted: the element with the highest cosine to the query ``z_t``;
+
+``full_history=True`` is the context-window baseline: every history title in the prompt, no slot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+
+from model.grounding import CatalogueIndex, clean_generated
+from model.llm import SplitLM
+from model.prompts import PromptBuilder, PromptIds
+from model.retriever import Retriever
+
+SlotPolicy = Literal["none", "learned", "random", "semantic"]
+SLOT_POLICIES: tuple[str, ...] = ("none", "learned", "random", "semantic")
+
+
+@dataclass
+class RecommendRequest:
+    """One user's context. Item indices are dense catalogue indices, oldest first."""
+
+    context: list[int]  # the titles shown in the prompt (the last K, or the whole history)
+    memory: torch.Tensor | None = None  # [M, H] memory element vectors, oldest first (None: no memory)
+    exclude: set[int] = field(default_factory=set)  # items never recommended (the user's seen items)
+    query: torch.Tensor | None = None  # [H] z_t when the caller already has it (cache); else computed
+    seed: int = 0  # for the random policy
+
+
+@dataclass
+class Recommendation:
+    items: list[int]  # ranked item indices, best first
+    distances: list[float]  # L2 (squared) distance of each item to the generated title's embedding
+    generated: str  # the generated title (cleaned)
+    memory_indices: list[int]  # positions in the request's memory that filled the slots ([] = none)
+    memory_scores: list[float]  # the policy's score of each selected element
+
+
+@dataclass
+class RecommenderConfig:
+    policy: SlotPolicy = "none"
+    full_history: bool = False
+    n_slots: int = 1  # top-k elements into k slots
+    topk: int = 20
+    max_new_tokens: int = 32
+    num_beams: int = 1
+    batch_size: int = 16  # LLM batch (generation and grounding embeddings)
+
+    def __post_init__(self) -> None:
+        if self.policy not in SLOT_POLICIES:
+            raise ValueError(f"unknown slot policy {self.policy!r}; use one of {SLOT_POLICIES}")
+        if self.full_history and self.policy != "none":
+            raise ValueError("full_history puts every title in the prompt: it takes no memory slot (policy 'none')")
+        if self.n_slots < 1:
+            raise ValueError(f"n_slots must be >= 1, got {self.n_slots}")
+
+
+class Recommender:
+    """Holds the generator, its prompt builder, the catalogue index and (for AutoMR) the retriever."""
+
+    def __init__(
+        self,
+        lm: SplitLM,
+        builder: PromptBuilder,
+        titles: Sequence[str],
+        index: CatalogueIndex,
+        retriever: Retriever | None = None,
+        config: RecommenderConfig | None = None,
+    ):
+        self.lm, self.builder, self.titles, self.index = lm, builder, list(titles), index
+        self.retriever = retriever
+        self.config = config or RecommenderConfig()
+        if self.config.policy == "learned" and retriever is None:
+            raise ValueError("the 'learned' slot policy needs a trained retriever")
+        if builder.n_slots != self.config.n_slots:
+            raise ValueError(f"the prompt builder has {builder.n_slots} slots, the config asks for {self.config.n_slots}")
+        if index.n_items != len(self.titles):
+            raise ValueError(f"the index holds {index.n_items} items, the catalogue {len(self.titles)}")
+
+    # ---- steps ---------------------------------------------------------------------------------
+
+    def prompts(self, requests: Sequence[RecommendRequest]) -> list[PromptIds]:
+        with_slot = not self.config.full_history
+        return [self.builder.build([self.titles[i] for i in r.context], with_slot=with_slot) for r in requests]
+
+    def select_memory(
+        self, requests: Sequence[RecommendRequest], prompts: Sequence[PromptIds]
+    ) -> list[tuple[list[int], list[float]]]:
+        """Per request: the memory positions that fill the slots, and their scores ([] = no memory)."""
+        policy, k = self.config.policy, self.config.n_slots
+        out: list[tuple[list[int], list[float]]] = [([], []) for _ in requests]
+        rows = [i for i, r in enumerate(requests) if r.memory is not None and len(r.memory) > 0]
+        if policy == "none" or not rows:
+            return out
+        if policy == "random":
+            for i in rows:
+                m = len(requests[i].memory)
+                rng = np.random.default_rng(requests[i].seed)
+                pick = rng.choice(m, size=min(k, m), replace=False).tolist()
+                out[i] = (pick, [float("nan")] * len(pick))
+            return out
+        queries = self._queries([requests[i] for i in rows], [prompts[i] for i in rows])  # [b, H]
+        for j, i in enumerate(rows):
+            mem = requests[i].memory.float()  # [M, H]
+            if policy == "semantic":
+                s = torch.nn.functional.cosine_similarity(mem, queries[j][None, :], dim=-1)  # [M]
+            else:  # learned
+                with torch.no_grad():
+                    s = self.retriever.scores(queries[j][None, :], mem[None])[0]  # [M]
+            top = torch.topk(s, min(k, len(s)))
+            out[i] = (top.indices.tolist(), top.values.tolist())
+        return out
+
+    def _queries(self, requests: Sequence[RecommendRequest], prompts: Sequence[PromptIds]) -> torch.Tensor:
+        """z_t [b, H]: given by the caller, or the layer-L last-token state of the generation prompt."""
+        todo = [j for j, r in enumerate(requests) if r.query is None]
+        encoded = self.lm.encode_lower([prompts[j].input_ids for j in todo], batch_size=self.config.batch_size) if todo else None
+        rows, it = [], 0
+        for j, r in enumerate(requests):
+            if r.query is None:
+                rows.append(encoded[it])
+                it += 1
+            else:
+                rows.append(r.query.float())
+        return torch.stack(rows)
+
+    def generate(
+        self, requests: Sequence[RecommendRequest], prompts: Sequence[PromptIds], picks: Sequence[tuple[list[int], list[float]]]
+    ) -> list[str]:
+        """Generated text per request. Rows with a full set of slot vectors and rows without memory go
+        in separate ``generate`` calls (the latter keep the placeholder state)."""
+        k = self.config.n_slots
+        texts: list[str] = [""] * len(requests)
+        filled = [i for i, (idx, _) in enumerate(picks) if len(idx) == k]
+        empty = [i for i in range(len(requests)) if i not in set(filled)]
+        gen = dict(max_new_tokens=self.config.max_new_tokens, num_beams=self.config.num_beams)
+        bs = self.config.batch_size
+        for group, with_vectors in ((filled, True), (empty, False)):
+            for s in range(0, len(group), bs):
+                rows = group[s : s + bs]
+                vectors = None
+                if with_vectors:
+                    vectors = torch.stack([requests[i].memory[picks[i][0]] for i in rows])  # [b, k, H]
+                outs = self.lm.generate([prompts[i] for i in rows], slot_vectors=vectors, **gen)
+                for i, t in zip(rows, outs):
+                    texts[i] = t
+        return texts
+
+    def ground(self, requests: Sequence[RecommendRequest], texts: Sequence[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
+        cleaned = [clean_generated(t) or " " for t in texts]
+        emb = self.lm.embed_final(cleaned, batch_size=max(self.config.batch_size, 16))  # [B, H]
+        return self.index.rank(emb.numpy(), exclude=[r.exclude for r in requests], topk=topk)
+
+    # ---- the whole path ------------------------------------------------------------------------
+
+    def recommend(self, requests: Sequence[RecommendRequest], topk: int | None = None) -> list[Recommendation]:
+        """Recommend for a batch of requests (results in request order)."""
+        if not requests:
+            return []
+        topk = topk or self.config.topk
+        prompts = self.prompts(requests)
+        picks = self.select_memory(requests, prompts)
+        texts = self.generate(requests, prompts, picks)
+        items, dist = self.ground(requests, texts, topk)
+        return [
+            Recommendation(
+                items=[int(x) for x in items[i] if x >= 0],
+                distances=[float(d) for d, x in zip(dist[i], items[i]) if x >= 0],
+                generated=clean_generated(texts[i]),
+                memory_indices=picks[i][0],
+                memory_scores=picks[i][1],
+            )
+            for i in range(len(requests))
+        ]
+

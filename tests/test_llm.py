@@ -1,0 +1,375 @@
+"""SplitLM against independent computations on the tiny random Llama (float32).
+
+References never use SplitLM's hand-written layer loops: they are full ``model(...)`` forwards of
+single unpadded sequences, with the slot replacement done by the hook (checked itself against a
+manual replacement below).
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from model.llm import SplitLM, left_pad, slot_fill
+from model.prompts import PromptBuilder, PromptIds
+
+H = 64
+ATOL = 1e-4
+
+
+def _prompts(tok, titles, sizes=(3, 6, 9), n_slots=1):
+    b = PromptBuilder(tok, n_slots=n_slots)
+    return b, [b.build(titles[:k]) for k in sizes]
+
+
+def _full_logits(model, ids: list[int]) -> torch.Tensor:
+    return model(torch.tensor([ids])).logits[0]  # [T, V]
+
+
+def _logits_with_fill(split, ids: list[int], slots: list[int], vec: torch.Tensor | None) -> torch.Tensor:
+    """Full forward of one unpadded sequence; slot states replaced at layer L when ``vec`` [S, H]."""
+    x = torch.tensor([ids])
+    if vec is None:
+        return split.model(x).logits[0]
+    with slot_fill(split, torch.tensor([slots]), vec[None], x.shape[1]) as f:
+        logits = split.model(x).logits[0]
+    assert f.applied
+    return logits
+
+
+def _greedy_uncached(split, prompt: PromptIds, vec, max_new: int):
+    """Recompute the whole growing sequence each step (no KV cache), replacing the slot every step."""
+    ids, steps = list(prompt.input_ids), []
+    for _ in range(max_new):
+        logits = _logits_with_fill(split, ids, prompt.slot_positions, vec)[-1]
+        steps.append(logits)
+        nxt = int(logits.argmax())
+        if nxt == split.eos_id:
+            break
+        ids.append(nxt)
+    return ids[len(prompt.input_ids):], steps
+
+
+# ---- encode_lower ---------------------------------------------------------------------------------
+
+
+def test_encode_lower_equals_full_forward_hidden_state_with_padding(tiny_split, tiny_titles):
+    _, prompts = _prompts(tiny_split.tokenizer, tiny_titles, sizes=(1, 4, 9, 2))
+    seqs = [p.input_ids for p in prompts]
+    assert len({len(s) for s in seqs}) == 4  # unequal lengths in one padded batch
+    z = tiny_split.encode_lower(seqs, batch_size=8)
+    assert z.shape == (4, H) and z.dtype == torch.float32
+    for s, zi in zip(seqs, z):
+        ref = tiny_split.model(torch.tensor([s]), output_hidden_states=True).hidden_states[2][0, -1]
+        torch.testing.assert_close(zi, ref, atol=ATOL, rtol=1e-4)
+    # order is kept when batches are regrouped by length
+    z1 = tiny_split.encode_lower(seqs, batch_size=1)
+    torch.testing.assert_close(z, z1, atol=ATOL, rtol=1e-4)
+
+
+def test_encode_lower_runs_only_layers_up_to_cut(tiny_split, tiny_titles):
+    calls = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
+             for i, layer in enumerate(tiny_split.model.model.layers)]
+    hooks.append(tiny_split.model.lm_head.register_forward_pre_hook(lambda m, a: calls.append("head")))
+    hooks.append(tiny_split.model.model.norm.register_forward_pre_hook(lambda m, a: calls.append("norm")))
+    try:
+        tiny_split.encode_lower([[5, 6, 7], [8, 9]])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [0, 1]  # cut = 2: layers 1..2 only, once (one batch)
+
+
+def test_pad_token_falls_back_to_eos_and_left_padding(tiny_split):
+    tok = tiny_split.tokenizer
+    assert tok.pad_token == tok.eos_token == "</s>"
+    assert tok.padding_side == "left"
+    ids, mask = left_pad([[7, 8, 9], [4]], pad_id=2)
+    assert ids.tolist() == [[7, 8, 9], [2, 2, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_cut_out_of_range_is_rejected(tiny_lm, tiny_tokenizer):
+    for cut in (0, 4):
+        with pytest.raises(ValueError, match="cut L"):
+            SplitLM.from_model(tiny_lm, tiny_tokenizer, cut=cut)
+
+
+# ---- the slot hook --------------------------------------------------------------------------------
+
+
+def test_slot_hook_equals_manual_replacement_and_matters(tiny_split, tiny_titles):
+    _, (p,) = _prompts(tiny_split.tokenizer, tiny_titles, sizes=(4,))
+    vec = torch.randn(1, H) * 3
+    hooked = _logits_with_fill(tiny_split, p.input_ids, p.slot_positions, vec)
+    # manual: lower layers by the full forward's hidden states, replace, then the upper layers by hand
+    x = torch.tensor([p.input_ids])
+    h_l = tiny_split.model(x, output_hidden_states=True).hidden_states[2].clone()
+    h_l[0, p.slot_positions[0]] = vec[0]
+    manual = tiny_split.model.lm_head(tiny_split.upper_forward(h_l, torch.ones_like(x)))[0]
+    torch.testing.assert_close(hooked, manual, atol=ATOL, rtol=1e-4)
+    plain = _full_logits(tiny_split.model, p.input_ids)
+    assert (hooked[-1] - plain[-1]).abs().max() > 1e-3  # the replacement reaches the last token
+    # before the slot nothing changes (causal)
+    torch.testing.assert_close(hooked[: p.slot_positions[0]], plain[: p.slot_positions[0]], atol=ATOL, rtol=0)
+
+
+def test_generate_with_cache_equals_uncached_recompute(tiny_split, tiny_titles):
+    _, prompts = _prompts(tiny_split.tokenizer, tiny_titles, sizes=(2, 7, 4))
+    vecs = torch.randn(3, 1, H) * 4
+    got = tiny_split.generate(prompts, vecs, max_new_tokens=8, return_ids=True)
+    for i, p in enumerate(prompts):
+        ref, _ = _greedy_uncached(tiny_split, p, vecs[i], 8)
+        assert got[i] == ref, f"row {i}"
+    # logits of every step, through the same hook + HF generate with its KV cache
+    ids, mask = left_pad([p.input_ids for p in prompts], tiny_split.pad_id)
+    pos = tiny_split._padded_slot_positions(prompts, mask, vecs)
+    with slot_fill(tiny_split, pos, vecs, ids.shape[1]):
+        out = tiny_split.model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                                        min_new_tokens=5, output_logits=True, return_dict_in_generate=True,
+                                        pad_token_id=tiny_split.pad_id, eos_token_id=None)
+    for i, p in enumerate(prompts):
+        seq = list(p.input_ids)
+        for step in range(5):
+            ref = _logits_with_fill(tiny_split, seq, p.slot_positions, vecs[i])[-1]
+            torch.testing.assert_close(out.logits[step][i], ref, atol=ATOL, rtol=1e-4)
+            seq.append(int(out.sequences[i, ids.shape[1] + step]))
+    # and the vectors matter: without them the first-step logits differ
+    _, no_fill = _greedy_uncached(tiny_split, prompts[0], None, 1)
+    assert (no_fill[0] - out.logits[0][0]).abs().max() > 1e-3
+
+
+def test_generate_without_vectors_keeps_placeholder_state(tiny_split, tiny_titles):
+    _, prompts = _prompts(tiny_split.tokenizer, tiny_titles, sizes=(3, 8))
+    plain = tiny_split.generate(prompts, None, max_new_tokens=6, return_ids=True)
+    # filling the slot with the placeholder's own layer-L state is the identity
+    own = torch.stack([
+        tiny_split.model(torch.tensor([p.input_ids]), output_hidden_states=True).hidden_states[2][0, p.slot_positions]
+        for p in prompts
+    ])  # [B, 1, H]
+    same = tiny_split.generate(prompts, own, max_new_tokens=6, return_ids=True)
+    assert plain == same
+    for i, p in enumerate(prompts):
+        assert plain[i] == _greedy_uncached(tiny_split, p, None, 6)[0]
+
+
+def test_beam_search_rows_are_independent_and_slot_aligned(tiny_split, tiny_titles):
+    _, prompts = _prompts(tiny_split.tokenizer, tiny_titles, sizes=(2, 6, 4))
+    vecs = torch.randn(3, 1, H) * 4
+    together = tiny_split.generate(prompts, vecs, max_new_tokens=6, num_beams=3, return_ids=True)
+    alone = [tiny_split.generate([p], vecs[i:i + 1], max_new_tokens=6, num_beams=3, return_ids=True)[0]
+             for i, p in enumerate(prompts)]
+    assert together == alone
+    own = torch.stack([
+        tiny_split.model(torch.tensor([p.input_ids]), output_hidden_states=True).hidden_states[2][0, p.slot_positions]
+        for p in prompts
+    ])
+    assert tiny_split.generate(prompts, own, max_new_tokens=6, num_beams=3, return_ids=True) == \
+        tiny_split.generate(prompts, None, max_new_tokens=6, num_beams=3, return_ids=True)
+
+
+def test_two_slots_and_shape_errors(tiny_split, tiny_titles):
+    b, prompts = _prompts(tiny_split.tokenizer, tiny_titles, sizes=(3, 5), n_slots=2)
+    assert all(len(p.slot_positions) == 2 for p in prompts)
+    vecs = torch.randn(2, 2, H) * 4
+    got = tiny_split.generate(prompts, vecs, max_new_tokens=5, return_ids=True)
+    for i, p in enumerate(prompts):
+        assert got[i] == _greedy_uncached(tiny_split, p, vecs[i], 5)[0]
+    with pytest.raises(ValueError, match="slots"):
+        tiny_split.generate(prompts, torch.randn(2, 1, H))
+    with pytest.raises(ValueError, match="slot_vectors must be"):
+        tiny_split.generate(prompts, torch.randn(3, 2, H))
+
+
+def test_concurrent_requests_do_not_share_slot_vectors(tiny_split, tiny_titles):
+    _, prompts = _prompts(tiny_split.tokenizer, tiny_titles, sizes=(3, 5))
+    va, vb = torch.randn(2, 1, H) * 4, torch.randn(2, 1, H) * 4
+    seq_a = tiny_split.generate(prompts, va, max_new_tokens=6, return_ids=True)
+    seq_b = tiny_split.generate(prompts, vb, max_new_tokens=6, return_ids=True)
+    seq_n = tiny_split.generate(prompts, None, max_new_tokens=6, return_ids=True)
+    assert len({str(seq_a), str(seq_b), str(seq_n)}) > 1  # the three requests really differ
+    results: dict[str, list] = {"a": [], "b": [], "n": []}
+    errors = []
+    start = threading.Barrier(3)
+
+    def worker(name, vec):
+        try:
+            start.wait()
+            for _ in range(3):
+                results[name].append(tiny_split.generate(prompts, vec, max_new_tokens=6, return_ids=True))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=a) for a in (("a", va), ("b", vb), ("n", None))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results["a"] == [seq_a] * 3 and results["b"] == [seq_b] * 3 and results["n"] == [seq_n] * 3
+
+
+def test_prefix_allowed_tokens_fn_forces_a_title(tiny_split, tiny_titles):
+    b, prompts = _prompts(tiny_split.tokenizer, tiny_titles, sizes=(3, 6))
+    targets = [b.response_ids(tiny_titles[10]), b.response_ids(tiny_titles[11])]
+    t = max(len(p.input_ids) for p in prompts)
+
+    def allowed(batch_id, input_ids):
+        new = input_ids[t:].tolist()
+        tgt = targets[batch_id]
+        return [tgt[len(new)]] if len(new) < len(tgt) else [tiny_split.eos_id]
+
+    out = tiny_split.generate(prompts, torch.randn(2, 1, H), max_new_tokens=20, prefix_allowed_tokens_fn=allowed)
+    assert out == ['"' + tiny_titles[10] + '"', '"' + tiny_titles[11] + '"']
+
+
+# ---- target_logprob (Eq. 5) -----------------------------------------------------------------------
+
+
+def _brute_logprob(split, prompt, target, vec):
+    logits = _logits_with_fill(split, prompt.input_ids + target, prompt.slot_positions, vec)
+    n = len(prompt.input_ids)
+    logp = torch.log_softmax(logits[n - 1:-1].float(), -1)
+    return logp.gather(-1, torch.tensor(target)[:, None]).sum()
+
+
+@pytest.mark.parametrize("n_slots", [1, 2])
+def test_target_logprob_equals_brute_force(tiny_split, tiny_titles, n_slots):
+    b, (p,) = _prompts(tiny_split.tokenizer, tiny_titles, sizes=(5,), n_slots=n_slots)
+    y = b.response_ids(tiny_titles[12])
+    vecs = torch.randn(7, n_slots, H) * 4
+    got = tiny_split.target_logprob(p, y, vecs, chunk_size=3)  # chunks 3 + 3 + 1
+    ref = torch.stack([_brute_logprob(tiny_split, p, y, vecs[e]) for e in range(7)])
+    assert got.shape == (7,)
+    torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-5)
+    assert ref.max() - ref.min() > 1e-3  # candidates really differ
+    base = tiny_split.target_logprob(p, y, None)
+    torch.testing.assert_close(base, _brute_logprob(tiny_split, p, y, None)[None], atol=1e-3, rtol=1e-5)
+
+
+def test_target_logprob_accepts_flat_vectors_and_no_slot_prompt(tiny_split, tiny_titles):
+    b, (p,) = _prompts(tiny_split.tokenizer, tiny_titles, sizes=(4,))
+    y = b.response_ids(tiny_titles[13])
+    v = torch.randn(3, H)
+    torch.testing.assert_close(tiny_split.target_logprob(p, y, v), tiny_split.target_logprob(p, y, v[:, None]))
+    q = b.build(tiny_titles[:4], with_slot=False)
+    assert q.slot_positions == []
+    torch.testing.assert_close(tiny_split.target_logprob(q, y, None),
+                               _brute_logprob(tiny_split, q, y, None)[None], atol=1e-3, rtol=1e-5)
+    with pytest.raises(ValueError, match="no slot"):
+        tiny_split.target_logprob(q, y, v)
+
+
+# ---- embed_final ----------------------------------------------------------------------------------
+
+
+def test_embed_final_equals_last_hidden_state_of_bare_text(tiny_split, tiny_titles):
+    texts = [tiny_titles[0], tiny_titles[7], "Heat"]
+    e = tiny_split.embed_final(texts, batch_size=2)
+    assert e.shape == (3, H)
+    for t, ei in zip(texts, e):
+        ids = tiny_split.tokenizer(t).input_ids
+        assert ids[0] == tiny_split.tokenizer.bos_token_id  # the tokenizer's own special tokens
+        ref = tiny_split.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+        torch.testing.assert_close(ei, ref, atol=ATOL, rtol=1e-4)
+
+
+# ---- fingerprint ----------------------------------------------------------------------------------
+
+
+def test_fingerprint_tracks_lower_part_only(tiny_lm, tiny_tokenizer, tiny_lm_factory):
+    build_tiny_lm = lambda n, seed=0: tiny_lm_factory(seed=seed)  # noqa: E731
+    split = SplitLM.from_model(tiny_lm, tiny_tokenizer, cut=2)
+    fp = split.fingerprint()
+    assert fp == split.fingerprint()
+    twin = SplitLM.from_model(build_tiny_lm(len(tiny_tokenizer)), tiny_tokenizer, cut=2)
+    assert twin.fingerprint() == fp  # same weights, new objects
+    assert SplitLM.from_model(build_tiny_lm(len(tiny_tokenizer)), tiny_tokenizer, cut=3).fingerprint() != fp
+    with torch.no_grad():
+        split.model.model.layers[3].mlp.up_proj.weight[0, 0] += 1.0  # upper layer: memory stays valid
+    assert split.fingerprint() == fp
+    with torch.no_grad():
+        split.model.model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3  # lower layer
+    assert split.fingerprint() != fp
+    other_dtype = SplitLM.from_model(build_tiny_lm(len(tiny_tokenizer)).to(torch.bfloat16), tiny_tokenizer, cut=2)
+    assert other_dtype.fingerprint() != fp
+
+
+# ---- upper layers on disk -------------------------------------------------------------------------
+
+
+def _perturb_upper(split, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in split.upper_layers().parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_save_load_upper_round_trip(tmp_path, tiny_tokenizer, tiny_titles, tiny_lm_factory):
+    build_tiny_lm = lambda n, seed=0: tiny_lm_factory(seed=seed)  # noqa: E731
+    tuned = SplitLM.from_model(build_tiny_lm(len(tiny_tokenizer)), tiny_tokenizer, cut=2)
+    b, (p,) = _prompts(tiny_tokenizer, tiny_titles, sizes=(4,))
+    base_logits = _full_logits(tuned.model, p.input_ids)
+    base_embed = tuned.embed_final([tiny_titles[3]])
+    tuned.snapshot_base_upper()
+    _perturb_upper(tuned)
+    tuned.save_upper(tmp_path / "ck", extra={"note": "test"})
+    assert {f.name for f in (tmp_path / "ck").iterdir()} == {"upper.safetensors", "upper.json"}
+
+    fresh = SplitLM.from_model(build_tiny_lm(len(tiny_tokenizer)), tiny_tokenizer, cut=2)
+    meta = fresh.load_upper(tmp_path / "ck")
+    assert meta["extra"] == {"note": "test"} and meta["cut"] == 2
+    want = _full_logits(tuned.model, p.input_ids)
+    assert (want - base_logits).abs().max() > 1e-3
+    assert torch.equal(_full_logits(fresh.model, p.input_ids), want)
+    # grounding embeddings still come from the base upper layers, unless asked otherwise
+    torch.testing.assert_close(fresh.embed_final([tiny_titles[3]]), base_embed, atol=ATOL, rtol=1e-4)
+    assert (fresh.embed_final([tiny_titles[3]], base=False) - base_embed).abs().max() > 1e-4
+
+    other_cut = SplitLM.from_model(build_tiny_lm(len(tiny_tokenizer)), tiny_tokenizer, cut=3)
+    with pytest.raises(ValueError, match="cut=2"):
+        other_cut.load_upper(tmp_path / "ck")
+    other_base = SplitLM.from_model(build_tiny_lm(len(tiny_tokenizer), seed=5), tiny_tokenizer, cut=2)
+    with pytest.raises(ValueError, match="fingerprint"):
+        other_base.load_upper(tmp_path / "ck")
+    with pytest.raises(ValueError, match="does not hold"):
+        fresh.load_upper(tmp_path / "missing")
+
+
+def test_load_local_hf_directory(tmp_path, tiny_lm, tiny_tokenizer, tiny_titles):
+    tiny_lm.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    split = SplitLM.load(tmp_path / "m", cut=2, dtype="float32")
+    assert split.dtype == torch.float32 and split.n_layers == 4 and split.hidden_size == H
+    _, (p,) = _prompts(split.tokenizer, tiny_titles, sizes=(3,))
+    torch.testing.assert_close(_full_logits(split.model, p.input_ids), _full_logits(tiny_lm, p.input_ids))
+    with pytest.raises(ValueError, match="does not exist"):
+        SplitLM.load(tmp_path / "nope")
+    with pytest.raises(ValueError, match="dtype"):
+        SplitLM.load(tmp_path / "m", dtype="float16")
+
+
+# ---- the real SmolLM2 (skipped unless the asset is fetched) --------------------------------------
+
+
+@pytest.mark.integration
+def test_smollm2_gguf_split_matches_full_forward():
+    from model.assets import asset_paths
+
+    gguf = asset_paths().gguf_path
+    if not gguf.is_file():
+        pytest.skip(f"{gguf} not fetched (automr fetch-assets)")
+    split = SplitLM.load(gguf, cut=20, dtype="float32")
+    assert split.n_layers == 30 and split.hidden_size == 576
+    b = PromptBuilder.for_model(split)
+    p = b.build(["Toy Story (1995)", "Heat (1995)", "Fargo (1996)"])
+    assert split.tokenizer.convert_ids_to_tokens(p.input_ids[p.slot_positions[0]]) == "Ġ..."
+    ref = split.model(torch.tensor([p.input_ids]), output_hidden_states=True).hidden_states
+    z = split.encode_lower([p.input_ids, p.input_ids[:-5]])
+    torch.testing.assert_close(z[0], ref[20][0, -1], atol=1e-3, rtol=1e-3)
+    y = b.response_ids("Star Wars (1977)")
+    vec = torch.randn(2, 1, 576)
+    got = split.target_logprob(p, y, vec)
+    ref_lp = torch.stack([_brute_logprob(split, p, y, vec[e]) for e in range(2)])
+    torch.testing.assert_close(got, ref_lp, atol=1e-2, rtol=1e-4)
