@@ -570,13 +570,19 @@ class SplitLM:
     def _head_tied(self) -> bool:
         return self.model.lm_head.weight.data_ptr() == self.model.model.embed_tokens.weight.data_ptr()
 
-    def save_upper(self, path: str | Path, extra: dict | None = None) -> None:
-        """Write ``path/upper.safetensors`` + ``path/upper.json`` (the live dtype of the parameters)."""
+    def save_upper(self, path: str | Path, extra: dict | None = None,
+                   state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write ``path/upper.safetensors`` + ``path/upper.json``, in the live dtype of the parameters.
+
+        ``state`` overrides the live parameters (same keys as ``upper_state_dict``), e.g. a best
+        checkpoint kept in memory or LoRA-merged weights during training.
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.upper_state_dict().items()}
+        state = self.upper_state_dict() if state is None else state
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_file(state, str(path / UPPER_WEIGHTS))
         meta = {
             "format": UPPER_FORMAT,

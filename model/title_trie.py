@@ -10,8 +10,9 @@ Representation (memory matters: Amazon catalogues have 100k+ titles, ~1M trie no
 arrays in CSR form, no Python object per node. Node 0 is the root; the children of node ``v`` are
 ``child_node[child_ptr[v]:child_ptr[v+1]]`` reached by tokens ``child_tok[...]`` (sorted ascending,
 looked up by binary search). The items ending at node ``v`` are ``term_items[term_ptr[v]:term_ptr[v+1]]``.
-The build is vectorized with numpy: sort the sequences, take each one's longest common prefix with
-its predecessor, and number the new nodes in order (which is a preorder of the tree).
+The build sorts the sequences, takes each one's longest common prefix with its predecessor and
+numbers the nodes each sequence adds in order (a preorder of the tree): one pass, memory linear in
+the number of tokens.
 
 Duplicate titles: several items can share a title and so a token sequence; they end at the same
 node and ``items_of`` returns all of them, ascending by item index. A ranker that needs one list of
@@ -24,6 +25,7 @@ have children; when the trie knows ``eos_token_id`` it then also allows eos ther
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -35,48 +37,60 @@ class TitleTrie:
 
     def __init__(self, sequences: Sequence[Sequence[int]], eos_token_id: int | None = None) -> None:
         t0 = time.perf_counter()
-        n = len(sequences)
+        seqs = [list(map(int, s)) for s in sequences]
+        n = len(seqs)
         if n == 0:
             raise ValueError("TitleTrie needs at least one sequence")
-        lens = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=n)  # [N]
-        if (lens == 0).any():
-            raise ValueError(f"item {int(np.argmin(lens))} encodes to an empty token sequence")
-        flat = np.fromiter((t for s in sequences for t in s), dtype=np.int64, count=int(lens.sum()))
-        if flat.min() < 0 or flat.max() >= 2**31 - 1:
-            raise ValueError(f"token ids must lie in [0, 2^31-1), got range [{flat.min()}, {flat.max()}]")
-        L = int(lens.max())
+        for i, s in enumerate(seqs):
+            if not s:
+                raise ValueError(f"item {i} encodes to an empty token sequence")
+            if min(s) < 0 or max(s) >= 2**31 - 1:
+                raise ValueError(f"item {i}: token ids must lie in [0, 2^31-1), got {s}")
 
-        # [N, L] padded with -1: -1 sorts before every token, so a prefix sorts before its extensions
-        pad = np.full((n, L), -1, dtype=np.int32)
-        row = np.repeat(np.arange(n), lens)
-        col = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
-        pad[row, col] = flat
-        order = np.lexsort(pad.T[::-1])  # rows in lexicographic order
-        S, S_len = pad[order], lens[order]  # [N, L], [N]
-        del pad, row, col, flat
+        # Sorted sequences: the rows sharing a prefix are contiguous, and row r creates exactly the
+        # nodes of its prefixes longer than lcp[r] (its longest common prefix with row r-1), numbered
+        # consecutively from start[r]. Numbering in row order makes node ids a preorder.
+        order = sorted(range(n), key=seqs.__getitem__)  # stable: duplicates keep ascending item index
+        parent_first = np.zeros(n, dtype=np.int64)  # parent of the first node row r creates
+        terminal = np.zeros(n, dtype=np.int64)  # the node where row r ends
+        starts = np.zeros(n, dtype=np.int64)
+        counts = np.zeros(n, dtype=np.int64)
+        tokens: list[int] = []
+        stack: list[tuple[int, int]] = []  # (lcp, start) of earlier rows, strictly increasing lcp
+        next_id, prev = 1, None
+        for r, i in enumerate(order):
+            s = seqs[i]
+            lcp = 0
+            if prev is not None:
+                m = min(len(s), len(prev))
+                while lcp < m and s[lcp] == prev[lcp]:
+                    lcp += 1
+            # the node at depth lcp-1 on this row's path was created by the latest row with a smaller lcp
+            while stack and stack[-1][0] >= lcp:
+                stack.pop()
+            if lcp > 0:
+                j_lcp, j_start = stack[-1]
+                parent_first[r] = j_start + (lcp - 1 - j_lcp)
+            count = len(s) - lcp
+            if count:  # 0 only for an exact duplicate of the previous row: same nodes, same end
+                starts[r], counts[r] = next_id, count
+                tokens.extend(s[lcp:])
+                terminal[r] = next_id + count - 1
+                stack.append((lcp, next_id))
+                next_id += count
+            else:
+                terminal[r] = terminal[r - 1]
+            prev = s
+        n_nodes = next_id
 
-        # longest common prefix of each sorted row with the one before it
-        lcp = np.zeros(n, dtype=np.int64)
-        if n > 1:
-            diff = S[1:] != S[:-1]  # [N-1, L]
-            first = np.where(diff.any(axis=1), diff.argmax(axis=1), L)
-            lcp[1:] = np.minimum(first, np.minimum(S_len[1:], S_len[:-1]))
-            del diff
-
-        # cell (i, p) is the node of row i's prefix of length p+1; row i creates cells p in [lcp_i, len_i)
-        cols = np.arange(L)[None, :]  # [1, L]
-        valid = cols < S_len[:, None]  # [N, L]
-        new = (cols >= lcp[:, None]) & valid  # [N, L]
-        ids = np.cumsum(new.ravel(), dtype=np.int64).reshape(n, L) * new  # 1.. in preorder, 0 elsewhere
-        node = np.maximum.accumulate(ids, axis=0)  # cells a row shares take the node of the row above
-        n_nodes = int(new.sum()) + 1
-
-        parent = np.zeros(n_nodes, dtype=np.int64)
-        token = np.full(n_nodes, -1, dtype=np.int32)
-        ri, pi = np.nonzero(new)  # row-major: ascending node id
-        nid = node[ri, pi]
-        parent[nid] = np.where(pi > 0, node[ri, np.maximum(pi - 1, 0)], 0)
-        token[nid] = S[ri, pi]
+        parent = np.arange(-1, n_nodes - 1, dtype=np.int64)  # inside a row's run: the node before
+        made = counts > 0
+        parent[starts[made]] = parent_first[made]
+        parent[0] = 0
+        token = np.empty(n_nodes, dtype=np.int32)
+        token[0] = -1
+        token[1:] = np.asarray(tokens, dtype=np.int32)
+        del tokens
 
         # children in CSR, grouped by parent; preorder within a parent = ascending token
         kids = np.argsort(parent[1:], kind="stable") + 1
@@ -86,15 +100,19 @@ class TitleTrie:
         self.child_tok = token[kids]
 
         # terminal nodes -> items (ascending item index within a node)
-        end = node[np.arange(n), S_len - 1]  # [N] terminal node of each sorted row
-        by = np.lexsort((order, end))
-        self.term_items = order[by].astype(np.int32)
+        items = np.asarray(order, dtype=np.int64)
+        by = np.lexsort((items, terminal))
+        self.term_items = items[by].astype(np.int32)
         self.term_ptr = np.zeros(n_nodes + 1, dtype=np.int32)
-        self.term_ptr[1:] = np.cumsum(np.bincount(end, minlength=n_nodes))
+        self.term_ptr[1:] = np.cumsum(np.bincount(terminal, minlength=n_nodes))
+
+        # memoryviews: indexing them yields Python ints and bisect runs on them in C (~1 us per step)
+        self._ptr, self._tok, self._node = memoryview(self.child_ptr), memoryview(self.child_tok), memoryview(self.child_node)
+        self._tptr = memoryview(self.term_ptr)
 
         self.n_items = n
         self.n_nodes = n_nodes
-        self.max_len = L
+        self.max_len = max(len(s) for s in seqs)
         self.eos_token_id = eos_token_id
         self.build_s = time.perf_counter() - t0
 
@@ -125,11 +143,9 @@ class TitleTrie:
 
     def child(self, node: int, tok: int) -> int:
         """The child of ``node`` along ``tok``, or -1."""
-        lo, hi = int(self.child_ptr[node]), int(self.child_ptr[node + 1])
-        if lo == hi:
-            return -1
-        j = lo + int(np.searchsorted(self.child_tok[lo:hi], tok))
-        return int(self.child_node[j]) if j < hi and int(self.child_tok[j]) == tok else -1
+        lo, hi = self._ptr[node], self._ptr[node + 1]
+        j = bisect_left(self._tok, tok, lo, hi)
+        return self._node[j] if j < hi and self._tok[j] == tok else -1
 
     def node_of(self, prefix: Iterable[int]) -> int:
         """The node reached by ``prefix`` from the root, or -1 if no title starts with it."""
@@ -141,7 +157,7 @@ class TitleTrie:
         return v
 
     def is_terminal(self, node: int) -> bool:
-        return self.term_ptr[node + 1] > self.term_ptr[node]
+        return self._tptr[node + 1] > self._tptr[node]
 
     def allowed(self, prefix: Iterable[int]) -> list[int]:
         """Tokens that extend ``prefix`` towards some title (ascending); [] if it leads nowhere.

@@ -31,7 +31,7 @@ def _corpus() -> list[str]:
     return texts * 3
 
 
-def build_tiny_tokenizer(vocab_size: int = 384):
+def build_tiny_tokenizer(vocab_size: int = 1000):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -78,12 +78,22 @@ def tiny_tokenizer(tiny_tokenizer_session):
 
 
 @pytest.fixture
-def tiny_lm(tiny_tokenizer):
+def one_thread():
+    """Run the test on one intra-op thread (restored after): a tiny model gains nothing from more, and
+    on a shared, loaded machine every extra OpenMP thread makes each small op wait for stragglers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_lm(tiny_tokenizer, one_thread):
     return build_tiny_lm(len(tiny_tokenizer))
 
 
 @pytest.fixture
-def tiny_lm_factory(tiny_tokenizer):
+def tiny_lm_factory(tiny_tokenizer, one_thread):
     """``make(seed=0, n_layers=4, tie=True)`` -> a fresh tiny Llama for ``tiny_tokenizer``."""
 
     def make(seed: int = 0, n_layers: int = 4, tie: bool = True):

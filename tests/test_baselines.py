@@ -5,6 +5,7 @@ import torch
 
 from model.baselines.popularity import PopularityRanker, popularity_counts
 from model.baselines.sasrec import (
+    SASRec,
     SASRecConfig,
     SASRecRanker,
     SASRecTrainConfig,
@@ -75,12 +76,21 @@ def successor_samples(n_users, seed, k=3, length=16):
     return train, test
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: a second thread only adds contention on the 2 shared cores (measured 2-10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def trained():
+def trained(one_thread):
     train, test = successor_samples(120, seed=0)
     valid = successor_samples(20, seed=1)[1]
     mcfg = SASRecConfig(n_items=N, max_len=16, hidden=32, n_blocks=2, dropout=0.1)
-    tcfg = SASRecTrainConfig(lr=1e-2, batch_size=16, max_epochs=15, eval_every=5, patience=3, progress=False)
+    tcfg = SASRecTrainConfig(lr=1e-2, batch_size=16, max_epochs=10, eval_every=5, patience=3, progress=False)
     return train_sasrec(train, valid, N, mcfg, tcfg), test
 
 
@@ -89,8 +99,10 @@ def test_sasrec_learns_the_successor(trained):
     res = evaluate(ranker, test, progress=False, n_boot=10)
     assert res.metrics["recall@1"] >= 0.85, res.metrics  # chance is 1/28, popularity ~1/40
     info = ranker.info()["train"]
-    assert info["best_epoch"] >= 10 and info["best_valid_ndcg@10"] > 0.9
-    assert info["history"][0]["ndcg@10"] < info["best_valid_ndcg@10"]  # it learned during training
+    assert info["best_epoch"] >= 5 and info["best_valid_ndcg@10"] > 0.9
+    torch.manual_seed(0)
+    untrained = SASRecRanker(SASRec(ranker.config))
+    assert evaluate(untrained, test, progress=False, n_boot=10).metrics["recall@1"] < 0.3  # so it was learned
 
 
 def test_sasrec_safetensors_roundtrip(trained, tmp_path):
@@ -122,7 +134,7 @@ class FakeDataset:
 def test_build_sasrec_trains_once_then_reuses_artefact(tmp_path):
     train, test = successor_samples(20, seed=2)
     ds = FakeDataset({"train": train, "valid": test[:5], "test": test})
-    opts = {"max_len": 16, "hidden": 16, "max_epochs": 2, "eval_every": 1, "batch_size": 8}
+    opts = {"max_len": 16, "hidden": 16, "max_epochs": 2, "eval_every": 2, "batch_size": 32}
     r1 = build_sasrec(MethodContext(ds, opts, tmp_path / "sasrec", seed=1, progress=False))
     assert "loaded_from" not in r1.train_info
     r2 = build_sasrec(MethodContext(ds, opts, tmp_path / "sasrec", seed=1, progress=False))

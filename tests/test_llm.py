@@ -182,13 +182,15 @@ def test_two_slots_and_shape_errors(tiny_split, tiny_titles):
         tiny_split.generate(prompts, torch.randn(3, 2, H))
 
 
-def test_concurrent_requests_do_not_share_slot_vectors(tiny_split, tiny_titles):
-    _, prompts = _prompts(tiny_split.tokenizer, tiny_titles, sizes=(3, 5))
+def test_concurrent_requests_do_not_share_slot_vectors(tiny_split):
+    # short prompts, so that one slot weighs enough on the greedy tokens for the requests to differ
+    prompts = [PromptIds([1, 50, 61, 70, 80], [2]), PromptIds([1, 90, 33, 101], [1])]
+    torch.manual_seed(3)
     va, vb = torch.randn(2, 1, H) * 4, torch.randn(2, 1, H) * 4
     seq_a = tiny_split.generate(prompts, va, max_new_tokens=6, return_ids=True)
     seq_b = tiny_split.generate(prompts, vb, max_new_tokens=6, return_ids=True)
     seq_n = tiny_split.generate(prompts, None, max_new_tokens=6, return_ids=True)
-    assert len({str(seq_a), str(seq_b), str(seq_n)}) > 1  # the three requests really differ
+    assert seq_a != seq_b and seq_a != seq_n and seq_b != seq_n  # the three requests really differ
     results: dict[str, list] = {"a": [], "b": [], "n": []}
     errors = []
     start = threading.Barrier(3)

@@ -101,6 +101,18 @@ class SASRec(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
         self.ln_f = nn.LayerNorm(cfg.hidden)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # small embeddings: N(0, 1) rows (the nn.Embedding default) give initial logits of std ~sqrt(H)
+        if isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.padding_idx is not None:
+                nn.init.zeros_(m.weight[m.padding_idx])
+        elif isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         """seq: [B, T] embedding rows (item + 1, 0 = pad), left-padded, T <= max_len -> [B, T, H]."""

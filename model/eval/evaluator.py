@@ -256,7 +256,7 @@ class MethodContext:
 MethodFactory = Callable[[MethodContext], Ranker]
 _REGISTRY: dict[str, MethodFactory] = {}
 # Modules that register methods when imported; other modules append themselves (or the CLI does).
-PLUGIN_MODULES: list[str] = ["model.baselines"]
+PLUGIN_MODULES: list[str] = ["model.baselines", "model.eval.llm_methods"]
 
 
 def register_method(name: str, factory: MethodFactory) -> None:

@@ -1,0 +1,425 @@
+"""BIGRec tuning of the generator's upper layers (METHOD.md §2, BIGRec, AutoMR §3.1).
+
+Embeddings and layers 1..L stay frozen (so stored memory vectors stay valid); layers L+1..N and the
+final norm are tuned, fully (default) or with LoRA adapters (``peft``) that are merged back into the
+weights at the end. The loss is the causal-LM cross-entropy on the response tokens only
+(``'"Title"' + eos``), averaged over the tokens of an optimizer batch.
+
+The forward is split: layers 1..L run under ``no_grad`` (no activations kept, no backward through
+them), the slot is filled at layer L, then layers L+1..N run with gradients, and the LM head only at
+the response positions. Full tuning keeps float32 master weights for the upper layers and computes in
+bfloat16 autocast (required when the model itself is bfloat16: bf16 weights cannot absorb 1e-4-sized
+AdamW updates); the tuned layers are cast back to the model's dtype when training ends.
+
+Slot during tuning: ``slot_fill="placeholder"`` (BIGRec: the slot keeps its placeholder's own state)
+or ``"memory"`` with a ``slot_fn(samples) -> [B, S, H]`` callable (e.g. the AutoMR retriever's pick),
+the hook for training with retrieved memory.
+
+Defaults (BIGRec / AutoMR §5.1.4): 1,024 seeded training samples, AdamW, lr 1e-4 (AutoMR searched
+{1e-3, 1e-4, 1e-5} for LLM methods; BIGRec uses 1e-4), batch 32 (AutoMR: 32) as 4 micro-batches of 8,
+linear warm-up (BIGRec: 20 steps) then linear decay, gradient clipping 1.0, at most 5 epochs with
+early stopping on the validation loss of 256 seeded valid samples (patience 1).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from model.data.types import Sample
+from model.llm import SplitLM, left_pad
+from model.prompts import PromptBuilder
+
+SlotFn = Callable[[Sequence[Sample]], torch.Tensor]  # samples -> [B, S, H] slot vectors
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class GeneratorTrainConfig:
+    n_train: int | None = 1024  # seeded subset of the train split; None = all
+    n_valid: int | None = 256  # seeded subset of the valid split for early stopping; None = all
+    seed: int = 0
+    epochs: int = 5  # at most
+    patience: int = 1  # epochs without a better valid loss before stopping
+    batch_size: int = 32  # samples per optimizer step
+    micro_batch_size: int = 8  # samples per forward/backward (gradient accumulation)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    max_grad_norm: float = 1.0
+    mode: str = "full"  # "full" | "lora"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    slot_fill: str = "placeholder"  # "placeholder" (BIGRec) | "memory" (needs slot_fn)
+    n_slots: int = 1
+    autocast_bf16: bool | None = None  # None: on when the model is bfloat16 (required then)
+    out_dir: str | None = None  # checkpoints: OUT/best (upper layers), OUT/train_log.json
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.mode not in ("full", "lora"):
+            raise ValueError(f"mode must be 'full' or 'lora', got {self.mode!r}")
+        if self.slot_fill not in ("placeholder", "memory"):
+            raise ValueError(f"slot_fill must be 'placeholder' or 'memory', got {self.slot_fill!r}")
+        if self.batch_size < 1 or self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a positive multiple of micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.epochs < 1 or self.lr <= 0:
+            raise ValueError("epochs must be >= 1 and lr > 0")
+
+
+@dataclass
+class Example:
+    """One tuning example: prompt + response tokens; the loss covers positions >= n_prompt."""
+
+    sample: Sample
+    input_ids: list[int]
+    n_prompt: int
+    slot_positions: list[int]
+
+
+@dataclass
+class TrainReport:
+    n_train: int
+    n_valid: int
+    epochs_run: int
+    best_epoch: int  # 0 = the untuned model was best
+    best_valid_loss: float
+    valid_losses: list[float]  # index 0: before training
+    train_losses: list[float]  # mean per epoch
+    seconds: float
+    sec_per_sample: float  # training forward+backward+step, per sample seen
+    tokens_per_sample: float
+    trainable_params: int
+    config: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Examples and the loss
+# --------------------------------------------------------------------------------------------------
+
+
+def build_examples(builder: PromptBuilder, samples: Sequence[Sample], titles: Sequence[str],
+                   k_short: int, with_slot: bool = True) -> list[Example]:
+    """Prompt of the K short-term titles (+ slot) followed by the target's response tokens."""
+    out = []
+    for s in samples:
+        if not 0 <= s.target < len(titles):
+            raise ValueError(f"sample of user {s.user_id}: target {s.target} is not an item index")
+        p = builder.build([titles[i] for i in s.short_term(k_short)], with_slot=with_slot)
+        out.append(Example(s, p.input_ids + builder.response_ids(titles[s.target]), len(p.input_ids),
+                           p.slot_positions))
+    return out
+
+
+def response_loss(split: SplitLM, batch: Sequence[Example], slot_vectors: torch.Tensor | None = None,
+                  autocast: bool = False) -> tuple[torch.Tensor, int]:
+    """(sum of the cross-entropy over the response tokens, number of those tokens) for a batch.
+
+    Layers 1..L run without gradients; gradients flow into layers L+1..N (and LoRA adapters).
+    ``slot_vectors`` [B, S, H] replace the slot states at layer L (``None``: placeholder).
+    """
+    dev = split.device
+    ids, mask = left_pad([e.input_ids for e in batch], split.pad_id, dev)  # [B, T]
+    t = ids.shape[1]
+    with torch.no_grad():
+        h = split.lower_forward(ids, mask)  # [B, T, H]
+    if slot_vectors is not None:
+        pads = [t - len(e.input_ids) for e in batch]
+        pos = torch.tensor([[pads[i] + q for q in e.slot_positions] for i, e in enumerate(batch)],
+                           dtype=torch.long, device=dev)
+        if slot_vectors.shape[:2] != pos.shape:
+            raise ValueError(f"slot_vectors {tuple(slot_vectors.shape)} do not match slots {tuple(pos.shape)}")
+        h = split.replace_slots(h, pos, slot_vectors)
+    rows, cols, targets = [], [], []
+    for i, e in enumerate(batch):
+        pad = t - len(e.input_ids)
+        for j in range(e.n_prompt, len(e.input_ids)):  # token j is predicted by the state at j - 1
+            rows.append(i)
+            cols.append(pad + j - 1)
+            targets.append(e.input_ids[j])
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
+    with ctx:
+        h = split.upper_forward(h, mask)  # [B, T, H]
+        logits = split.model.lm_head(h[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)])  # [N, V]
+    loss = nn.functional.cross_entropy(logits.float(), torch.tensor(targets, device=dev), reduction="sum")
+    return loss, len(targets)
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainable parameters: full upper layers or LoRA
+# --------------------------------------------------------------------------------------------------
+
+
+def _upper_modules(split: SplitLM) -> list[nn.Module]:
+    return [*split.upper_layers(), split.model.model.norm]
+
+
+def _inject_lora(split: SplitLM, cfg: GeneratorTrainConfig) -> list[nn.Parameter]:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_targets), layers_to_transform=list(range(split.cut, split.n_layers)),
+                      layers_pattern="layers", bias="none")
+    inject_adapter_in_model(lcfg, split.model)
+    params = []
+    for name, p in split.model.named_parameters():
+        if "lora_" in name:
+            layer = int(name.split("layers.")[1].split(".")[0])
+            if layer < split.cut:
+                raise RuntimeError(f"LoRA adapter landed in a frozen lower layer: {name}")
+            p.data = p.data.float()
+            p.requires_grad_(True)
+            params.append(p)
+        else:
+            p.requires_grad_(False)
+    if not params:
+        raise RuntimeError("no LoRA adapters were injected (check lora_targets)")
+    return params
+
+
+def _lora_layers(split: SplitLM) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, lora module) for every LoRA-wrapped linear in the upper layers."""
+    from peft.tuners.lora import LoraLayer
+
+    found = []
+    for parent in split.upper_layers().modules():
+        for name, child in parent.named_children():
+            if isinstance(child, LoraLayer):
+                found.append((parent, name, child))
+    return found
+
+
+def _plain_upper_state(split: SplitLM) -> dict[str, torch.Tensor]:
+    """Float32 CPU copy of the upper layers in the plain ``upper_state_dict`` layout (LoRA merged)."""
+    from peft.tuners.lora import LoraLayer
+
+    state = {}
+    for i in range(split.cut, split.n_layers):
+        layer = split.model.model.layers[i]
+        deltas = {f"{name}.weight": m.get_delta_weight("default").detach().float()
+                  for name, m in layer.named_modules() if isinstance(m, LoraLayer)}
+        for name, p in layer.named_parameters():
+            if "lora_" in name:
+                continue
+            key = name.replace(".base_layer.", ".")
+            w = p.detach().float()
+            if key in deltas:
+                w = w + deltas[key]
+            state[f"layers.{i}.{key}"] = w.cpu().clone()
+    for k, v in split.model.model.norm.state_dict().items():
+        state[f"norm.{k}"] = v.detach().float().cpu().clone()
+    if not split._head_tied():
+        state["lm_head.weight"] = split.model.lm_head.weight.detach().float().cpu().clone()
+    return state
+
+
+def _remove_lora(split: SplitLM) -> None:
+    for parent, name, module in _lora_layers(split):
+        setattr(parent, name, module.get_base_layer())
+
+
+def _load_plain_state(split: SplitLM, state: dict[str, torch.Tensor]) -> None:
+    mine = split.upper_state_dict()
+    if set(mine) != set(state):
+        raise RuntimeError(f"upper state keys differ: {sorted(set(mine) ^ set(state))[:5]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            mine[k].copy_(v.to(mine[k].dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# The training loop
+# --------------------------------------------------------------------------------------------------
+
+
+def _subset(samples: list[Sample], n: int | None, seed: int) -> list[Sample]:
+    if n is None or n >= len(samples):
+        return list(samples)
+    return random.Random(seed).sample(samples, n)
+
+
+def _slot_vectors(cfg: GeneratorTrainConfig, slot_fn: SlotFn | None, batch: Sequence[Example]):
+    if cfg.slot_fill == "placeholder":
+        return None
+    vec = slot_fn([e.sample for e in batch])
+    return vec.detach()
+
+
+@torch.no_grad()
+def evaluate_loss(split: SplitLM, examples: Sequence[Example], batch_size: int = 16, autocast: bool = False,
+                  slot_vectors_fn: Callable[[Sequence[Example]], torch.Tensor | None] | None = None,
+                  progress: bool = False) -> float:
+    """Mean cross-entropy per response token over ``examples``."""
+    total, n = 0.0, 0
+    for i in tqdm(range(0, len(examples), batch_size), desc="valid", disable=not progress, leave=False):
+        batch = examples[i:i + batch_size]
+        vec = slot_vectors_fn(batch) if slot_vectors_fn is not None else None
+        loss, k = response_loss(split, batch, vec, autocast)
+        total, n = total + float(loss), n + k
+    return total / max(n, 1)
+
+
+def train_generator(split: SplitLM, dataset, cfg: GeneratorTrainConfig | None = None,
+                    slot_fn: SlotFn | None = None) -> TrainReport:
+    """Tune the upper layers of ``split`` in place on ``dataset`` (a ``PreparedDataset``: ``catalogue``,
+    ``split(name)``, ``config`` with ``domain`` and ``k_short``). The best epoch's weights (by valid
+    loss) are left in the model, cast to its dtype; the base upper layers are kept for grounding
+    (``SplitLM.embed_final``). Returns a report; with ``cfg.out_dir`` also writes OUT/best (the tuned
+    upper layers, ``SplitLM.load_upper``) and OUT/train_log.json.
+    """
+    cfg = cfg or GeneratorTrainConfig()
+    cfg.validate()
+    if cfg.slot_fill == "memory" and slot_fn is None:
+        raise ValueError("slot_fill='memory' needs a slot_fn(samples) -> [B, S, H]")
+    autocast = cfg.autocast_bf16 if cfg.autocast_bf16 is not None else split.dtype == torch.bfloat16
+    if split.dtype == torch.bfloat16 and not autocast:
+        raise ValueError("a bfloat16 model is tuned with float32 master weights under bf16 autocast: "
+                         "autocast_bf16 cannot be False")
+
+    titles = dataset.catalogue.titles
+    k_short = int(dataset.config.get("k_short", 10))
+    builder = PromptBuilder.for_model(split, domain=dataset.config.get("domain", "movie"), n_slots=cfg.n_slots)
+    train = build_examples(builder, _subset(dataset.split("train"), cfg.n_train, cfg.seed), titles, k_short)
+    valid = build_examples(builder, _subset(dataset.split("valid"), cfg.n_valid, cfg.seed + 1), titles, k_short)
+    if not train:
+        raise ValueError("the train split is empty")
+    return train_on_examples(split, train, valid, cfg, slot_fn)
+
+
+def train_on_examples(split: SplitLM, train: list[Example], valid: list[Example],
+                      cfg: GeneratorTrainConfig, slot_fn: SlotFn | None = None) -> TrainReport:
+    """The loop of ``train_generator`` on ready-made examples (tests and custom data)."""
+    cfg.validate()
+    autocast = cfg.autocast_bf16 if cfg.autocast_bf16 is not None else split.dtype == torch.bfloat16
+    model_dtype = split.dtype
+    split.snapshot_base_upper()
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+
+    # -- trainable parameters (lower part stays frozen and untouched) --
+    for p in split.model.parameters():
+        p.requires_grad_(False)
+    if cfg.mode == "full":
+        params = []
+        for m in _upper_modules(split):
+            m.float()
+            for p in m.parameters():
+                p.requires_grad_(True)
+                params.append(p)
+    else:
+        params = _inject_lora(split, cfg)
+    n_trainable = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    accum = cfg.batch_size // cfg.micro_batch_size
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = min(cfg.warmup_steps, max(total_steps // 10, 1))
+
+    def lr_at(step: int) -> float:  # linear warm-up, then linear decay to 0 at total_steps
+        if step < warmup:
+            return cfg.lr * (step + 1) / warmup
+        return cfg.lr * max(0.0, (total_steps - step) / max(total_steps - warmup, 1))
+
+    vec_fn = (lambda b: _slot_vectors(cfg, slot_fn, b))
+    log: dict = {"config": asdict(cfg), "fingerprint": split.fingerprint(), "steps": [], "epochs": []}
+
+    def run_valid() -> float:
+        split.model.eval()
+        return evaluate_loss(split, valid, cfg.micro_batch_size * 2, autocast, vec_fn, cfg.progress) if valid else float("nan")
+
+    def checkpoint(state, name: str, extra: dict) -> None:
+        if out_dir is not None:
+            split.save_upper(out_dir / name, extra=extra, state=state)
+
+    t0 = time.time()
+    valid_losses = [run_valid()]
+    best_loss, best_epoch = valid_losses[0], 0
+    best_state = _plain_upper_state(split)
+    train_losses, bad_epochs, step, train_time, seen, tokens = [], 0, 0, 0.0, 0, 0
+    epochs_run = 0
+    for epoch in range(1, cfg.epochs + 1):
+        epochs_run = epoch
+        split.model.train()
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        ep_loss, ep_tok = 0.0, 0
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}", disable=not cfg.progress)
+        for start in bar:
+            ts = time.time()
+            batch = [train[i] for i in order[start:start + cfg.batch_size]]
+            n_tok_batch = sum(len(e.input_ids) - e.n_prompt for e in batch)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            opt.zero_grad(set_to_none=True)
+            batch_loss = 0.0
+            for m0 in range(0, len(batch), cfg.micro_batch_size):
+                micro = batch[m0:m0 + cfg.micro_batch_size]
+                loss, k = response_loss(split, micro, vec_fn(micro), autocast)
+                (loss / n_tok_batch).backward()
+                batch_loss += float(loss.detach())
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            train_time += time.time() - ts
+            seen += len(batch)
+            tokens += sum(len(e.input_ids) for e in batch)
+            ep_loss, ep_tok = ep_loss + batch_loss, ep_tok + n_tok_batch
+            log["steps"].append({"step": step, "epoch": epoch, "lr": lr_at(step), "loss": batch_loss / n_tok_batch})
+            bar.set_postfix(loss=f"{batch_loss / n_tok_batch:.3f}")
+            step += 1
+        train_losses.append(ep_loss / max(ep_tok, 1))
+        vl = run_valid()
+        valid_losses.append(vl)
+        improved = not (vl >= best_loss)  # NaN (no valid set): always take the latest
+        log["epochs"].append({"epoch": epoch, "train_loss": train_losses[-1], "valid_loss": vl, "improved": improved})
+        if improved:
+            best_loss, best_epoch, bad_epochs = vl, epoch, 0
+            best_state = _plain_upper_state(split)
+            checkpoint(best_state, "best", {"epoch": epoch, "valid_loss": vl, "train": asdict(cfg)})
+        else:
+            bad_epochs += 1
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "train_log.json").write_text(json.dumps(log, indent=1))
+        if bad_epochs >= cfg.patience:
+            break
+
+    # -- leave the best weights in the model, plain layout, model dtype --
+    if cfg.mode == "lora":
+        _remove_lora(split)
+    for m in _upper_modules(split):
+        m.to(model_dtype)
+    _load_plain_state(split, best_state)
+    for p in split.model.parameters():
+        p.requires_grad_(False)
+    split.model.eval()
+    if best_epoch == 0:
+        checkpoint(best_state, "best", {"epoch": 0, "valid_loss": best_loss, "train": asdict(cfg)})
+
+    report = TrainReport(
+        n_train=len(train), n_valid=len(valid), epochs_run=epochs_run, best_epoch=best_epoch,
+        best_valid_loss=best_loss, valid_losses=valid_losses, train_losses=train_losses,
+        seconds=time.time() - t0, sec_per_sample=train_time / max(seen, 1),
+        tokens_per_sample=tokens / max(seen, 1), trainable_params=n_trainable, config=asdict(cfg),
+    )
+    if out_dir is not None:
+        log["report"] = report.to_json()
+        (out_dir / "train_log.json").write_text(json.dumps(log, indent=1))
+    return report
