@@ -15,6 +15,13 @@ Hand-written loops over the layers (``encode_lower``, ``target_logprob``, ``embe
 training forward) use ``model.model.rotary_emb`` and ``transformers.masking_utils.create_causal_mask``
 exactly as ``LlamaModel.forward`` does in transformers 5.23 (pinned); the tests compare them with the
 full forward. Positions of left-padded rows follow ``generate``: ``cumsum(attention_mask) - 1``.
+
+Tuned weights: a GGUF-loaded model cannot ``save_pretrained``; the tuned part (layers L+1..N + final
+norm, + the LM head only when it is not tied to the embeddings) is saved by ``save_upper`` as
+safetensors + JSON and applied on top of the base model by ``load_upper``.
+
+Threads: on a small, shared CPU machine, fewer intra-op threads can be much faster (OpenMP threads
+wait for each other when another process holds a core); the caller decides (``torch.set_num_threads``).
 """
 from __future__ import annotations
 
@@ -469,19 +476,22 @@ class SplitLM:
         e_total = 1 if slot_vectors is None else slot_vectors.shape[0]
         rel_slots = torch.tensor([q - p0 for q in slots], dtype=torch.long, device=dev)
         out = []
+        end = n_total - 1  # the last target token predicts nothing: positions [p0, T-1) suffice
         for start in range(0, e_total, chunk_size):
             c = min(chunk_size, e_total - start)
-            hs = h_low[:, p0:].expand(c, -1, -1)  # [c, T - p0, H]
+            hs = h_low[:, p0:end].expand(c, -1, -1)  # [c, T-1-p0, H]
             if slot_vectors is not None:
                 vec = slot_vectors[start:start + c]
                 hs = self.replace_slots(hs, rel_slots[None].expand(c, -1), vec)
             cache = self._repeat_cache(prefix, c) if p0 > 0 else DynamicCache(config=self.model.config)
-            spos = pos[:, p0:].expand(c, -1)
-            mask = self._mask(hs, torch.ones(c, n_total, dtype=torch.long, device=dev), spos, cache)
+            spos = pos[:, p0:end].expand(c, -1)
+            mask = self._mask(hs, torch.ones(c, end, dtype=torch.long, device=dev), spos, cache)
             hs = self._run_layers(self.upper_layers(), hs, mask, spos, cache)
             hs = self.model.model.norm(hs[:, first:first + len(target_ids)])  # [c, Y, H]
-            logp = torch.log_softmax(self.model.lm_head(hs).float(), dim=-1)  # [c, Y, V]
-            out.append(logp.gather(-1, tgt[None, :, None].expand(c, -1, 1))[..., 0].sum(-1).cpu())
+            logits = self.model.lm_head(hs)  # [c, Y, V], in the model's dtype like the served forward
+            picked = logits.gather(-1, tgt[None, :, None].expand(c, -1, 1))[..., 0].float()  # [c, Y]
+            lse = torch.logsumexp(logits.float(), dim=-1)  # [c, Y]
+            out.append((picked - lse).sum(-1).cpu())
         return torch.cat(out)
 
     def _repeat_cache(self, prefix: DynamicCache, c: int) -> DynamicCache:

@@ -183,6 +183,76 @@ class MemoryCache:
         self._pending_keys, self._pending_vecs = [], []
 
 
+# ---- layers 1..L with a shared prefix ------------------------------------------------------------
+def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    first, n = seqs[0], min(len(s) for s in seqs)
+    p = 0
+    while p < n and all(s[p] == first[p] for s in seqs):
+        p += 1
+    return p
+
+
+@torch.no_grad()
+def lower_last_states(split_lm, seqs: Sequence[Sequence[int]], batch_size: int = 16) -> torch.Tensor:
+    """[n, H] float32 layer-L state of each sequence's last token, like ``SplitLM.encode_lower``, but
+    the common prefix of all sequences runs through layers 1..L once (batch 1) and its KV cache is
+    shared. The suffixes are right-padded: under the causal mask a real token never sees the padding
+    after it, so no padding mask is needed and positions simply continue from the prefix.
+
+    Uses the transformers 5.23 pieces that ``model/llm.py`` uses (``rotary_emb``,
+    ``create_causal_mask``, ``DynamicCache``); tests compare it with the full forward.
+    """
+    from transformers import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+
+    if len(seqs) == 0:
+        return torch.zeros(0, split_lm.hidden_size)
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("a sequence to encode has no tokens")
+    model, L = split_lm.model, split_lm.cut
+    base, cfg, dev = model.model, model.config, split_lm.device
+    layers = base.layers[:L]
+    p = min(_common_prefix_len(seqs), min(len(s) for s in seqs) - 1)  # every suffix keeps >= 1 token
+
+    def run(h, pos, cache, n_seen):
+        mask = create_causal_mask(config=cfg, inputs_embeds=h,
+                                  attention_mask=torch.ones(h.shape[0], n_seen + h.shape[1], dtype=torch.long, device=dev),
+                                  past_key_values=cache, position_ids=pos)
+        pe = base.rotary_emb(h, position_ids=pos)
+        for layer in layers:
+            h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=cache is not None,
+                      position_embeddings=pe)
+        return h
+
+    prefix = None
+    if p > 0:
+        prefix = DynamicCache(config=cfg)
+        ids = torch.tensor([list(seqs[0][:p])], dtype=torch.long, device=dev)
+        run(base.embed_tokens(ids), torch.arange(p, device=dev)[None], prefix, 0)
+
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = torch.empty(len(seqs), split_lm.hidden_size, dtype=torch.float32)
+    for b0 in range(0, len(order), batch_size):
+        idx = order[b0 : b0 + batch_size]
+        suf = [list(seqs[i][p:]) for i in idx]
+        T = max(len(x) for x in suf)
+        ids = torch.full((len(idx), T), split_lm.pad_id, dtype=torch.long)
+        for r, x in enumerate(suf):
+            ids[r, : len(x)] = torch.tensor(x, dtype=torch.long)
+        ids = ids.to(dev)
+        cache = None
+        if prefix is not None:
+            cache = DynamicCache(config=cfg)
+            for li in range(L):
+                k, v = prefix.layers[li].keys, prefix.layers[li].values  # [1, kv, p, d]
+                cache.layers[li].update(k.expand(len(idx), -1, -1, -1), v.expand(len(idx), -1, -1, -1))
+        pos = (p + torch.arange(T, device=dev))[None].expand(len(idx), -1)
+        h = run(base.embed_tokens(ids), pos, cache, p)  # [b, T, H]
+        last = torch.tensor([len(x) - 1 for x in suf], device=dev)
+        out[idx] = h[torch.arange(len(idx), device=dev), last].float().cpu()
+    return out
+
+
 # ---- encoder ------------------------------------------------------------------------------------
 class MemoryEncoder:
     """Builds and encodes memory elements and queries with the generator's lower layers.
@@ -205,6 +275,7 @@ class MemoryEncoder:
         batch_size: int = 16,
         flush_every: int = 4096,
         progress: bool = False,
+        share_prefix: bool = True,
     ):
         if element not in ELEMENT_KINDS:
             raise ValueError(f"unknown memory element kind {element!r}; use one of {ELEMENT_KINDS}")
@@ -213,6 +284,7 @@ class MemoryEncoder:
         self.lm, self.builder, self.titles = split_lm, prompt_builder, list(titles)
         self.element, self.k_short = element, k_short
         self.batch_size, self.flush_every, self.progress = batch_size, flush_every, progress
+        self.share_prefix = share_prefix
         # Without a disk cache, encoded elements are still memoized in memory (each encoded once).
         self.cache = cache if cache is not None else MemoryCache(None, self.cache_fingerprint(element), element)
         if query_cache is None:
@@ -256,10 +328,18 @@ class MemoryEncoder:
         return list(self.lm.tokenizer(clean_title(title)).input_ids)
 
     def encode_windows(self, windows: Sequence[Sequence[int]]) -> torch.Tensor:
-        """[n, H] layer-L last-token states of the prompts of the given windows (item index tuples)."""
+        """[n, H] layer-L last-token states of the prompts of the given windows (item index tuples).
+
+        Every window prompt starts with the same template head (~72 of ~212 tokens for SmolLM2 and
+        ML-100K titles): with ``share_prefix`` it runs through layers 1..L once and its KV cache is
+        shared by all windows (``lower_last_states``); otherwise ``SplitLM.encode_lower``.
+        """
         if not windows:
             return torch.zeros(0, self.lm.hidden_size)
-        return self.lm.encode_lower([self._window_ids(w) for w in windows], batch_size=self.batch_size)
+        seqs = [self._window_ids(w) for w in windows]
+        if self.share_prefix:
+            return lower_last_states(self.lm, seqs, batch_size=self.batch_size)
+        return self.lm.encode_lower(seqs, batch_size=self.batch_size)
 
     def encode_items(self, items: Sequence[int]) -> torch.Tensor:
         """[n, H] layer-L last-token states of the bare titles of the given items."""

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from service.settings import Settings
 
+LLM_METHODS = ("bigrec", "full-history", "automr", "random", "semantic")
+
 
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
@@ -50,7 +52,11 @@ def cmd_evaluate(args, settings: Settings) -> int:
     from model.eval.evaluator import run_evaluation
 
     options = _parse_options(args.option)
-    options.setdefault("settings", settings)
+    if args.method in LLM_METHODS:  # the generator's settings (AUTOMR_CUT_LAYER, ...) as defaults
+        options.setdefault("cut", settings.cut_layer)
+        options.setdefault("dtype", settings.dtype)
+        if settings.model_path:
+            options.setdefault("model", str(settings.model_path))
     run_evaluation(args.data, args.method, limit=args.limit, seed=args.seed, out=args.out,
                    artefacts_dir=args.artefacts, options=options, split=args.split)
     return 0
@@ -74,6 +80,24 @@ def cmd_report(args, settings: Settings) -> int:
 
     results = [json.loads(Path(p).read_text()) for p in args.results]
     print(results_table(results))
+    return 0
+
+
+def cmd_serve(args, settings: Settings) -> int:
+    """The online service (docs/SERVICE.md): every setting from AUTOMR_* env vars; --host/--port win."""
+    import uvicorn
+
+    from service.app import create_app
+
+    updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if updates:
+        settings = settings.model_copy(update=updates)
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
     return 0
 
 
@@ -123,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="markdown table of several result JSON files")
     rep.add_argument("results", nargs="+")
     rep.set_defaults(func=cmd_report)
+
+    srv = sub.add_parser("serve", help="the HTTP service (uvicorn); settings from AUTOMR_* env vars")
+    srv.add_argument("--host", default=None, help="default AUTOMR_HOST (127.0.0.1)")
+    srv.add_argument("--port", type=int, default=None, help="default AUTOMR_PORT (8000)")
+    srv.set_defaults(func=cmd_serve)
     return p
 
 

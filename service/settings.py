@@ -41,6 +41,31 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
 
+    # ---- the online service (`automr serve`; docs/SERVICE.md) ----
+    # pieces: default ARTEFACTS/generator and ARTEFACTS/retriever
+    generator_dir: Path | None = None
+    retriever_dir: Path | None = None
+    # what fills the memory slot; None = "learned" when a retriever artefact exists, else "none"
+    slot_policy: Literal["learned", "none", "random", "semantic"] | None = None
+    memory_element: Literal["window", "item"] = "window"  # must match what the retriever was trained on
+    max_new_tokens: int = Field(default=32, ge=1, le=256)
+    num_beams: int = Field(default=1, ge=1, le=16)
+    llm_batch_size: int = Field(default=16, ge=1)
+    torch_threads: int | None = Field(default=None, ge=1)  # intra-op threads of the model (None: torch's default)
+    # POST /interactions: events per request (more: 413)
+    max_batch_events: int = Field(default=1000, ge=1)
+    # memory vectors of new events: encoded by a background worker right after the append
+    encode_on_write: bool = True
+    encoder_queue_size: int = Field(default=1024, ge=1)  # users waiting; when full, recommend encodes lazily
+    encoder_batch_users: int = Field(default=16, ge=1)  # users encoded in one model call
+    # start-up seeding of the store from DATA/interactions.csv (once per dataset: a marker key)
+    seed_store: bool = True
+    # redis
+    redis_namespace: str = "automr"
+    redis_appendfsync: Literal["always", "everysec", "no"] = "always"  # embedded server only
+    redis_timeout_s: float = Field(default=5.0, gt=0)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
     def resolved_data_dir(self) -> Path:
         return self.data_dir or self.home / "data" / self.dataset
 

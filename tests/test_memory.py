@@ -24,18 +24,16 @@ def _layer_state(split: SplitLM, ids: list[int]) -> torch.Tensor:
     return out.hidden_states[split.cut][0, -1].float()
 
 
-class CountingLM:
-    """The real SplitLM, counting the sequences its lower part encodes."""
+class CountingEncoder(MemoryEncoder):
+    """The real encoder, recording every key that it runs through the model."""
 
-    def __init__(self, split: SplitLM):
-        self.split, self.encoded = split, []
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.encoded = []
 
-    def __getattr__(self, name):
-        return getattr(self.split, name)
-
-    def encode_lower(self, batch, batch_size=16):
-        self.encoded += [tuple(b) for b in batch]
-        return self.split.encode_lower(batch, batch_size)
+    def _encode_raw(self, keys, kind):
+        self.encoded += list(keys)
+        return super()._encode_raw(keys, kind)
 
 
 def test_window_and_item_keys(tiny_split, tiny_tokenizer, tiny_titles):
@@ -67,6 +65,16 @@ def test_window_elements_and_query_are_layer_L_last_token_states(tiny_split, tin
     assert torch.allclose(m_later[j], z, atol=1e-6)
 
 
+def test_shared_prefix_encoding_equals_encode_lower(tiny_split, tiny_tokenizer, tiny_titles):
+    builder = PromptBuilder(tiny_tokenizer)
+    windows = [(3,), (3, 1, 4, 15), (17, 0), (5, 6, 7, 8), (2, 2, 2, 2), (9, 10, 11)]
+    shared = MemoryEncoder(tiny_split, builder, tiny_titles, "window", K, batch_size=4).encode_windows(windows)
+    plain = MemoryEncoder(tiny_split, builder, tiny_titles, "window", K, share_prefix=False).encode_windows(windows)
+    assert shared.shape == (6, 64)
+    assert torch.allclose(shared, plain, atol=1e-4)
+    assert not torch.allclose(shared[0], shared[1], atol=1e-2)  # rows are not mixed up
+
+
 def test_item_elements_are_bare_title_states(tiny_split, tiny_tokenizer, tiny_titles):
     enc = MemoryEncoder(tiny_split, PromptBuilder(tiny_tokenizer), tiny_titles, "item", k_short=K)
     vec = enc.encode([(5,), (0,)])
@@ -78,10 +86,9 @@ def test_item_elements_are_bare_title_states(tiny_split, tiny_tokenizer, tiny_ti
 
 def test_identical_windows_encoded_once_and_cache_reloads(tiny_split, tiny_tokenizer, tiny_titles, tmp_path):
     builder = PromptBuilder(tiny_tokenizer)
-    lm = CountingLM(tiny_split)
     fp = MemoryEncoder(tiny_split, builder, tiny_titles, "window", K).cache_fingerprint()
     cache = MemoryCache(tmp_path, fp, "window")
-    enc = MemoryEncoder(lm, builder, tiny_titles, "window", K, cache=cache)
+    enc = lm = CountingEncoder(tiny_split, builder, tiny_titles, "window", K, cache=cache)
     h = [3, 1, 4, 15, 9, 2, 6, 5, 8, 10]
     samples = [_sample(h[:n]) for n in (7, 8, 9, 10)]  # one user's successive samples share windows
     enc.prefetch(samples)
@@ -96,8 +103,7 @@ def test_identical_windows_encoded_once_and_cache_reloads(tiny_split, tiny_token
     assert len(lm.encoded) == n
 
     # a new process: the cache on disk serves every element, nothing is re-encoded
-    lm2 = CountingLM(tiny_split)
-    enc2 = MemoryEncoder(lm2, builder, tiny_titles, "window", K, cache=MemoryCache(tmp_path, fp, "window"))
+    enc2 = lm2 = CountingEncoder(tiny_split, builder, tiny_titles, "window", K, cache=MemoryCache(tmp_path, fp, "window"))
     for k, v in before.items():
         assert torch.equal(enc2.encode([k])[0], v)
     assert lm2.encoded == []
@@ -114,8 +120,8 @@ def test_cache_invalidated_when_L_or_model_changes(tiny_lm, tiny_tokenizer, tiny
 
     def fresh(split):
         fp = MemoryEncoder(split, builder, tiny_titles, "window", K).cache_fingerprint()
-        lm = CountingLM(split)
-        return lm, MemoryEncoder(lm, builder, tiny_titles, "window", K, cache=MemoryCache(tmp_path, fp, "window"))
+        enc = CountingEncoder(split, builder, tiny_titles, "window", K, cache=MemoryCache(tmp_path, fp, "window"))
+        return enc, enc
 
     # same model, same L: served from disk
     lm_same, enc_same = fresh(SplitLM.from_model(tiny_lm, tiny_tokenizer, cut=2))

@@ -1,0 +1,131 @@
+"""The wiring of the LLM recommender: which pieces, from where, put together how.
+
+The evaluator's LLM methods (``model/eval/llm_methods.py``) and the online service (``service/``) need
+the same pieces: the generator (base model + tuned upper layers), its prompt builder, the catalogue's
+grounding index and, for AutoMR, the retriever. ``load_pipeline`` loads them from an artefact folder
+(layout in ``model/artefacts.py``); ``Pipeline.recommender`` builds a ``Recommender`` for one slot
+policy over the shared pieces (several recommenders can share one model); ``Pipeline.memory_encoder``
+builds the matching ``MemoryEncoder``.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from model.artefacts import load_lm, load_or_build_index
+from model.grounding import CatalogueIndex, titles_hash
+from model.llm import SplitLM
+from model.memory import ELEMENT_KINDS, MemoryCache, MemoryEncoder
+from model.prompts import PromptBuilder
+from model.recommend import Recommender, RecommenderConfig
+from model.retriever import CONFIG_NAME as RETRIEVER_CONFIG
+from model.retriever import WEIGHTS_NAME as RETRIEVER_WEIGHTS
+from model.retriever import Retriever
+
+
+@dataclass
+class Pipeline:
+    """The loaded pieces every LLM method shares (one model in memory)."""
+
+    lm: SplitLM
+    builder: PromptBuilder
+    titles: list[str]
+    index: CatalogueIndex
+    retriever: Retriever | None  # None: no trained retriever (the 'learned' policy is unavailable)
+    k_short: int  # K: titles in the short-term prompt, and the window length of a memory element
+    element: str = "window"  # memory element kind: window | item
+    generator_dir: Path | None = None  # where the tuned upper layers came from (None: base model)
+    retriever_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.element not in ELEMENT_KINDS:
+            raise ValueError(f"unknown memory element kind {self.element!r}; use one of {ELEMENT_KINDS}")
+        if self.k_short < 1:
+            raise ValueError(f"k_short must be >= 1, got {self.k_short}")
+        if self.index.n_items != len(self.titles):
+            raise ValueError(f"the index holds {self.index.n_items} items, the catalogue {len(self.titles)}")
+
+    @property
+    def n_slots(self) -> int:
+        return self.builder.n_slots
+
+    def recommender(self, policy: str = "none", full_history: bool = False, **config) -> Recommender:
+        """A ``Recommender`` over the shared pieces. ``config``: other ``RecommenderConfig`` fields
+        (max_new_tokens, num_beams, batch_size, topk)."""
+        cfg = RecommenderConfig(policy=policy, full_history=full_history, n_slots=self.n_slots, **config)
+        return Recommender(self.lm, self.builder, self.titles, self.index,
+                           self.retriever if policy == "learned" else None, cfg)
+
+    def memory_encoder(self, cache: MemoryCache | None = None, query_cache: MemoryCache | None = None,
+                       progress: bool = False, batch_size: int = 16) -> MemoryEncoder:
+        return MemoryEncoder(self.lm, self.builder, self.titles, element=self.element, k_short=self.k_short,
+                             cache=cache, query_cache=query_cache, progress=progress, batch_size=batch_size)
+
+    def memory_fingerprint(self) -> str:
+        """What a stored memory vector must be keyed by when its key is an *event* (not the tuple of
+        its items, as in ``MemoryCache``): the encoder's fingerprint (lower layers, L, dtype, tokenizer,
+        prompt template, element kind) + K (the window length) + the catalogue's titles (a window's
+        prompt is made of them)."""
+        enc = MemoryEncoder(self.lm, self.builder, self.titles, element=self.element, k_short=self.k_short)
+        return f"{enc.cache_fingerprint()}|K={self.k_short}|titles:{titles_hash(self.titles)}"
+
+    def version(self) -> str:
+        """A short identifier of the model that answers: lower part, tuned upper layers, retriever."""
+        gen = _file_digest(self.generator_dir / "upper.safetensors") if self.generator_dir else None
+        ret = _file_digest(self.retriever_dir / RETRIEVER_WEIGHTS) if self.retriever_dir else None
+        return (f"L{self.lm.cut}-lm:{self.lm.fingerprint()[:10]}-gen:{gen or 'base'}"
+                f"-ret:{ret or 'none'}-{self.element}")
+
+
+def _file_digest(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    h = hashlib.blake2b(digest_size=5)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def has_retriever(directory: str | Path) -> bool:
+    d = Path(directory)
+    return (d / RETRIEVER_CONFIG).is_file() and (d / RETRIEVER_WEIGHTS).is_file()
+
+
+def load_pipeline(
+    titles: Sequence[str],
+    artefacts: str | Path,
+    *,
+    domain: str = "movie",
+    k_short: int = 10,
+    model: str | Path | None = None,
+    cut: int = 20,
+    dtype: str = "bfloat16",
+    generator_dir: str | Path | None = None,
+    retriever_dir: str | Path | None = None,
+    need_retriever: bool | None = None,
+    element: str = "window",
+    n_slots: int = 1,
+    progress: bool = True,
+) -> Pipeline:
+    """Load the pieces from ``artefacts`` (``generator/``, ``index/``, ``retriever/``; see
+    ``model/artefacts.py``). ``need_retriever``: True = fail without one, False = do not load it,
+    None = load it when present."""
+    root = Path(artefacts)
+    gen_dir = Path(generator_dir) if generator_dir is not None else root / "generator"
+    ret_dir = Path(retriever_dir) if retriever_dir is not None else root / "retriever"
+    lm = load_lm(model, cut=cut, dtype=dtype, generator_dir=gen_dir)
+    builder = PromptBuilder.for_model(lm, domain=domain, n_slots=n_slots)
+    titles = list(titles)
+    index = load_or_build_index(lm, titles, root / "index", progress=progress)
+    retriever = None
+    if need_retriever or (need_retriever is None and has_retriever(ret_dir)):
+        retriever = Retriever.load(ret_dir)  # FileNotFoundError names what is missing
+        if retriever.config.hidden_size != lm.hidden_size:
+            raise ValueError(f"{ret_dir}: retriever for hidden size {retriever.config.hidden_size}, "
+                             f"the model has {lm.hidden_size}")
+    return Pipeline(lm=lm, builder=builder, titles=titles, index=index, retriever=retriever, k_short=k_short,
+                    element=element, generator_dir=gen_dir if (gen_dir / "upper.safetensors").is_file() else None,
+                    retriever_dir=ret_dir if retriever is not None else None)

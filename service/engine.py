@@ -1,0 +1,358 @@
+"""The service's logic between the HTTP layer and the pieces: users' memory in Redis, the model runner
+and the one recommend function.
+
+A user's stored window (``MemoryStore``: the newest 100 events, oldest first) is read as
+
+    events  e_0 .. e_{n-1}                 (events whose item the catalogue knows; others are skipped)
+    short-term context  = items of the last K events            (or the request's ``recent_items``)
+    memory              = the elements of e_0 .. e_{n-K-1}       (up to 90)
+
+The element of event ``m`` (METHOD.md §3, ``model/memory.py``) is the layer-L last-token state of the
+generation prompt of the K items ending at ``m`` (fewer for the first ones), stored under ``m``'s
+event id with the encoder's fingerprint. The element of the newest event is the current query
+``z_t`` (the same prompt), so it is stored too and reused as the query. Vectors are float16 in the
+store; freshly encoded ones are rounded to float16 before use so that a recommendation does not
+depend on whether a vector was just encoded or read back.
+
+Missing or stale vectors (another fingerprint: model or L changed) are encoded in the request that
+needs them and stored; the background worker (``EncoderWorker``) encodes those of new events right
+after their append. Before storing, the user's window is read again and only vectors whose window
+is unchanged are written (an out-of-order event may have changed it meanwhile).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from memory_store import Event, MemoryStore, StoreUnavailable, UserState
+from model.recommend import RecommendRequest
+from service.components import Components
+from service.errors import ApiError
+from service.runner import ModelRunner
+from service.schemas import (
+    EventIn,
+    HistoryEventOut,
+    HistoryOut,
+    InteractionsOut,
+    ItemOut,
+    MemoryOut,
+    RecommendIn,
+    RecommendOut,
+)
+
+log = logging.getLogger(__name__)
+
+MEMORY_POLICIES = ("learned", "random", "semantic")
+
+
+def fp16(x: np.ndarray) -> np.ndarray:
+    """Round to float16 and back: what the store keeps."""
+    return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
+
+
+@dataclass
+class UserView:
+    """A consistent snapshot of one user's stored window, restricted to catalogue items."""
+
+    events: list[Event]
+    items: list[int]  # dense item index of each event
+    vectors: dict[str, np.ndarray]  # event id -> [H] float32 (fresh under our fingerprint only)
+    skipped: int  # stored events whose item is not in the catalogue
+
+    def window(self, p: int, k: int) -> tuple[int, ...]:
+        """Item indices of the element of event ``p``: the K items ending at ``p``."""
+        return tuple(self.items[max(0, p - k + 1): p + 1])
+
+    def window_ids(self, p: int, k: int) -> tuple[str, ...]:
+        return tuple(e.event_id for e in self.events[max(0, p - k + 1): p + 1])
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    mode: str  # automr | bigrec | full-history
+    policy: str  # the slot policy used
+    recommender: str  # key into the runner's recommenders
+
+
+class Engine:
+    def __init__(self, components: Components, store: MemoryStore, runner: ModelRunner,
+                 slot_policy: str | None = None, max_batch_events: int = 1000):
+        self.c = components
+        self.store = store
+        self.runner = runner
+        self.max_batch_events = max_batch_events
+        p = components.pipeline
+        self.k = p.k_short
+        self.element = p.element
+        self.fingerprint = p.memory_fingerprint()
+        self.slot_policy = slot_policy or ("learned" if p.retriever is not None else "none")
+        if self.slot_policy == "learned" and p.retriever is None:
+            raise ValueError("AUTOMR_SLOT_POLICY=learned needs a trained retriever (ARTEFACTS/retriever)")
+        if self.slot_policy not in ("none", *MEMORY_POLICIES):
+            raise ValueError(f"unknown slot policy {self.slot_policy!r}")
+        self.encoder_worker = None  # set by the app state when background encoding is on
+
+    # ---- helpers ---------------------------------------------------------------------------------
+
+    @property
+    def uses_memory(self) -> bool:
+        """Can any request use memory vectors (so that encoding them ahead is worth it)?"""
+        return self.slot_policy != "none" or self.c.pipeline.retriever is not None
+
+    def choose(self, mode: str | None) -> ModeChoice:
+        """``mode`` of a request -> the slot policy and recommender that serve it."""
+        if mode is None:
+            return ModeChoice("bigrec" if self.slot_policy == "none" else "automr", self.slot_policy, self.slot_policy)
+        if mode == "bigrec":
+            return ModeChoice("bigrec", "none", "none")
+        if mode == "full-history":
+            return ModeChoice("full-history", "none", "full-history")
+        # automr: memory in the slot, chosen by the server's policy (learned unless an ablation is configured)
+        if self.slot_policy in MEMORY_POLICIES:
+            return ModeChoice("automr", self.slot_policy, self.slot_policy)
+        if self.c.pipeline.retriever is not None:
+            return ModeChoice("automr", "learned", "learned")
+        raise ApiError(422, "mode_unavailable",
+                       "mode 'automr' needs a trained retriever or AUTOMR_SLOT_POLICY=random|semantic; "
+                       "this server runs with slot policy 'none'")
+
+    def item_indices(self, item_ids: Sequence[str], where: str) -> list[int]:
+        """Dense indices of catalogue item ids; 422 ``unknown_item`` naming every unknown one."""
+        cat = self.c.catalogue
+        idx = [cat.get_index(i) for i in item_ids]
+        unknown = [f"{where}[{j}] {item_ids[j]!r}" for j, x in enumerate(idx) if x is None]
+        if unknown:
+            more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+            raise ApiError(422, "unknown_item", f"not in the catalogue: {', '.join(unknown[:5])}{more}")
+        return idx  # type: ignore[return-value]
+
+    def view(self, state: UserState) -> UserView:
+        cat = self.c.catalogue
+        events, items = [], []
+        for e in state.events:
+            i = cat.get_index(e.item_id)
+            if i is not None:
+                events.append(e)
+                items.append(i)
+        return UserView(events, items, state.vectors, len(state.events) - len(events))
+
+    async def _state(self, user_id: str) -> UserView:
+        state = await asyncio.to_thread(self.store.get_user_state, user_id, self.fingerprint)
+        return self.view(state)
+
+    async def _encode(self, view: UserView, positions: Sequence[int]) -> dict[str, np.ndarray]:
+        """Encode the elements of events at ``positions``: event id -> float16-rounded [H] vector."""
+        vecs = await self.runner.encode([view.window(p, self.k) for p in positions])
+        vecs = fp16(vecs)
+        return {view.events[p].event_id: vecs[j] for j, p in enumerate(positions)}
+
+    async def _store_vectors(self, user_id: str, view: UserView, vectors: dict[str, np.ndarray]) -> int:
+        """Store vectors computed from ``view`` whose window is still the same in the store now."""
+        if not vectors:
+            return 0
+        now = await self._state(user_id)
+        pos_then = {e.event_id: p for p, e in enumerate(view.events)}
+        pos_now = {e.event_id: p for p, e in enumerate(now.events)}
+        k = self.k if self.element == "window" else 1
+        keep = {}
+        for eid, v in vectors.items():
+            p1, p2 = pos_then[eid], pos_now.get(eid)
+            if p2 is not None and eid not in now.vectors and view.window_ids(p1, k) == now.window_ids(p2, k):
+                keep[eid] = v
+        if not keep:
+            return 0
+        res = await asyncio.to_thread(self.store.put_vectors, user_id, self.fingerprint, keep)
+        return res.stored
+
+    # ---- POST /recommend -------------------------------------------------------------------------
+
+    async def recommend(self, req: RecommendIn) -> RecommendOut:
+        t0 = time.perf_counter()
+        k = self.k
+        choice = self.choose(req.mode)
+        recent = self.item_indices(req.recent_items, "recent_items") if req.recent_items else None
+        view = await self._state(req.user_id)
+        n = len(view.items)
+        if n == 0 and recent is None:
+            return self._popularity(req, t0)
+
+        n_mem = max(n - k, 0)  # memory: every event older than the last K
+        short = recent[-k:] if recent is not None else view.items[-k:]
+        if choice.recommender == "full-history":  # every title: the memory's, then the short-term ones
+            context = view.items[:n_mem] + (recent if recent is not None else view.items[n_mem:])
+        else:
+            context = short
+        exclude = (set(view.items) | set(recent or [])) if req.exclude_seen else set()
+
+        memory = query = None
+        put = None
+        if choice.policy in MEMORY_POLICIES and n_mem > 0:
+            # the memory elements, and the newest event's element as z_t when the context is the stored one
+            stored_query = recent is None and self.element == "window"
+            need = list(range(n_mem)) + ([n - 1] if stored_query else [])
+            missing = [p for p in need if view.events[p].event_id not in view.vectors]
+            vectors = dict(view.vectors)
+            if missing:
+                fresh = await self._encode(view, missing)
+                vectors.update(fresh)
+                put = asyncio.create_task(self._store_vectors(req.user_id, view, fresh))
+            memory = torch.from_numpy(np.stack([vectors[e.event_id] for e in view.events[:n_mem]]))  # [M, H]
+            if stored_query:
+                query = torch.from_numpy(vectors[view.events[n - 1].event_id])  # [H]
+        seed = zlib.crc32(f"{req.user_id}:{n}:{view.events[-1].event_id if n else ''}".encode())
+        request = RecommendRequest(context=context, memory=memory, exclude=exclude, query=query, seed=seed)
+        try:
+            rec = (await self.runner.recommend(choice.recommender, [request], topk=req.k))[0]
+        finally:
+            if put is not None:
+                try:
+                    await put
+                except StoreUnavailable as e:  # the answer stands; the vectors are encoded again next time
+                    log.warning("could not store memory vectors of user %r: %s", req.user_id, e)
+
+        mem_out = None
+        if n_mem > 0:
+            mem_out = MemoryOut(used=False, elements=n_mem)
+            if rec.memory_indices:
+                i = rec.memory_indices[0]
+                score = rec.memory_scores[0] if rec.memory_scores else float("nan")
+                mem_out = MemoryOut(used=True, item_id=view.events[i].item_id, timestamp=view.events[i].timestamp,
+                                    score=None if math.isnan(score) else float(score), elements=n_mem)
+        cat = self.c.catalogue
+        items = [ItemOut(item_id=cat.item_ids[i], title=cat.titles[i], score=-math.sqrt(max(d, 0.0)))
+                 for i, d in zip(rec.items, rec.distances)]
+        return RecommendOut(
+            user_id=req.user_id, items=items, memory=mem_out, fallback=None, mode=choice.mode,
+            slot_policy=choice.policy, generated=rec.generated, model_version=self.c.model_version,
+            latency_ms=round((time.perf_counter() - t0) * 1e3, 2),
+        )
+
+    def _popularity(self, req: RecommendIn, t0: float) -> RecommendOut:
+        cat = self.c.catalogue
+        items = [ItemOut(item_id=cat.item_ids[i], title=cat.titles[i], score=float(self.c.popularity[i]))
+                 for i in self.c.most_popular(req.k)]
+        return RecommendOut(
+            user_id=req.user_id, items=items, memory=None, fallback="popularity", mode=None, slot_policy=None,
+            generated=None, model_version=self.c.model_version,
+            latency_ms=round((time.perf_counter() - t0) * 1e3, 2),
+        )
+
+    # ---- POST /interactions ----------------------------------------------------------------------
+
+    async def append(self, events: Sequence[EventIn]) -> InteractionsOut:
+        if len(events) > self.max_batch_events:
+            raise ApiError(413, "batch_too_large",
+                           f"{len(events)} events in one request; the limit is {self.max_batch_events} "
+                           "(AUTOMR_MAX_BATCH_EVENTS): split the batch")
+        self.item_indices([e.item_id for e in events], "events.item_id")  # the whole batch or nothing
+        groups: dict[str, list[Event]] = {}
+        for e in events:
+            groups.setdefault(e.user_id, []).append(Event(item_id=e.item_id, timestamp=e.timestamp, event_id=e.event_id))
+        results = await asyncio.to_thread(self.store.append_many, groups)
+        if self.encoder_worker is not None:
+            self.encoder_worker.submit([u for u, r in results.items() if r.added or r.invalidated])
+        return InteractionsOut(
+            added=sum(r.added for r in results.values()),
+            duplicates=sum(r.duplicates for r in results.values()),
+            too_old=sum(r.too_old for r in results.values()),
+            users=len(results),
+        )
+
+    async def encode_users(self, user_ids: Sequence[str]) -> int:
+        """Encode and store every missing vector of these users' windows (the background worker's job).
+        One model call for all of them; returns the number of vectors stored."""
+        views = await asyncio.gather(*(self._state(u) for u in user_ids))
+        jobs = [(u, v, [p for p, e in enumerate(v.events) if e.event_id not in v.vectors]) for u, v in zip(user_ids, views)]
+        jobs = [j for j in jobs if j[2]]
+        if not jobs:
+            return 0
+        windows = [v.window(p, self.k) for _, v, missing in jobs for p in missing]
+        vecs = fp16(await self.runner.encode(windows))
+        stored, at = 0, 0
+        for u, v, missing in jobs:
+            fresh = {v.events[p].event_id: vecs[at + j] for j, p in enumerate(missing)}
+            at += len(missing)
+            stored += await self._store_vectors(u, v, fresh)
+        return stored
+
+    # ---- /users/{id} -----------------------------------------------------------------------------
+
+    async def history(self, user_id: str) -> HistoryOut:
+        events = await asyncio.to_thread(self.store.history, user_id)
+        if not events:
+            raise ApiError(404, "unknown_user", f"user {user_id!r} has no stored interactions")
+        cat = self.c.catalogue
+        out = []
+        for e in events:
+            i = cat.get_index(e.item_id)
+            out.append(HistoryEventOut(event_id=e.event_id, item_id=e.item_id, timestamp=e.timestamp,
+                                       title=cat.titles[i] if i is not None else None))
+        return HistoryOut(user_id=user_id, events=out)
+
+    async def delete(self, user_id: str) -> bool:
+        return await asyncio.to_thread(self.store.delete_user, user_id)
+
+
+class EncoderWorker:
+    """Background encoding of new events' memory vectors: a bounded queue of user ids, drained in
+    batches of up to ``batch_users`` users per model call. A full queue drops the user (the next
+    recommend encodes what is missing); a user already queued is not queued twice."""
+
+    def __init__(self, engine: Engine, queue_size: int = 1024, batch_users: int = 16):
+        self.engine = engine
+        self.batch_users = batch_users
+        self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_size)
+        self.pending: set[str] = set()
+        self.dropped = 0
+        self.stored = 0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="automr-encoder")
+
+    def submit(self, user_ids: Sequence[str]) -> None:
+        for u in user_ids:
+            if u in self.pending:
+                continue
+            try:
+                self.queue.put_nowait(u)
+                self.pending.add(u)
+            except asyncio.QueueFull:
+                self.dropped += 1
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < self.batch_users and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            self.pending.difference_update(batch)
+            try:
+                self.stored += await self.engine.encode_users(batch)
+            except StoreUnavailable as e:
+                log.warning("background encoding of %d users skipped: %s", len(batch), e)
+            except Exception:  # never let the worker die; the recommend path still encodes lazily
+                log.exception("background encoding of %d users failed", len(batch))
+            finally:
+                for _ in batch:
+                    self.queue.task_done()
+
+    async def idle(self) -> None:
+        """Wait until every queued user has been encoded (tests, shutdown)."""
+        await self.queue.join()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
