@@ -3,7 +3,7 @@
 Layout of ``ARTEFACTS/`` (one per dataset and cut L)::
 
     generator/   upper.safetensors + upper.json   tuned layers L+1..N (``automr train generator``)
-    index/       catalogue title embeddings (base model) + meta.json      (built on first use)
+    index/       catalogue title embeddings (base model) + index.json     (built on first use)
     memory/      MemoryCache shards of encoded elements and queries       (built on demand)
     labels/      Eq. 5 labels                                             (``automr train retriever``)
     retriever/   retriever.safetensors + retriever.json                   (``automr train retriever``)

@@ -394,7 +394,10 @@ class CatalogueIndex:
             raise ValueError(
                 f"{d / EMBEDDINGS_FILE}: shape {tuple(emb.shape)}, {meta_path} says ({meta['n_items']}, {meta['dim']})"
             )
-        config = IndexConfig(**meta["params"])
+        try:
+            config = IndexConfig(**meta["params"])
+        except TypeError as e:
+            raise ValueError(f"{meta_path}: bad params {meta['params']!r}: {e}") from None
         if config.kind == "flat":
             return cls(emb, config, fingerprint=meta["fingerprint"], titles_sha=meta.get("titles_sha", ""))
         index = faiss.read_index(str(d / FAISS_FILE))

@@ -451,7 +451,7 @@ class SplitLM:
                 raise ValueError("slot_vectors given but the prompt has no slot")
             if slot_vectors.ndim == 2:
                 slot_vectors = slot_vectors[:, None, :]
-            if slot_vectors.ndim != 3 or slot_vectors.shape[1] != len(slots) or slot_vectors.shape[2] != self.hidden_size:
+            if slot_vectors.ndim != 3 or tuple(slot_vectors.shape[1:]) != (len(slots), self.hidden_size):
                 raise ValueError(
                     f"slot_vectors must be [E, S={len(slots)}, H={self.hidden_size}], got {tuple(slot_vectors.shape)}"
                 )

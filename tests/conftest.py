@@ -19,8 +19,7 @@ TINY_TITLES = [
 
 
 def _corpus() -> list[str]:
-    from model.prompts import PromptBuilder  # noqa: F401  (template strings live there)
-    from model import prompts as P
+    from model import prompts as P  # the template strings
 
     texts = [P.PREAMBLE, P.INSTRUCTION, P.INPUT_HEAD, P.SLOT_HEAD, P.PLACEHOLDER * 5, P.RESPONSE_HEAD]
     for verb, plural in P.DOMAIN_WORDS.values():
@@ -46,7 +45,9 @@ def build_tiny_tokenizer(vocab_size: int = 1000):
     )
     tok.train_from_iterator(_corpus(), trainer)
     bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 

@@ -154,9 +154,16 @@ def test_generate_without_vectors_keeps_placeholder_state(tiny_split, tiny_title
         assert plain[i] == _greedy_uncached(tiny_split, p, None, 6)[0]
 
 
-def test_beam_search_rows_are_independent_and_slot_aligned(tiny_split, tiny_titles):
-    _, prompts = _prompts(tiny_split.tokenizer, tiny_titles, sizes=(2, 6, 4))
+SHORT_PROMPTS = [PromptIds([1, 50, 61, 70, 80], [2]), PromptIds([1, 90, 33, 101], [1]),
+                 PromptIds([1, 44, 45, 46, 47, 48, 49], [5])]  # the slot weighs a lot in short prompts
+
+
+def test_beam_search_rows_are_independent_and_slot_aligned(tiny_split):
+    prompts = SHORT_PROMPTS
+    torch.manual_seed(4)
     vecs = torch.randn(3, 1, H) * 4
+    none = tiny_split.generate(prompts, None, max_new_tokens=6, num_beams=3, return_ids=True)
+    assert tiny_split.generate(prompts, vecs, max_new_tokens=6, num_beams=3, return_ids=True) != none
     together = tiny_split.generate(prompts, vecs, max_new_tokens=6, num_beams=3, return_ids=True)
     alone = [tiny_split.generate([p], vecs[i:i + 1], max_new_tokens=6, num_beams=3, return_ids=True)[0]
              for i, p in enumerate(prompts)]
@@ -183,8 +190,7 @@ def test_two_slots_and_shape_errors(tiny_split, tiny_titles):
 
 
 def test_concurrent_requests_do_not_share_slot_vectors(tiny_split):
-    # short prompts, so that one slot weighs enough on the greedy tokens for the requests to differ
-    prompts = [PromptIds([1, 50, 61, 70, 80], [2]), PromptIds([1, 90, 33, 101], [1])]
+    prompts = SHORT_PROMPTS[:2]
     torch.manual_seed(3)
     va, vb = torch.randn(2, 1, H) * 4, torch.randn(2, 1, H) * 4
     seq_a = tiny_split.generate(prompts, va, max_new_tokens=6, return_ids=True)
@@ -281,20 +287,19 @@ def test_embed_final_equals_last_hidden_state_of_bare_text(tiny_split, tiny_titl
 
 
 def test_fingerprint_tracks_lower_part_only(tiny_lm, tiny_tokenizer, tiny_lm_factory):
-    build_tiny_lm = lambda n, seed=0: tiny_lm_factory(seed=seed)  # noqa: E731
     split = SplitLM.from_model(tiny_lm, tiny_tokenizer, cut=2)
     fp = split.fingerprint()
     assert fp == split.fingerprint()
-    twin = SplitLM.from_model(build_tiny_lm(len(tiny_tokenizer)), tiny_tokenizer, cut=2)
+    twin = SplitLM.from_model(tiny_lm_factory(), tiny_tokenizer, cut=2)
     assert twin.fingerprint() == fp  # same weights, new objects
-    assert SplitLM.from_model(build_tiny_lm(len(tiny_tokenizer)), tiny_tokenizer, cut=3).fingerprint() != fp
+    assert SplitLM.from_model(tiny_lm_factory(), tiny_tokenizer, cut=3).fingerprint() != fp
     with torch.no_grad():
         split.model.model.layers[3].mlp.up_proj.weight[0, 0] += 1.0  # upper layer: memory stays valid
     assert split.fingerprint() == fp
     with torch.no_grad():
         split.model.model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3  # lower layer
     assert split.fingerprint() != fp
-    other_dtype = SplitLM.from_model(build_tiny_lm(len(tiny_tokenizer)).to(torch.bfloat16), tiny_tokenizer, cut=2)
+    other_dtype = SplitLM.from_model(tiny_lm_factory().to(torch.bfloat16), tiny_tokenizer, cut=2)
     assert other_dtype.fingerprint() != fp
 
 
@@ -309,8 +314,7 @@ def _perturb_upper(split, seed=1):
 
 
 def test_save_load_upper_round_trip(tmp_path, tiny_tokenizer, tiny_titles, tiny_lm_factory):
-    build_tiny_lm = lambda n, seed=0: tiny_lm_factory(seed=seed)  # noqa: E731
-    tuned = SplitLM.from_model(build_tiny_lm(len(tiny_tokenizer)), tiny_tokenizer, cut=2)
+    tuned = SplitLM.from_model(tiny_lm_factory(), tiny_tokenizer, cut=2)
     b, (p,) = _prompts(tiny_tokenizer, tiny_titles, sizes=(4,))
     base_logits = _full_logits(tuned.model, p.input_ids)
     base_embed = tuned.embed_final([tiny_titles[3]])
@@ -319,7 +323,7 @@ def test_save_load_upper_round_trip(tmp_path, tiny_tokenizer, tiny_titles, tiny_
     tuned.save_upper(tmp_path / "ck", extra={"note": "test"})
     assert {f.name for f in (tmp_path / "ck").iterdir()} == {"upper.safetensors", "upper.json"}
 
-    fresh = SplitLM.from_model(build_tiny_lm(len(tiny_tokenizer)), tiny_tokenizer, cut=2)
+    fresh = SplitLM.from_model(tiny_lm_factory(), tiny_tokenizer, cut=2)
     meta = fresh.load_upper(tmp_path / "ck")
     assert meta["extra"] == {"note": "test"} and meta["cut"] == 2
     want = _full_logits(tuned.model, p.input_ids)
@@ -329,10 +333,10 @@ def test_save_load_upper_round_trip(tmp_path, tiny_tokenizer, tiny_titles, tiny_
     torch.testing.assert_close(fresh.embed_final([tiny_titles[3]]), base_embed, atol=ATOL, rtol=1e-4)
     assert (fresh.embed_final([tiny_titles[3]], base=False) - base_embed).abs().max() > 1e-4
 
-    other_cut = SplitLM.from_model(build_tiny_lm(len(tiny_tokenizer)), tiny_tokenizer, cut=3)
+    other_cut = SplitLM.from_model(tiny_lm_factory(), tiny_tokenizer, cut=3)
     with pytest.raises(ValueError, match="cut=2"):
         other_cut.load_upper(tmp_path / "ck")
-    other_base = SplitLM.from_model(build_tiny_lm(len(tiny_tokenizer), seed=5), tiny_tokenizer, cut=2)
+    other_base = SplitLM.from_model(tiny_lm_factory(seed=5), tiny_tokenizer, cut=2)
     with pytest.raises(ValueError, match="fingerprint"):
         other_base.load_upper(tmp_path / "ck")
     with pytest.raises(ValueError, match="does not hold"):
@@ -356,7 +360,7 @@ def test_load_local_hf_directory(tmp_path, tiny_lm, tiny_tokenizer, tiny_titles)
 
 
 @pytest.mark.integration
-def test_smollm2_gguf_split_matches_full_forward():
+def test_smollm2_gguf_split_matches_full_forward(one_thread):
     from model.assets import asset_paths
 
     gguf = asset_paths().gguf_path

@@ -51,8 +51,10 @@ def test_slot_positions_point_at_placeholder_tokens(tiny_tokenizer, n_slots):
     assert tiny_tokenizer.decode(ids, skip_special_tokens=True).count(" ...") == n_slots
 
 
-@pytest.mark.parametrize("domain,verb,plural", [("movie", "watched", "movies"), ("book", "read", "books"),
-                                                ("product", "bought", "products"), ("podcast", "interacted with", "podcasts")])
+@pytest.mark.parametrize("domain,verb,plural", [
+    ("movie", "watched", "movies"), ("book", "read", "books"),
+    ("product", "bought", "products"), ("podcast", "interacted with", "podcasts"),
+])
 def test_domain_words(tiny_tokenizer, domain, verb, plural):
     p = PromptBuilder(tiny_tokenizer, domain=domain).build(["A", "B"])
     text = tiny_tokenizer.decode(p.input_ids, skip_special_tokens=True)

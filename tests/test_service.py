@@ -505,3 +505,13 @@ async def test_redis_down_gives_503_and_recovers(world, comps, tmp_path):
             assert r.status_code == 200 and r.json()["fallback"] is None
     finally:
         server.stop()
+
+
+async def test_concurrent_recommends_match_sequential(world, comps, memory_store, redis_url, tmp_path):
+    reqs = [{"user_id": u, "k": 3, "mode": m} for u in ("u1", "u2", "u4") for m in ("automr", "bigrec", "full-history")]
+    strip = lambda b: {k: v for k, v in b.items() if k != "latency_ms"}  # noqa: E731
+    async with serve(_settings(redis_url, tmp_path), comps["learned"]) as (client, _):
+        together = await asyncio.gather(*(client.post("/recommend", json=r) for r in reqs))
+        one_by_one = [await client.post("/recommend", json=r) for r in reqs]
+    assert [strip(r.json()) for r in together] == [strip(r.json()) for r in one_by_one]
+    assert len({json.dumps(strip(r.json())["items"]) for r in together}) > 1  # not all the same answer

@@ -73,9 +73,8 @@ class GeneratorTrainConfig:
         if self.slot_fill not in ("placeholder", "memory"):
             raise ValueError(f"slot_fill must be 'placeholder' or 'memory', got {self.slot_fill!r}")
         if self.batch_size < 1 or self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"batch_size ({self.batch_size}) must be a positive multiple of micro_batch_size ({self.micro_batch_size})"
-            )
+            raise ValueError(f"batch_size ({self.batch_size}) must be a positive multiple of "
+                             f"micro_batch_size ({self.micro_batch_size})")
         if self.epochs < 1 or self.lr <= 0:
             raise ValueError("epochs must be >= 1 and lr > 0")
 
@@ -342,7 +341,9 @@ def train_on_examples(split: SplitLM, train: list[Example], valid: list[Example]
 
     def run_valid() -> float:
         split.model.eval()
-        return evaluate_loss(split, valid, cfg.micro_batch_size * 2, autocast, vec_fn, cfg.progress) if valid else float("nan")
+        if not valid:
+            return float("nan")
+        return evaluate_loss(split, valid, cfg.micro_batch_size * 2, autocast, vec_fn, cfg.progress)
 
     def checkpoint(state, name: str, extra: dict) -> None:
         if out_dir is not None:
