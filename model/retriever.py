@@ -140,3 +140,35 @@ class Retriever(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{w_path}: weights do not match the config (missing {missing}, unexpected {unexpected})")
         return model.to(device).eval()
+
+
+@torch.no_grad()
+def select_baseline(
+    z_t: torch.Tensor,
+    memory: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    strategy: str = "random",
+    k: int = 1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The non-learned selections compared against the retriever, same output as ``Retriever.select``.
+
+    ``random`` (RQ2): k distinct real elements uniformly at random (seeded by ``generator``);
+    ``semantic`` (ReLLa adapted): the k elements with the highest cosine similarity to ``z_t``.
+    z_t [B, H], memory [B, M, H], mask [B, M] -> indices [B, k], −1 where there are fewer than k.
+    """
+    B, M = memory.shape[:2]
+    mask = torch.ones(B, M, dtype=torch.bool, device=memory.device) if mask is None else mask
+    if strategy == "random":
+        s = torch.rand(B, M, generator=generator).to(memory.device)
+    elif strategy == "semantic":
+        s = torch.nn.functional.cosine_similarity(memory.float(), z_t.float()[:, None, :], dim=-1)  # [B, M]
+    else:
+        raise ValueError(f"unknown selection strategy {strategy!r}; use 'random' or 'semantic'")
+    s = s.masked_fill(~mask, float("-inf"))
+    top = torch.full((B, k), -1, dtype=torch.long, device=memory.device)
+    k_eff = min(k, M)
+    if k_eff:
+        vals, idx = torch.topk(s, k_eff, dim=-1)
+        top[:, :k_eff] = torch.where(torch.isfinite(vals), idx, torch.full_like(idx, -1))
+    return top

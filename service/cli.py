@@ -101,6 +101,27 @@ def cmd_serve(args, settings: Settings) -> int:
     return 0
 
 
+def _artefacts(args, settings: Settings) -> Path:
+    return Path(args.artefacts) if args.artefacts else Path(args.data) / "artefacts"
+
+
+def cmd_train_generator(args, settings: Settings) -> int:
+    from model.artefacts import load_lm
+    from model.data.prepared import PreparedDataset
+    from model.train.generator import GeneratorTrainConfig, train_generator
+
+    ds = PreparedDataset.load(args.data)
+    art = _artefacts(args, settings)
+    lm = load_lm(settings.model_path, cut=settings.cut_layer, dtype=settings.dtype)
+    cfg = GeneratorTrainConfig(n_train=args.budget, n_valid=args.valid_budget, epochs=args.epochs, lr=args.lr,
+                               mode=args.mode, batch_size=args.batch_size, seed=args.seed,
+                               out_dir=str(art / "generator-run"))
+    report = train_generator(lm, ds, cfg)
+    lm.save_upper(art / "generator", extra={"train_report": report.to_json(), "dataset": ds.name})
+    _print_json({k: v for k, v in report.to_json().items() if k != "config"} | {"saved": str(art / "generator")})
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -143,6 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--seed", type=int, default=0)
     cmp_.add_argument("--out", default=None)
     cmp_.set_defaults(func=cmd_compare)
+
+    train = sub.add_parser("train", help="offline training stages")
+    tsub = train.add_subparsers(dest="stage", required=True)
+    tg = tsub.add_parser("generator", help="BIGRec tuning of layers L+1..N (response-only loss)")
+    tg.add_argument("--data", required=True, type=Path)
+    tg.add_argument("--artefacts", type=Path, default=None, help="default DATA/artefacts; writes ARTEFACTS/generator")
+    tg.add_argument("--budget", type=int, default=1024, help="train samples (seeded subset); BIGRec uses 1,024")
+    tg.add_argument("--valid-budget", type=int, default=256, help="valid samples for early stopping")
+    tg.add_argument("--epochs", type=int, default=5, help="at most; early stopping on valid loss")
+    tg.add_argument("--lr", type=float, default=1e-4)
+    tg.add_argument("--batch-size", type=int, default=32)
+    tg.add_argument("--mode", choices=["full", "lora"], default="full")
+    tg.add_argument("--seed", type=int, default=0)
+    tg.set_defaults(func=cmd_train_generator)
 
     rep = sub.add_parser("report", help="markdown table of several result JSON files")
     rep.add_argument("results", nargs="+")

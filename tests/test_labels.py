@@ -125,6 +125,20 @@ def test_budget_is_a_seeded_subset_of_samples_with_memory():
     assert {tuple(choose_samples(samples, K, 3, seed=s)) for s in range(10)} != {tuple(a)}
 
 
+def test_budget_per_user_takes_runs_of_consecutive_samples():
+    # 4 users × 6 samples, interleaved in the list; timestamps increase within a user
+    samples = [Sample(f"u{u}", 0, 100 * t + u, list(range(K + 1 + t)), list(range(K + 1 + t)))
+               for t in range(6) for u in range(4)]
+    rows = choose_samples(samples, K, 7, seed=3, per_user=3)
+    assert rows == choose_samples(samples, K, 7, seed=3, per_user=3) and len(rows) == 7
+    by_user = {}
+    for i in rows:
+        by_user.setdefault(samples[i].user_id, []).append(samples[i].timestamp // 100)
+    assert sorted(len(v) for v in by_user.values()) == [1, 3, 3]  # two full runs, then the rest
+    for ts in by_user.values():
+        assert ts == list(range(ts[0], ts[0] + len(ts)))  # consecutive in time
+
+
 def _toy() -> LabelSet:
     q = [torch.full((2,), float(i)) for i in range(3)]
     mems = [torch.tensor([[1.0, 0], [2, 0]]), torch.zeros(0, 2), torch.tensor([[3.0, 3], [4, 4], [5, 5]])]

@@ -169,3 +169,18 @@ def test_early_stopping_patience():
     _, report = train_retriever(train, valid, cfg)
     assert report["runs"][0]["epochs"] == 4
     assert report["runs"][0]["best_epoch"] == 0
+
+
+def test_baseline_selections():
+    from model.retriever import select_baseline
+
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    mem = torch.tensor([[[0.0, 5.0], [3.0, 0.1], [-1.0, 0.0]], [[10.0, 1.0], [0.0, 0.2], [9.0, 9.0]]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    sem = select_baseline(z, mem, mask, "semantic", k=2)
+    assert sem.tolist() == [[1, 0], [1, 0]]  # cosine, not dot product: [0, .2] beats [10, 1]
+    g = torch.Generator().manual_seed(0)
+    picks = torch.cat([select_baseline(z, mem, mask, "random", k=1, generator=g).T for _ in range(300)])  # [300, B]
+    assert set(picks[:, 0].tolist()) == {0, 1, 2} and set(picks[:, 1].tolist()) == {0, 1}  # never the padding
+    both = select_baseline(z, mem, mask, "random", k=3, generator=g)
+    assert both[1, 2] == -1 and sorted(both[0].tolist()) == [0, 1, 2]
