@@ -125,10 +125,11 @@ class Engine:
                        "this server runs with slot policy 'none'")
 
     def item_indices(self, item_ids: Sequence[str], where: str) -> list[int]:
-        """Dense indices of catalogue item ids; 422 ``unknown_item`` naming every unknown one."""
+        """Dense indices of catalogue item ids; 422 ``unknown_item`` naming every unknown one.
+        ``where``: how to name position j, e.g. ``"recent_items[{j}]"``."""
         cat = self.c.catalogue
         idx = [cat.get_index(i) for i in item_ids]
-        unknown = [f"{where}[{j}] {item_ids[j]!r}" for j, x in enumerate(idx) if x is None]
+        unknown = [f"{where.format(j=j)} {item_ids[j]!r}" for j, x in enumerate(idx) if x is None]
         if unknown:
             more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
             raise ApiError(422, "unknown_item", f"not in the catalogue: {', '.join(unknown[:5])}{more}")
@@ -178,7 +179,7 @@ class Engine:
         t0 = time.perf_counter()
         k = self.k
         choice = self.choose(req.mode)
-        recent = self.item_indices(req.recent_items, "recent_items") if req.recent_items else None
+        recent = self.item_indices(req.recent_items, "recent_items[{j}]") if req.recent_items else None
         view = await self._state(req.user_id)
         n = len(view.items)
         if n == 0 and recent is None:
@@ -252,7 +253,7 @@ class Engine:
             raise ApiError(413, "batch_too_large",
                            f"{len(events)} events in one request; the limit is {self.max_batch_events} "
                            "(AUTOMR_MAX_BATCH_EVENTS): split the batch")
-        self.item_indices([e.item_id for e in events], "events.item_id")  # the whole batch or nothing
+        self.item_indices([e.item_id for e in events], "events[{j}].item_id")  # the whole batch or nothing
         groups: dict[str, list[Event]] = {}
         for e in events:
             groups.setdefault(e.user_id, []).append(Event(item_id=e.item_id, timestamp=e.timestamp, event_id=e.event_id))

@@ -342,11 +342,11 @@ async def test_error_shapes(world, comps, memory_store, redis_url, tmp_path):
         # unknown item: 422 naming it, the whole batch rejected
         b = _assert_error(await client.post("/interactions", json={"events": [ev(0), ev(1, "999"), ev(2)]}),
                           422, "unknown_item")
-        assert "'999'" in b["detail"] and "[1]" in b["detail"]
+        assert "events[1].item_id '999'" in b["detail"] and "[0]" not in b["detail"]
         assert (await client.get("/users/u4/history")).json() == before
         b = _assert_error(await client.post("/recommend", json={"user_id": "u4", "recent_items": ["1", "nope"]}),
                           422, "unknown_item")
-        assert "'nope'" in b["detail"]
+        assert "recent_items[1] 'nope'" in b["detail"]
         # oversized batch
         _assert_error(await client.post("/interactions", json={"events": [ev(i) for i in range(6)]}), 413, "batch_too_large")
         assert (await client.get("/users/u4/history")).json() == before
@@ -515,3 +515,19 @@ async def test_concurrent_recommends_match_sequential(world, comps, memory_store
         one_by_one = [await client.post("/recommend", json=r) for r in reqs]
     assert [strip(r.json()) for r in together] == [strip(r.json()) for r in one_by_one]
     assert len({json.dumps(strip(r.json())["items"]) for r in together}) > 1  # not all the same answer
+
+
+async def test_vectors_of_windows_changed_meanwhile_are_not_stored(world, comps, memory_store, redis_url, tmp_path):
+    """An out-of-order event lands between encoding and storing: only vectors whose window (the K
+    events ending at their event) is unchanged are written."""
+    ev = lambda it, ts: {"user_id": "r", "item_id": it, "timestamp": ts, "event_id": f"r{ts}"}  # noqa: E731
+    async with serve(_settings(redis_url, tmp_path, seed_store=False), comps["learned"]) as (client, state):
+        eng = state.engine
+        await client.post("/interactions", json={"events": [ev(str(j + 1), 100 * (j + 1)) for j in range(6)]})
+        view = await eng._state("r")
+        fresh = await eng._encode(view, range(6))  # windows of r100..r600 as they are now
+        await client.post("/interactions", json={"events": [ev("9", 250)]})  # changes r300's and r400's windows (K=3)
+        assert await eng._store_vectors("r", view, fresh) == 4
+        st = memory_store.get_user_state("r", eng.fingerprint)
+        assert set(st.vectors) == {"r100", "r200", "r500", "r600"}
+        np.testing.assert_array_equal(st.vectors["r500"], fresh["r500"])
