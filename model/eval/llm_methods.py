@@ -20,11 +20,11 @@ from typing import Sequence
 
 import numpy as np
 
-from model.artefacts import load_lm, load_or_build_index
 from model.data.types import Sample
 from model.eval.evaluator import MethodContext, register_method
-from model.prompts import PromptBuilder
-from model.recommend import Recommender, RecommenderConfig, RecommendRequest
+from model.memory import MemoryCache
+from model.pipeline import load_pipeline
+from model.recommend import Recommender, RecommendRequest
 
 
 def sample_seed(sample: Sample, seed: int) -> int:
@@ -70,35 +70,22 @@ class LLMRanker:
 
 def _factory(name: str, policy: str, full_history: bool = False):
     def build(ctx: MethodContext) -> LLMRanker:
-        opt = ctx.options
-        ds = ctx.dataset
+        opt, ds = ctx.options, ctx.dataset
         root = Path(ctx.artefact_dir).parent if ctx.artefact_dir else Path(ds.root) / "artefacts"
-        cut = int(opt.get("cut", 20))
-        lm = load_lm(opt.get("model"), cut=cut, dtype=opt.get("dtype", "bfloat16"),
-                     generator_dir=opt.get("generator", root / "generator"))
-        n_slots = int(opt.get("n_slots", 1))
-        builder = PromptBuilder.for_model(lm, domain=ds.domain, n_slots=n_slots)
-        titles = ds.catalogue.titles
-        index = load_or_build_index(lm, titles, root / "index", progress=ctx.progress)
-        retriever = None
-        if policy == "learned":
-            from model.retriever import Retriever
-
-            retriever = Retriever.load(opt.get("retriever", root / "retriever"))
-        cfg = RecommenderConfig(policy=policy, full_history=full_history, n_slots=n_slots,
-                                max_new_tokens=int(opt.get("max_new_tokens", 32)),
-                                num_beams=int(opt.get("num_beams", 1)), batch_size=int(opt.get("batch_size", 16)))
-        rec = Recommender(lm, builder, titles, index, retriever, cfg)
+        pipe = load_pipeline(
+            ds.catalogue.titles, root, domain=ds.domain, k_short=ds.k_short, model=opt.get("model"),
+            cut=int(opt.get("cut", 20)), dtype=opt.get("dtype", "bfloat16"), generator_dir=opt.get("generator"),
+            retriever_dir=opt.get("retriever"), need_retriever=policy == "learned",
+            element=opt.get("element", "window"), n_slots=int(opt.get("n_slots", 1)), progress=ctx.progress,
+        )
+        rec = pipe.recommender(policy, full_history, max_new_tokens=int(opt.get("max_new_tokens", 32)),
+                               num_beams=int(opt.get("num_beams", 1)), batch_size=int(opt.get("batch_size", 16)))
         memory = None
         if policy != "none":
-            from model.memory import MemoryCache, MemoryEncoder
-
-            element = opt.get("element", "window")
-            enc = MemoryEncoder(lm, builder, titles, element=element, k_short=ds.k_short)
-            cache = MemoryCache(root / "memory", enc.cache_fingerprint(element), element)
-            qcache = cache if element == "window" else MemoryCache(root / "memory", enc.cache_fingerprint("window"), "window")
-            memory = MemoryEncoder(lm, builder, titles, element=element, k_short=ds.k_short, cache=cache,
-                                   query_cache=qcache, progress=ctx.progress)
+            enc = pipe.memory_encoder()
+            cache = MemoryCache(root / "memory", enc.cache_fingerprint(pipe.element), pipe.element)
+            qcache = cache if pipe.element == "window" else MemoryCache(root / "memory", enc.cache_fingerprint("window"), "window")
+            memory = pipe.memory_encoder(cache=cache, query_cache=qcache, progress=ctx.progress)
         return LLMRanker(name, rec, ds.k_short, memory, seed=ctx.seed)
 
     return build
