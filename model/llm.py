@@ -361,7 +361,8 @@ class SplitLM:
         num_beams: int = 1,
         prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = None,
         return_ids: bool = False,
-    ) -> list[str] | list[list[int]]:
+        num_return_sequences: int = 1,
+    ) -> list:
         """Greedy (or beam) generation from a batch of prompts; the decoded new tokens per prompt.
 
         ``slot_vectors`` [B, S, H] replace the layer-L states at each prompt's ``slot_positions``
@@ -371,7 +372,11 @@ class SplitLM:
         tokens start at index T (``max(len(p.input_ids) for p in prompts)``); ``batch_id`` is the
         prompt's row, shared by its beams.
         ``return_ids=True`` returns the new token ids (eos and later tokens removed) instead of text.
+        ``num_return_sequences`` R > 1 (beam search, R <= num_beams): per prompt a list of its R
+        sequences, best first.
         """
+        if num_return_sequences > max(num_beams, 1):
+            raise ValueError(f"num_return_sequences={num_return_sequences} needs num_beams >= it, got {num_beams}")
         if not prompts:
             return []
         ids, mask = left_pad([p.input_ids for p in prompts], self.pad_id, self.device)
@@ -384,7 +389,7 @@ class SplitLM:
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
             do_sample=False,
-            num_return_sequences=1,
+            num_return_sequences=num_return_sequences,
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_id,
             bos_token_id=self.tokenizer.bos_token_id,
@@ -398,10 +403,12 @@ class SplitLM:
                 out = self.model.generate(**kwargs)
             if not fill.applied:
                 raise RuntimeError("the slot replacement hook did not run during generate")
-        new = out[:, t:].tolist()
-        if return_ids:
-            return [self._strip_eos(seq) for seq in new]
-        return [self.tokenizer.decode(self._strip_eos(seq), skip_special_tokens=True) for seq in new]
+        new = [self._strip_eos(seq) for seq in out[:, t:].tolist()]
+        res = new if return_ids else [self.tokenizer.decode(seq, skip_special_tokens=True) for seq in new]
+        if num_return_sequences == 1:
+            return res
+        r = num_return_sequences
+        return [res[i * r : (i + 1) * r] for i in range(b)]
 
     def _strip_eos(self, seq: list[int]) -> list[int]:
         return seq[: seq.index(self.eos_id)] if self.eos_id in seq else seq

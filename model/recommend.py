@@ -12,6 +12,11 @@ What fills the memory slot is the *slot policy*:
 - ``semantic``  ReLLa adapted: the element with the highest cosine to the query ``z_t``;
 
 ``full_history=True`` is the context-window baseline: every history title in the prompt, no slot.
+
+Decoding: greedy (default) or beam search for one title, grounded to the catalogue by L2 (BIGRec).
+``constrained=True`` is the measured alternative ("Decoding Matters", Bao et al. 2024): beam search
+restricted to a prefix tree of real titles, ``num_beams`` beams returned; the ranking is the beams'
+items (best first, seen items dropped) followed by the L2 grounding of the best beam for the rest.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from model.grounding import CatalogueIndex, clean_generated
 from model.llm import SplitLM
 from model.prompts import PromptBuilder, PromptIds
 from model.retriever import Retriever
+from model.title_trie import TitleTrie, beams_to_items
 
 SlotPolicy = Literal["none", "learned", "random", "semantic"]
 SLOT_POLICIES: tuple[str, ...] = ("none", "learned", "random", "semantic")
@@ -48,6 +54,7 @@ class Recommendation:
     generated: str  # the generated title (cleaned)
     memory_indices: list[int]  # positions in the request's memory that filled the slots ([] = none)
     memory_scores: list[float]  # the policy's score of each selected element
+    beam_items: list[int] = field(default_factory=list)  # constrained decoding: the beams' items
 
 
 @dataclass
@@ -58,6 +65,7 @@ class RecommenderConfig:
     topk: int = 20
     max_new_tokens: int = 32
     num_beams: int = 1
+    constrained: bool = False  # beam search over a prefix tree of catalogue titles
     batch_size: int = 16  # LLM batch (generation and grounding embeddings)
 
     def __post_init__(self) -> None:
@@ -67,6 +75,8 @@ class RecommenderConfig:
             raise ValueError("full_history puts every title in the prompt: it takes no memory slot (policy 'none')")
         if self.n_slots < 1:
             raise ValueError(f"n_slots must be >= 1, got {self.n_slots}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
 
 
 class Recommender:
@@ -90,6 +100,14 @@ class Recommender:
             raise ValueError(f"the prompt builder has {builder.n_slots} slots, the config asks for {self.config.n_slots}")
         if index.n_items != len(self.titles):
             raise ValueError(f"the index holds {index.n_items} items, the catalogue {len(self.titles)}")
+        self._trie: TitleTrie | None = None
+
+    @property
+    def trie(self) -> TitleTrie:
+        """Prefix tree of the catalogue's response token sequences (built once, on first use)."""
+        if self._trie is None:
+            self._trie = TitleTrie.from_prompt_builder(self.titles, self.builder, progress=False)
+        return self._trie
 
     # ---- steps ---------------------------------------------------------------------------------
 
@@ -140,25 +158,40 @@ class Recommender:
 
     def generate(
         self, requests: Sequence[RecommendRequest], prompts: Sequence[PromptIds], picks: Sequence[tuple[list[int], list[float]]]
-    ) -> list[str]:
-        """Generated text per request. Rows with a full set of slot vectors and rows without memory go
-        in separate ``generate`` calls (the latter keep the placeholder state)."""
-        k = self.config.n_slots
+    ) -> tuple[list[str], list[list[int]]]:
+        """Generated text per request (and, when constrained, the items of its beams, best first).
+
+        Rows with a full set of slot vectors and rows without memory go in separate ``generate``
+        calls (the latter keep the placeholder state)."""
+        cfg, k = self.config, self.config.n_slots
         texts: list[str] = [""] * len(requests)
+        beams: list[list[int]] = [[] for _ in requests]
         filled = [i for i, (idx, _) in enumerate(picks) if len(idx) == k]
-        empty = [i for i in range(len(requests)) if i not in set(filled)]
-        gen = dict(max_new_tokens=self.config.max_new_tokens, num_beams=self.config.num_beams)
-        bs = self.config.batch_size
+        filled_set = set(filled)
+        empty = [i for i in range(len(requests)) if i not in filled_set]
         for group, with_vectors in ((filled, True), (empty, False)):
-            for s in range(0, len(group), bs):
-                rows = group[s : s + bs]
+            for s in range(0, len(group), cfg.batch_size):
+                rows = group[s : s + cfg.batch_size]
+                batch = [prompts[i] for i in rows]
                 vectors = None
                 if with_vectors:
                     vectors = torch.stack([requests[i].memory[picks[i][0]] for i in rows])  # [b, k, H]
-                outs = self.lm.generate([prompts[i] for i in rows], slot_vectors=vectors, **gen)
-                for i, t in zip(rows, outs):
-                    texts[i] = t
-        return texts
+                if not cfg.constrained:
+                    outs = self.lm.generate(batch, slot_vectors=vectors, max_new_tokens=cfg.max_new_tokens,
+                                            num_beams=cfg.num_beams)
+                    for i, t in zip(rows, outs):
+                        texts[i] = t
+                    continue
+                t_pad = max(len(p.input_ids) for p in batch)  # new tokens start here (left padding)
+                seqs = self.lm.generate(batch, slot_vectors=vectors, max_new_tokens=cfg.max_new_tokens,
+                                        num_beams=cfg.num_beams, num_return_sequences=cfg.num_beams,
+                                        prefix_allowed_tokens_fn=self.trie.prefix_allowed_tokens_fn(t_pad),
+                                        return_ids=True)
+                for i, row in zip(rows, seqs):
+                    row = row if cfg.num_beams > 1 else [row]
+                    beams[i] = beams_to_items(self.trie, row)
+                    texts[i] = self.lm.tokenizer.decode(row[0], skip_special_tokens=True)
+        return texts, beams
 
     def ground(self, requests: Sequence[RecommendRequest], texts: Sequence[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
         cleaned = [clean_generated(t) or " " for t in texts]
@@ -174,16 +207,23 @@ class Recommender:
         topk = topk or self.config.topk
         prompts = self.prompts(requests)
         picks = self.select_memory(requests, prompts)
-        texts = self.generate(requests, prompts, picks)
+        texts, beams = self.generate(requests, prompts, picks)
         items, dist = self.ground(requests, texts, topk)
-        return [
-            Recommendation(
-                items=[int(x) for x in items[i] if x >= 0],
-                distances=[float(d) for d, x in zip(dist[i], items[i]) if x >= 0],
+        out = []
+        for i, r in enumerate(requests):
+            ranked = [(int(x), float(d)) for x, d in zip(items[i], dist[i]) if x >= 0]
+            if beams[i]:  # constrained: the beams' real titles first, then the L2 ranking
+                first = [b for b in beams[i] if b not in r.exclude]
+                head = set(first)
+                ranked = [(b, 0.0) for b in first] + [(x, d) for x, d in ranked if x not in head]
+                ranked = ranked[:topk]
+            out.append(Recommendation(
+                items=[x for x, _ in ranked],
+                distances=[d for _, d in ranked],
                 generated=clean_generated(texts[i]),
+                beam_items=beams[i],
                 memory_indices=picks[i][0],
                 memory_scores=picks[i][1],
-            )
-            for i in range(len(requests))
-        ]
+            ))
+        return out
 

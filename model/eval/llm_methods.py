@@ -11,6 +11,8 @@ slot (``model/recommend.py``). Options (``automr evaluate --option key=value``):
     element=window     memory element kind: window | item
     n_slots=1          top-k elements into k slots
     max_new_tokens=32, num_beams=1, batch_size=16
+    constrained=false  beam search restricted to real titles (num_beams beams; see model/recommend.py)
+    exclude_history=true   drop the sample's history items from the ranking (false keeps them)
 """
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ def sample_seed(sample: Sample, seed: int) -> int:
 class LLMRanker:
     """A ``Ranker`` over the shared recommend function."""
 
-    def __init__(self, name: str, recommender: Recommender, k_short: int, memory_encoder=None, seed: int = 0):
-        self.name = name
+    def __init__(self, name: str, recommender: Recommender, k_short: int, memory_encoder=None, seed: int = 0,
+                 exclude_history: bool = True):
+        self.name, self.exclude_history = name, exclude_history
         self.recommender, self.k_short, self.memory, self.seed = recommender, k_short, memory_encoder, seed
         self.trace: list[dict] = []  # per sample: generated title and selected memory (for the reports)
 
@@ -44,7 +47,7 @@ class LLMRanker:
         full = self.recommender.config.full_history
         req = RecommendRequest(
             context=list(s.history) if full else s.short_term(self.k_short),
-            exclude=set(s.history),
+            exclude=set(s.history) if self.exclude_history else set(),
             seed=sample_seed(s, self.seed),
         )
         if self.memory is not None and len(s.history) > self.k_short:
@@ -79,14 +82,16 @@ def _factory(name: str, policy: str, full_history: bool = False):
             element=opt.get("element", "window"), n_slots=int(opt.get("n_slots", 1)), progress=ctx.progress,
         )
         rec = pipe.recommender(policy, full_history, max_new_tokens=int(opt.get("max_new_tokens", 32)),
-                               num_beams=int(opt.get("num_beams", 1)), batch_size=int(opt.get("batch_size", 16)))
+                               num_beams=int(opt.get("num_beams", 1)), batch_size=int(opt.get("batch_size", 16)),
+                               constrained=bool(opt.get("constrained", False)))
         memory = None
         if policy != "none":
             enc = pipe.memory_encoder()
             cache = MemoryCache(root / "memory", enc.cache_fingerprint(pipe.element), pipe.element)
             qcache = cache if pipe.element == "window" else MemoryCache(root / "memory", enc.cache_fingerprint("window"), "window")
             memory = pipe.memory_encoder(cache=cache, query_cache=qcache, progress=ctx.progress)
-        return LLMRanker(name, rec, ds.k_short, memory, seed=ctx.seed)
+        return LLMRanker(name, rec, ds.k_short, memory, seed=ctx.seed,
+                         exclude_history=bool(opt.get("exclude_history", True)))
 
     return build
 
