@@ -5,7 +5,10 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install test test-integration assets data serve reproduce bench clean
+.PHONY: install test assets data serve clean
+
+# the prepared dataset (and, under it, artefacts/) that `make serve` uses
+DATA   ?= runs/ml-100k
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +26,11 @@ assets: $(STAMP)
 	$(BIN)/automr assets fetch
 
 data: assets
-	$(BIN)/automr data prepare --dataset ml-100k --out runs/ml-100k
+	test -f $(DATA)/stats.json || $(BIN)/automr data prepare --dataset ml-100k --out $(DATA)
+
+# The service on the embedded defaults (SmolLM2, ML-100K, embedded Redis): docs/SERVICE.md
+serve: data
+	AUTOMR_DATA_DIR=$(DATA) $(BIN)/automr serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     # data and artefacts
     dataset: str = "ml-100k"
     data_dir: Path | None = None  # default: home/data/<dataset>
-    artefacts_dir: Path | None = None  # default: home/artefacts/<dataset>
+    artefacts_dir: Path | None = None  # default: <data_dir>/artefacts (as `automr evaluate` uses)
 
     # redis
     redis_url: str | None = Field(
@@ -70,7 +70,7 @@ class Settings(BaseSettings):
         return self.data_dir or self.home / "data" / self.dataset
 
     def resolved_artefacts_dir(self) -> Path:
-        return self.artefacts_dir or self.home / "artefacts" / self.dataset
+        return self.artefacts_dir or self.resolved_data_dir() / "artefacts"
 
 
 def get_settings() -> Settings:
