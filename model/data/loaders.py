@@ -411,22 +411,31 @@ def load_movielens_100k_original(folder: Path, name: str = "ml-100k", domain: st
     return _finish(name, domain or "movie", rows, titles, report)
 
 
+def _load_csv_pair(folder: Path, name: str, domain: str, fmt: str, what: str,
+                   inter_file: str, inter_cols: tuple[str, str, str], item_file: str,
+                   item_cols: tuple[str, str]) -> LoadedDataset:
+    """An interactions CSV (user, item, timestamp columns; others ignored) + an items CSV (item, title)."""
+    folder = Path(folder)
+    int_p = _require(folder / inter_file, f"{what} interactions")
+    item_p = _require(folder / item_file, f"{what} items")
+    report = LoadReport(format=fmt, files=[str(int_p), str(item_p)])
+    rows = _Rows()
+    req = {"user": (inter_cols[0],), "item": (inter_cols[1],), "ts": (inter_cols[2],)}
+    for lineno, r in _read_table(int_p, _csv_rows(int_p), req, report):
+        rows.add(int_p, lineno, r["user"], r["item"], r["ts"], report)
+    if not rows:
+        raise _no_rows(int_p, report)
+    titles: dict[str, str] = {}
+    item_req = {"item": (item_cols[0],), "title": (item_cols[1],)}
+    for lineno, r in _read_table(item_p, _csv_rows(item_p), item_req, report):
+        _add_title(titles, r["item"], r["title"], report)
+    return _finish(name, domain, rows, titles, report)
+
+
 def load_movielens_csv(folder: Path, name: str = "movielens-csv", domain: str | None = None) -> LoadedDataset:
     """MovieLens CSV releases (ml-latest, ml-20m, ml-25m, ml-32m): ``ratings.csv`` + ``movies.csv``."""
-    folder = Path(folder)
-    rat_p = _require(folder / "ratings.csv", "MovieLens ratings")
-    mov_p = _require(folder / "movies.csv", "MovieLens movies")
-    report = LoadReport(format="movielens-csv", files=[str(rat_p), str(mov_p)])
-    rows = _Rows()
-    req = {"user": ("userId",), "item": ("movieId",), "ts": ("timestamp",)}
-    for lineno, r in _read_table(rat_p, _csv_rows(rat_p), req, report):
-        rows.add(rat_p, lineno, r["user"], r["item"], r["ts"], report)
-    if not rows:
-        raise _no_rows(rat_p, report)
-    titles: dict[str, str] = {}
-    for lineno, r in _read_table(mov_p, _csv_rows(mov_p), {"item": ("movieId",), "title": ("title",)}, report):
-        _add_title(titles, r["item"], r["title"], report)
-    return _finish(name, domain or "movie", rows, titles, report)
+    return _load_csv_pair(folder, name, domain or "movie", "movielens-csv", "MovieLens",
+                          "ratings.csv", ("userId", "movieId", "timestamp"), "movies.csv", ("movieId", "title"))
 
 
 def load_movielens_dat(folder: Path, name: str = "movielens-dat", domain: str | None = None) -> LoadedDataset:
@@ -454,20 +463,8 @@ def load_movielens_dat(folder: Path, name: str = "movielens-dat", domain: str | 
 
 def load_generic_csv(folder: Path, name: str = "csv", domain: str | None = None) -> LoadedDataset:
     """``interactions.csv`` (user_id,item_id,timestamp, extra columns ignored) + ``items.csv`` (item_id,title)."""
-    folder = Path(folder)
-    int_p = _require(folder / "interactions.csv", "generic CSV interactions")
-    item_p = _require(folder / "items.csv", "generic CSV items")
-    report = LoadReport(format="csv", files=[str(int_p), str(item_p)])
-    rows = _Rows()
-    req = {"user": ("user_id",), "item": ("item_id",), "ts": ("timestamp",)}
-    for lineno, r in _read_table(int_p, _csv_rows(int_p), req, report):
-        rows.add(int_p, lineno, r["user"], r["item"], r["ts"], report)
-    if not rows:
-        raise _no_rows(int_p, report)
-    titles: dict[str, str] = {}
-    for lineno, r in _read_table(item_p, _csv_rows(item_p), {"item": ("item_id",), "title": ("title",)}, report):
-        _add_title(titles, r["item"], r["title"], report)
-    return _finish(name, domain or "item", rows, titles, report)
+    return _load_csv_pair(folder, name, domain or "item", "csv", "generic CSV",
+                          "interactions.csv", ("user_id", "item_id", "timestamp"), "items.csv", ("item_id", "title"))
 
 
 # ----------------------------------------------------------------------------- Amazon
