@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from model.data.types import Sample
-from model.prompts import clean_title
+from model.prompts import one_line
 
 ELEMENT_KINDS = ("window", "item")
 CACHE_FORMAT = "automr-memory-cache-v1"
@@ -325,7 +325,7 @@ class MemoryEncoder:
 
     def _item_ids(self, title: str) -> list[int]:
         # the bare title with the tokenizer's own special tokens, as BIGRec embeds titles
-        return list(self.lm.tokenizer(clean_title(title)).input_ids)
+        return list(self.lm.tokenizer(one_line(title)).input_ids)
 
     def encode_windows(self, windows: Sequence[Sequence[int]]) -> torch.Tensor:
         """[n, H] layer-L last-token states of the prompts of the given windows (item index tuples).

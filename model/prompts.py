@@ -57,17 +57,9 @@ class PromptIds:
     n_dropped: int = 0  # oldest titles dropped to fit the token budget
 
 
-def clean_title(title: str) -> str:
+def one_line(title: str) -> str:
     """One line, no surrounding whitespace (titles come from user data)."""
     return " ".join(str(title).split())
-
-
-def strip_response(text: str) -> str:
-    """The title inside a generated response: first line, surrounding whitespace and quotes removed."""
-    text = text.strip().split("\n", 1)[0].strip()
-    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
-        return text[1:-1].strip()
-    return text.strip('"').strip()
 
 
 class PromptBuilder:
@@ -141,7 +133,7 @@ class PromptBuilder:
 
     def title_ids(self, title: str) -> list[int]:
         """Tokens of one title as it appears in the history: ``' "Title"'``."""
-        return self._encode(TITLE_PIECE.format(title=clean_title(title)))
+        return self._encode(TITLE_PIECE.format(title=one_line(title)))
 
     # ---- the prompt -----------------------------------------------------------------------------
 
@@ -187,7 +179,7 @@ class PromptBuilder:
 
     def response_ids(self, title: str) -> list[int]:
         """The target's response tokens: ``'"Title"'`` tokenized on its own, then eos."""
-        return self._encode(RESPONSE.format(title=clean_title(title))) + [self._eos]
+        return self._encode(RESPONSE.format(title=one_line(title))) + [self._eos]
 
     def signature(self) -> str:
         """Changes with anything that changes the prompt's tokens (for memory-vector cache keys)."""

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from model.prompts import PromptBuilder, PromptIds, strip_response
+from model.grounding import clean_generated
+from model.prompts import PromptBuilder, PromptIds
 
 def _with(p: PromptIds, **changes) -> PromptIds:
     return PromptIds(**{**p.__dict__, **changes})
@@ -118,10 +119,10 @@ def test_for_model_uses_model_context(tiny_split):
     assert b.max_tokens == 512 - 12
 
 
-def test_strip_response():
-    assert strip_response('"Fargo (1996)"') == "Fargo (1996)"
-    assert strip_response(' "Fargo (1996)"\n"Heat"') == "Fargo (1996)"
-    assert strip_response('"Fargo (1996)') == "Fargo (1996)"
-    assert strip_response("Fargo") == "Fargo"
+def test_clean_generated():
+    assert clean_generated('"Fargo (1996)"') == "Fargo (1996)"
+    assert clean_generated(' "Fargo (1996)"\n"Heat"') == "Fargo (1996)"
+    assert clean_generated('"Fargo (1996)') == "Fargo (1996)"
+    assert clean_generated("Fargo") == "Fargo"
 
 
