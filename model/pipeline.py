@@ -63,6 +63,14 @@ class Pipeline:
         return MemoryEncoder(self.lm, self.builder, self.titles, element=self.element, k_short=self.k_short,
                              cache=cache, query_cache=query_cache, progress=progress, batch_size=batch_size)
 
+    def cached_memory_encoder(self, directory: str | Path, progress: bool = False) -> MemoryEncoder:
+        """A ``MemoryEncoder`` whose elements (and window queries) live in disk caches under
+        ``directory`` (``ARTEFACTS/memory``), keyed by the encoder's fingerprint."""
+        enc = self.memory_encoder()
+        cache = MemoryCache(directory, enc.cache_fingerprint(self.element), self.element)
+        qcache = cache if self.element == "window" else MemoryCache(directory, enc.cache_fingerprint("window"), "window")
+        return self.memory_encoder(cache=cache, query_cache=qcache, progress=progress)
+
     def memory_fingerprint(self) -> str:
         """What a stored memory vector must be keyed by when its key is an *event* (not the tuple of
         its items, as in ``MemoryCache``): the encoder's fingerprint (lower layers, L, dtype, tokenizer,

@@ -122,6 +122,25 @@ def cmd_train_generator(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_train_retriever(args, settings: Settings) -> int:
+    from model.data.prepared import PreparedDataset
+    from model.train.retriever import RetrieverTrainConfig
+    from model.train.stages import LabelBudget, open_pipeline, train_retriever_stage
+
+    ds = PreparedDataset.load(args.data)
+    art = _artefacts(args, settings)
+    pipe = open_pipeline(ds, art, model=settings.model_path, cut=settings.cut_layer, dtype=settings.dtype,
+                         element=args.element)
+    budget = LabelBudget(train=args.budget, valid=args.valid_budget, per_user=args.per_user or None, seed=args.seed)
+    cfg = RetrieverTrainConfig(tau=args.tau, grid=args.grid, seed=args.seed)
+    report = train_retriever_stage(pipe, ds, art, budget, cfg)
+    chosen = report["runs"][report["chosen"]]
+    _print_json({"saved": str(art / "retriever"), "element": args.element, "train_samples": report["train_samples"],
+                 "valid_samples": report["valid_samples"], "chosen": {k: v for k, v in chosen.items() if k != "history"},
+                 "reference": report["reference"]})
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -178,6 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--mode", choices=["full", "lora"], default="full")
     tg.add_argument("--seed", type=int, default=0)
     tg.set_defaults(func=cmd_train_generator)
+
+    tr = tsub.add_parser("retriever", help="Eq. 5 labels on a sample budget, then the Eq. 6 KL-trained retriever")
+    tr.add_argument("--data", required=True, type=Path)
+    tr.add_argument("--artefacts", type=Path, default=None, help="default DATA/artefacts; writes ARTEFACTS/retriever")
+    tr.add_argument("--element", choices=["window", "item"], default="window", help="memory element kind")
+    tr.add_argument("--budget", type=int, default=256, help="labelled train samples")
+    tr.add_argument("--valid-budget", type=int, default=64, help="labelled valid samples")
+    tr.add_argument("--per-user", type=int, default=8, help="consecutive samples per user (share elements); 0 = any")
+    tr.add_argument("--tau", type=float, default=1.0, help="label temperature: s' = softmax(delta / tau)")
+    tr.add_argument("--grid", action="store_true", help="the paper's lr x batch grid")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.set_defaults(func=cmd_train_retriever)
 
     rep = sub.add_parser("report", help="markdown table of several result JSON files")
     rep.add_argument("results", nargs="+")

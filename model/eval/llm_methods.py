@@ -24,7 +24,6 @@ import numpy as np
 
 from model.data.types import Sample
 from model.eval.evaluator import MethodContext, register_method
-from model.memory import MemoryCache
 from model.pipeline import load_pipeline
 from model.recommend import Recommender, RecommendRequest
 
@@ -84,12 +83,7 @@ def _factory(name: str, policy: str, full_history: bool = False):
         rec = pipe.recommender(policy, full_history, max_new_tokens=int(opt.get("max_new_tokens", 32)),
                                num_beams=int(opt.get("num_beams", 1)), batch_size=int(opt.get("batch_size", 16)),
                                constrained=bool(opt.get("constrained", False)))
-        memory = None
-        if policy != "none":
-            enc = pipe.memory_encoder()
-            cache = MemoryCache(root / "memory", enc.cache_fingerprint(pipe.element), pipe.element)
-            qcache = cache if pipe.element == "window" else MemoryCache(root / "memory", enc.cache_fingerprint("window"), "window")
-            memory = pipe.memory_encoder(cache=cache, query_cache=qcache, progress=ctx.progress)
+        memory = pipe.cached_memory_encoder(root / "memory", progress=ctx.progress) if policy != "none" else None
         return LLMRanker(name, rec, ds.k_short, memory, seed=ctx.seed,
                          exclude_history=bool(opt.get("exclude_history", True)))
 

@@ -1,0 +1,56 @@
+"""The AutoMR offline stages after generator tuning: Eq. 5 labels, then the Eq. 6 retriever.
+
+Both read and write the artefact folder (layout in ``model/artefacts.py``) so that a rerun resumes:
+labels are written in chunks (``ARTEFACTS/labels/<element>/<split>``), memory elements are cached
+(``ARTEFACTS/memory``), and the retriever lands in ``ARTEFACTS/retriever``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.pipeline import Pipeline, load_pipeline
+from model.train.labels import LabelSet, annotate
+from model.train.retriever import RetrieverTrainConfig, train_retriever
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LabelBudget:
+    train: int = 256  # labelled train samples (seeded subset)
+    valid: int = 64  # labelled valid samples (early stopping proxy)
+    per_user: int | None = 8  # runs of consecutive samples per user: they share memory elements
+    seed: int = 0
+
+
+def open_pipeline(ds, artefacts: Path, *, model=None, cut: int = 20, dtype: str = "bfloat16",
+                  element: str = "window", progress: bool = True) -> Pipeline:
+    """The tuned generator (ARTEFACTS/generator when present) and index, with no retriever."""
+    return load_pipeline(ds.catalogue.titles, artefacts, domain=ds.domain, k_short=ds.k_short, model=model,
+                         cut=cut, dtype=dtype, need_retriever=False, element=element, progress=progress)
+
+
+def label_split(pipe: Pipeline, ds, artefacts: Path, split: str, budget: int, per_user: int | None,
+                seed: int, progress: bool = True) -> LabelSet:
+    """Eq. 5 labels of a seeded subset of ``split`` (resumable chunks on disk)."""
+    encoder = pipe.cached_memory_encoder(artefacts / "memory", progress=progress)
+    out = artefacts / "labels" / pipe.element / split
+    return annotate(encoder, ds.split(split), out, budget=budget, seed=seed, per_user=per_user, progress=progress)
+
+
+def train_retriever_stage(pipe: Pipeline, ds, artefacts: Path, budget: LabelBudget,
+                          cfg: RetrieverTrainConfig, progress: bool = True) -> dict:
+    """Labels for train and valid, then the retriever; saves ARTEFACTS/retriever and returns the report."""
+    train = label_split(pipe, ds, artefacts, "train", budget.train, budget.per_user, budget.seed, progress)
+    valid = label_split(pipe, ds, artefacts, "valid", budget.valid, budget.per_user, budget.seed + 1, progress)
+    retriever, report = train_retriever(train, valid, cfg)
+    out = artefacts / "retriever"
+    retriever.save(out)
+    report["element"] = pipe.element
+    report["cut"] = pipe.lm.cut
+    (out / "train_report.json").write_text(json.dumps(report, indent=2, default=str))
+    log.info("retriever saved to %s", out)
+    return report
