@@ -37,8 +37,8 @@ class LLMRanker:
     """A ``Ranker`` over the shared recommend function."""
 
     def __init__(self, name: str, recommender: Recommender, k_short: int, memory_encoder=None, seed: int = 0,
-                 exclude_history: bool = True):
-        self.name, self.exclude_history = name, exclude_history
+                 exclude_history: bool = True, version: str = ""):
+        self.name, self.exclude_history, self.version = name, exclude_history, version
         self.recommender, self.k_short, self.memory, self.seed = recommender, k_short, memory_encoder, seed
         self.trace: list[dict] = []  # per sample: generated title and selected memory (for the reports)
 
@@ -53,6 +53,17 @@ class LLMRanker:
             _, req.memory = self.memory.memory_for_sample(s)
             req.query = self.memory.query_for_sample(s)
         return req
+
+    def info(self) -> dict:
+        """What the result JSON records: the generator and slot settings, and the per-sample trace."""
+        rec = self.recommender
+        return {
+            "policy": rec.config.policy, "full_history": rec.config.full_history, "n_slots": rec.config.n_slots,
+            "num_beams": rec.config.num_beams, "constrained": rec.config.constrained,
+            "max_new_tokens": rec.config.max_new_tokens, "cut": rec.lm.cut, "dtype": str(rec.lm.dtype),
+            "element": self.memory.element if self.memory is not None else None,
+            "model_version": self.version, "trace": self.trace,
+        }
 
     def rank(self, samples: Sequence[Sample], topk: int) -> np.ndarray:
         if self.memory is not None:
@@ -85,7 +96,7 @@ def _factory(name: str, policy: str, full_history: bool = False):
                                constrained=bool(opt.get("constrained", False)))
         memory = pipe.cached_memory_encoder(root / "memory", progress=ctx.progress) if policy != "none" else None
         return LLMRanker(name, rec, ds.k_short, memory, seed=ctx.seed,
-                         exclude_history=bool(opt.get("exclude_history", True)))
+                         exclude_history=bool(opt.get("exclude_history", True)), version=pipe.version())
 
     return build
 
