@@ -141,6 +141,23 @@ def cmd_train_retriever(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_reproduce(args, settings: Settings) -> int:
+    from service.reproduce import METHODS, ReproduceConfig, reproduce
+
+    methods = tuple(args.methods.split(",")) if args.methods else METHODS
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    cfg = ReproduceConfig(dataset=args.dataset, path=args.path, runs=args.runs, docs=args.docs,
+                          cut=settings.cut_layer, dtype=settings.dtype,
+                          model=str(settings.model_path) if settings.model_path else None,
+                          generator_samples=args.generator_samples, generator_epochs=args.generator_epochs,
+                          element=args.element, label_train=args.label_train, label_valid=args.label_valid,
+                          limit=args.limit, seed=args.seed, methods=methods)
+    reproduce(cfg)
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -209,6 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--grid", action="store_true", help="the paper's lr x batch grid")
     tr.add_argument("--seed", type=int, default=0)
     tr.set_defaults(func=cmd_train_retriever)
+
+    rp = sub.add_parser("reproduce", help="every published number: data -> generator -> retriever -> Table 1, figures")
+    rp.add_argument("--dataset", default="ml-100k")
+    rp.add_argument("--path", default=None, help="raw data (ml-100k: the fetched copy)")
+    rp.add_argument("--runs", type=Path, default=Path("runs"), help="RUNS/<dataset>: data, artefacts, results")
+    rp.add_argument("--docs", type=Path, default=Path("docs/results"), help="reports go to DOCS/<dataset>")
+    rp.add_argument("--limit", type=int, default=1000, help="seeded test subset, the same for every method")
+    rp.add_argument("--generator-samples", type=int, default=1024)
+    rp.add_argument("--generator-epochs", type=int, default=2)
+    rp.add_argument("--element", choices=["window", "item"], default="item",
+                    help="memory element kind (window: the paper's, ~100x costlier to encode on a CPU)")
+    rp.add_argument("--label-train", type=int, default=128, help="labelled train samples (Eq. 5)")
+    rp.add_argument("--label-valid", type=int, default=32)
+    rp.add_argument("--methods", default=None, help="comma-separated subset of the methods")
+    rp.add_argument("--seed", type=int, default=0)
+    rp.set_defaults(func=cmd_reproduce)
 
     rep = sub.add_parser("report", help="markdown table of several result JSON files")
     rep.add_argument("results", nargs="+")

@@ -1,0 +1,121 @@
+"""``automr reproduce``: every published number from one command, resuming from cached stages.
+
+data → generator tuning → labels + retriever → evaluation of every method on one seeded test subset
+→ Table 1, Figures 2 and 3, memorization. Each stage is skipped when its output exists (delete the
+file or folder to redo it); every stage's wall time is written to ``OUT/reproduce.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+METHODS = ("popularity", "sasrec", "bigrec", "full-history", "random", "semantic", "automr")
+
+
+@dataclass
+class ReproduceConfig:
+    dataset: str = "ml-100k"
+    path: str | None = None  # raw data (ml-100k: the fetched copy)
+    runs: Path = Path("runs")  # runs/<dataset>: prepared data, artefacts/, results/
+    docs: Path = Path("docs/results")  # where the markdown and PNG reports go
+    min_item: int = 5  # the protocol (docs/METHOD.md §1)
+    min_user: int = 20
+    k_short: int = 10
+    cut: int = 20
+    dtype: str = "bfloat16"
+    model: str | None = None
+    generator_samples: int = 1024  # BIGRec's budget
+    generator_epochs: int = 2
+    element: str = "item"  # memory element kind (window is the paper's; item is ~100x cheaper on a CPU)
+    label_train: int = 128
+    label_valid: int = 32
+    per_user: int = 8
+    tau: float = 1.0
+    limit: int = 1000  # the seeded test subset, the same for every method
+    seed: int = 0
+    methods: tuple[str, ...] = METHODS
+    timings: dict = field(default_factory=dict)
+
+
+def _stage(cfg: ReproduceConfig, name: str, done: bool, fn) -> None:
+    if done:
+        log.info("stage %s: cached", name)
+        print(f"[reproduce] {name}: cached")
+        return
+    print(f"[reproduce] {name} ...", flush=True)
+    t0 = time.perf_counter()
+    fn()
+    cfg.timings[name] = round(time.perf_counter() - t0, 1)
+    print(f"[reproduce] {name}: {cfg.timings[name]} s", flush=True)
+
+
+def reproduce(cfg: ReproduceConfig) -> dict:
+    from model.assets import fetch_assets
+    from model.data.prepared import PreparedDataset, prepare_cmd
+    from model.eval.evaluator import run_evaluation
+    from model.eval.paper_reports import figure2, figure3, table1
+
+    data = cfg.runs / cfg.dataset
+    art = data / "artefacts"
+    results = data / "results"
+    llm_opts = {"cut": cfg.cut, "dtype": cfg.dtype, "element": cfg.element}
+    if cfg.model:
+        llm_opts["model"] = cfg.model
+    t_all = time.perf_counter()
+
+    if (cfg.dataset == "ml-100k" and cfg.path is None) or cfg.model is None:
+        _stage(cfg, "assets", False, lambda: fetch_assets())
+    _stage(cfg, "data", (data / "stats.json").is_file(),
+           lambda: prepare_cmd(cfg.dataset, str(data), path=cfg.path, min_item=cfg.min_item,
+                               min_user=cfg.min_user, k_short=cfg.k_short))
+    ds = PreparedDataset.load(data)
+
+    def tune() -> None:
+        from model.artefacts import load_lm
+        from model.train.generator import GeneratorTrainConfig, train_generator
+
+        lm = load_lm(cfg.model, cut=cfg.cut, dtype=cfg.dtype)
+        report = train_generator(lm, ds, GeneratorTrainConfig(n_train=cfg.generator_samples, epochs=cfg.generator_epochs,
+                                                              seed=cfg.seed, out_dir=str(art / "generator-run")))
+        lm.save_upper(art / "generator", extra={"train_report": report.to_json(), "dataset": ds.name})
+
+    _stage(cfg, "generator", (art / "generator" / "upper.safetensors").is_file(), tune)
+
+    def retriever() -> None:
+        from model.train.retriever import RetrieverTrainConfig
+        from model.train.stages import LabelBudget, open_pipeline, train_retriever_stage
+
+        pipe = open_pipeline(ds, art, model=cfg.model, cut=cfg.cut, dtype=cfg.dtype, element=cfg.element)
+        train_retriever_stage(pipe, ds, art, LabelBudget(cfg.label_train, cfg.label_valid, cfg.per_user, cfg.seed),
+                              RetrieverTrainConfig(tau=cfg.tau, seed=cfg.seed))
+
+    if "automr" in cfg.methods:
+        _stage(cfg, "retriever", (art / "retriever" / "retriever.safetensors").is_file(), retriever)
+
+    for m in cfg.methods:
+        out = results / f"{m}.json"
+        opts = llm_opts if m not in ("popularity", "sasrec") else {}
+        _stage(cfg, f"evaluate {m}", out.is_file(),
+               lambda m=m, out=out, opts=opts: run_evaluation(data, m, limit=cfg.limit, seed=cfg.seed, out=out,
+                                                              artefacts_dir=art, options=dict(opts)))
+
+    found = [json.loads((results / f"{m}.json").read_text()) for m in cfg.methods if (results / f"{m}.json").is_file()]
+    by = {r["method"]: r for r in found}
+    docs = cfg.docs / cfg.dataset
+    docs.mkdir(parents=True, exist_ok=True)
+    report = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "timings"}}
+    (docs / "table1.md").write_text(table1(found, n_boot=1000, seed=cfg.seed) + "\n")
+    if "automr" in by and "random" in by:
+        report["figure2"] = figure2(by["automr"], by["random"], docs / "figure2.png", seed=cfg.seed)
+    if "automr" in by and "bigrec" in by:
+        report["figure3"] = figure3(by["automr"], by["bigrec"], docs / "figure3.png")
+    cfg.timings["total"] = round(time.perf_counter() - t_all, 1)
+    report["timings_s"] = cfg.timings
+    (docs / "reproduce.json").write_text(json.dumps(report, indent=2, default=str))
+    print((docs / "table1.md").read_text())
+    return report
