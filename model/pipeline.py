@@ -10,6 +10,7 @@ builds the matching ``MemoryEncoder``.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -97,6 +98,14 @@ def _file_digest(path: Path) -> str | None:
     return h.hexdigest()
 
 
+def retriever_element(directory: str | Path) -> str | None:
+    """The memory element kind a saved retriever was trained on (None when not recorded)."""
+    report = Path(directory) / "train_report.json"
+    if not report.is_file():
+        return None
+    return json.loads(report.read_text()).get("element")
+
+
 def has_retriever(directory: str | Path) -> bool:
     d = Path(directory)
     return (d / RETRIEVER_CONFIG).is_file() and (d / RETRIEVER_WEIGHTS).is_file()
@@ -114,13 +123,15 @@ def load_pipeline(
     generator_dir: str | Path | None = None,
     retriever_dir: str | Path | None = None,
     need_retriever: bool | None = None,
-    element: str = "window",
+    element: str | None = None,
     n_slots: int = 1,
     progress: bool = True,
 ) -> Pipeline:
     """Load the pieces from ``artefacts`` (``generator/``, ``index/``, ``retriever/``; see
     ``model/artefacts.py``). ``need_retriever``: True = fail without one, False = do not load it,
-    None = load it when present."""
+    None = load it when present. ``element``: the memory element kind; None = the one the retriever
+    was trained on (``retriever/train_report.json``), else ``window``; an explicit kind that differs
+    from the retriever's is refused (its scores would compare vectors of another space)."""
     root = Path(artefacts)
     gen_dir = Path(generator_dir) if generator_dir is not None else root / "generator"
     ret_dir = Path(retriever_dir) if retriever_dir is not None else root / "retriever"
@@ -134,6 +145,12 @@ def load_pipeline(
         if retriever.config.hidden_size != lm.hidden_size:
             raise ValueError(f"{ret_dir}: retriever for hidden size {retriever.config.hidden_size}, "
                              f"the model has {lm.hidden_size}")
+        trained_on = retriever_element(ret_dir)
+        if element is not None and trained_on is not None and element != trained_on:
+            raise ValueError(f"{ret_dir}: the retriever was trained on {trained_on!r} memory elements, "
+                             f"the pipeline asks for {element!r}")
+        element = element or trained_on
+    element = element or "window"
     return Pipeline(lm=lm, builder=builder, titles=titles, index=index, retriever=retriever, k_short=k_short,
                     element=element, generator_dir=gen_dir if (gen_dir / "upper.safetensors").is_file() else None,
                     retriever_dir=ret_dir if retriever is not None else None)

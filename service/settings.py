@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     retriever_dir: Path | None = None
     # what fills the memory slot; None = "learned" when a retriever artefact exists, else "none"
     slot_policy: Literal["learned", "none", "random", "semantic"] | None = None
-    memory_element: Literal["window", "item"] = "window"  # must match what the retriever was trained on
+    # memory element kind; None = the retriever's (train_report.json), else window
+    memory_element: Literal["window", "item"] | None = None
     max_new_tokens: int = Field(default=32, ge=1, le=256)
     num_beams: int = Field(default=1, ge=1, le=16)
     llm_batch_size: int = Field(default=16, ge=1)

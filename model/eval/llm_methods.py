@@ -8,7 +8,7 @@ slot (``model/recommend.py``). Options (``automr evaluate --option key=value``):
     dtype=bfloat16     bfloat16 | float32
     generator=DIR      tuned upper layers; default ARTEFACTS/generator (base model when absent)
     retriever=DIR      default ARTEFACTS/retriever (automr only)
-    element=window     memory element kind: window | item
+    element=           memory element kind: window | item (default: the retriever's, else window)
     n_slots=1          top-k elements into k slots
     max_new_tokens=32, num_beams=1, batch_size=16
     constrained=false  beam search restricted to real titles (num_beams beams; see model/recommend.py)
@@ -89,7 +89,7 @@ def _factory(name: str, policy: str, full_history: bool = False):
             ds.catalogue.titles, root, domain=ds.domain, k_short=ds.k_short, model=opt.get("model"),
             cut=int(opt.get("cut", 20)), dtype=opt.get("dtype", "bfloat16"), generator_dir=opt.get("generator"),
             retriever_dir=opt.get("retriever"), need_retriever=policy == "learned",
-            element=opt.get("element", "window"), n_slots=int(opt.get("n_slots", 1)), progress=ctx.progress,
+            element=opt.get("element"), n_slots=int(opt.get("n_slots", 1)), progress=ctx.progress,
         )
         rec = pipe.recommender(policy, full_history, max_new_tokens=int(opt.get("max_new_tokens", 32)),
                                num_beams=int(opt.get("num_beams", 1)), batch_size=int(opt.get("batch_size", 16)),
