@@ -79,7 +79,21 @@ def cmd_report(args, settings: Settings) -> int:
     from model.eval.report import results_table
 
     results = [json.loads(Path(p).read_text()) for p in args.results]
-    print(results_table(results))
+    if not args.paper:
+        print(results_table(results))
+        return 0
+    from model.eval.paper_reports import figure2, figure3, table1
+
+    out = Path(args.paper)
+    out.mkdir(parents=True, exist_ok=True)
+    by = {r["method"]: r for r in results}
+    md = table1(results, seed=args.seed)
+    (out / "table1.md").write_text(md + "\n")
+    print(md)
+    if "automr" in by and "random" in by:
+        _print_json({"figure2_medians": figure2(by["automr"], by["random"], out / "figure2.png", seed=args.seed)})
+    if "automr" in by and "bigrec" in by:
+        _print_json({"figure3": figure3(by["automr"], by["bigrec"], out / "figure3.png")})
     return 0
 
 
@@ -245,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="markdown table of several result JSON files")
     rep.add_argument("results", nargs="+")
+    rep.add_argument("--paper", default=None, help="write Table 1 (+ paired CIs, memorization) and Figures 2-3 here")
+    rep.add_argument("--seed", type=int, default=0)
     rep.set_defaults(func=cmd_report)
 
     srv = sub.add_parser("serve", help="the HTTP service (uvicorn); settings from AUTOMR_* env vars")
