@@ -91,14 +91,15 @@ def main() -> None:
     if "automr" in p50:
         result["ratios_p50"]["automr/bigrec"] = p50["automr"] / p50["bigrec"]
         result["ratios_p50"]["automr/full-history"] = p50["automr"] / p50["full-history"]
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
     print(f"{'stage':<14} {'p50 ms':>9} {'p90 ms':>9} {'mean ms':>9} {'prompt tok':>11}")
     for k, v in result["stages"].items():
         tok = result["prompt_tokens_mean"].get(k)
-        print(f"{k:<14} {v['p50_ms']:>9.1f} {v['p90_ms']:>9.1f} {v['mean_ms']:>9.1f} {tok if tok is None else round(tok):>11}")
+        tok_s = "-" if tok is None else str(round(tok))
+        print(f"{k:<14} {v['p50_ms']:>9.1f} {v['p90_ms']:>9.1f} {v['mean_ms']:>9.1f} {tok_s:>11}")
     for k, v in result["ratios_p50"].items():
         print(f"ratio p50 {k}: {v:.3f}")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
