@@ -113,3 +113,23 @@ def tiny_split(tiny_lm, tiny_tokenizer):
 @pytest.fixture
 def tiny_titles() -> list[str]:
     return list(TINY_TITLES)
+
+
+def write_tiny_csv_dataset(folder, n_users: int, per_user: int, seed: int, step: int = 100) -> None:
+    """A generic-CSV dataset over TINY_TITLES: items.csv + interactions.csv (each user rates
+    ``per_user`` distinct random items, one every ``step`` seconds)."""
+    import csv
+    import random
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "items.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["item_id", "title"])
+        w.writerows([[str(i), t] for i, t in enumerate(TINY_TITLES, start=1)])
+    rng = random.Random(seed)
+    with open(folder / "interactions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["user_id", "item_id", "timestamp"])
+        for u in range(n_users):
+            for j, it in enumerate(rng.sample(range(1, len(TINY_TITLES) + 1), per_user)):
+                w.writerow([f"u{u}", str(it), step * j + u])

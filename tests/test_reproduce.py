@@ -2,31 +2,14 @@
 the reports are written, and a second run resumes from the cached stages."""
 from __future__ import annotations
 
-import csv
 import json
-import random
 
 from service.reproduce import ReproduceConfig, reproduce
-from tests.conftest import TINY_TITLES, build_tiny_lm, build_tiny_tokenizer
-
-
-def _raw(folder):
-    folder.mkdir()
-    with open(folder / "items.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["item_id", "title"])
-        w.writerows([[str(i), t] for i, t in enumerate(TINY_TITLES, start=1)])
-    rng = random.Random(5)
-    with open(folder / "interactions.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["user_id", "item_id", "timestamp"])
-        for u in range(6):
-            for j, it in enumerate(rng.sample(range(1, len(TINY_TITLES) + 1), 15)):
-                w.writerow([f"u{u}", str(it), 100 * j + u])
+from tests.conftest import build_tiny_lm, build_tiny_tokenizer, write_tiny_csv_dataset
 
 
 def test_reproduce_runs_every_stage_and_resumes(tmp_path, one_thread, capsys):
-    _raw(tmp_path / "raw")
+    write_tiny_csv_dataset(tmp_path / "raw", n_users=6, per_user=15, seed=5)
     tok = build_tiny_tokenizer()
     model_dir = tmp_path / "tiny-model"
     build_tiny_lm(len(tok)).save_pretrained(model_dir)

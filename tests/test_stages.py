@@ -2,9 +2,6 @@
 evaluator method, all through the artefact folder (resumable)."""
 from __future__ import annotations
 
-import csv
-import random
-
 import pytest
 import torch
 
@@ -18,7 +15,7 @@ from model.retriever import Retriever
 from model.train.labels import LabelSet
 from model.train.retriever import RetrieverTrainConfig
 from model.train.stages import LabelBudget, train_retriever_stage
-from tests.conftest import TINY_TITLES, build_tiny_lm, build_tiny_tokenizer
+from tests.conftest import build_tiny_lm, build_tiny_tokenizer, write_tiny_csv_dataset
 
 K = 3
 
@@ -27,18 +24,7 @@ K = 3
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
     raw = root / "raw"
-    raw.mkdir()
-    with open(raw / "items.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["item_id", "title"])
-        w.writerows([[str(i), t] for i, t in enumerate(TINY_TITLES, start=1)])
-    rng = random.Random(3)
-    with open(raw / "interactions.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["user_id", "item_id", "timestamp"])
-        for u in range(4):
-            for j, it in enumerate(rng.sample(range(1, len(TINY_TITLES) + 1), 12)):
-                w.writerow([f"u{u}", str(it), 1000 * j + u])
+    write_tiny_csv_dataset(raw, n_users=4, per_user=12, seed=3, step=1000)
     ds = prepare("csv", raw, root / "prepared", ProtocolConfig(min_item=1, min_user=1, k_short=K), domain="movie",
                  progress=False)
     return ds, root
