@@ -21,6 +21,7 @@ from model.data.protocol import ProtocolConfig
 from model.retriever import Retriever, RetrieverConfig
 from service.app import create_app
 from service.cli import build_parser
+from service.components import load_components
 from service.settings import Settings
 from tests.conftest import build_tiny_lm, build_tiny_tokenizer
 from tests.redis_fixtures import memory_store, redis_server, redis_url  # noqa: F401
@@ -52,7 +53,15 @@ def test_uvicorn_listens_before_ready_then_serves(on_disk, memory_store, redis_u
     settings = Settings(home=root, data_dir=root / "data", artefacts_dir=root / "art", model_path=root / "model",
                         cut_layer=2, dtype="float32", redis_url=redis_url, max_new_tokens=4, encode_on_write=False,
                         host="127.0.0.1", port=free_tcp_port())
-    app = create_app(settings)
+    # the real loading path (load_components from disk), held until the test has seen a 503, so that
+    # "answers while loading" does not depend on how fast the machine loads the tiny model
+    seen_503 = threading.Event()
+
+    def gated_load():
+        seen_503.wait(60)
+        return load_components(settings)
+
+    app = create_app(settings, components=gated_load)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -72,6 +81,7 @@ def test_uvicorn_listens_before_ready_then_serves(on_disk, memory_store, redis_u
                     break
                 assert r.json()["error"] == "not_ready"
                 assert client.get("/healthz").status_code == 200
+                seen_503.set()
                 time.sleep(0.01)
             assert statuses[0] == 503 and statuses[-1] == 200  # answered while loading, then ready
             ready = r.json()
