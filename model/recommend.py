@@ -194,9 +194,10 @@ class Recommender:
         return texts, beams
 
     def ground(self, requests: Sequence[RecommendRequest], texts: Sequence[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
-        cleaned = [clean_generated(t) or " " for t in texts]
-        emb = self.lm.embed_final(cleaned, batch_size=max(self.config.batch_size, 16))  # [B, H]
-        return self.index.rank(emb.numpy(), exclude=[r.exclude for r in requests], topk=topk)
+        """BIGRec grounding of the generated texts (clean -> base-model embedding -> L2 rank)."""
+        embed = lambda batch: self.lm.embed_final(list(batch), base=True).numpy()  # noqa: E731  [b, H]
+        return self.index.ground(texts, embed, exclude=[r.exclude for r in requests], topk=topk,
+                                 batch_size=max(self.config.batch_size, 16))
 
     # ---- the whole path ------------------------------------------------------------------------
 
