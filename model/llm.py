@@ -62,14 +62,23 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------------------------------
 
 
+# A lazy slot filler: given the layer-L state of each prompt's last token (its z_t) [B, H] float32,
+# returns the slot vectors [B, S, H] and which rows take them [B] bool (the others keep the placeholder).
+SlotSelect = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 @dataclass
 class _SlotFill:
-    """One request's replacement: applied once, to the first (prefill) output of ``module``."""
+    """One request's replacement: applied once, to the first (prefill) output of ``module``.
+
+    Either fixed ``vectors`` or a ``select`` function that picks them from the prefill's own layer-L
+    state of the last prompt token (z_t), so that AutoMR needs no separate lower-layer pass."""
 
     module: nn.Module  # the decoder layer whose output is patched (layers[L-1])
     positions: torch.Tensor  # [B, S] long, positions in the (padded) prefill input
-    vectors: torch.Tensor  # [B, S, H]
+    vectors: torch.Tensor | None  # [B, S, H]
     seq_len: int  # length of the prefill input; a call of another length is not the prefill
+    select: "SlotSelect | None" = None
     done: bool = False
 
 
@@ -91,10 +100,22 @@ def _slot_hook(module: nn.Module, args, output):
     if h.shape[0] % rows:
         raise RuntimeError(f"batch of {h.shape[0]} rows is not a multiple of the {rows} prompts")
     rep = h.shape[0] // rows  # generate() expands each prompt num_beams times with repeat_interleave
+    use = None
+    if fill.select is not None:
+        z = h[::rep, -1].float()  # [B, H] the last prompt token's layer-L state (left padding: real token)
+        vectors, use = fill.select(z)
+        if not bool(use.any()):
+            return None
+    else:
+        vectors = fill.vectors
     pos = fill.positions.repeat_interleave(rep, dim=0).to(h.device)  # [B', S]
-    vec = fill.vectors.repeat_interleave(rep, dim=0).to(device=h.device, dtype=h.dtype)  # [B', S, H]
+    vec = vectors.repeat_interleave(rep, dim=0).to(device=h.device, dtype=h.dtype)  # [B', S, H]
     h = h.clone()
-    h[torch.arange(h.shape[0], device=h.device)[:, None], pos] = vec
+    rows_idx = torch.arange(h.shape[0], device=h.device)[:, None]  # [B', 1]
+    if use is not None:  # rows without memory keep their own (placeholder) states
+        keep = ~use.to(h.device).repeat_interleave(rep, dim=0)  # [B']
+        vec = torch.where(keep[:, None, None], h[rows_idx, pos], vec)
+    h[rows_idx, pos] = vec
     return (h, *output[1:]) if isinstance(output, tuple) else h
 
 
@@ -105,8 +126,11 @@ class slot_fill:
     Used by ``SplitLM.generate`` and by training with memory; safe across threads and asyncio tasks.
     """
 
-    def __init__(self, split: "SplitLM", positions: torch.Tensor, vectors: torch.Tensor, seq_len: int):
-        self._fill = _SlotFill(split.model.model.layers[split.cut - 1], positions, vectors, seq_len)
+    def __init__(self, split: "SplitLM", positions: torch.Tensor, vectors: torch.Tensor | None, seq_len: int,
+                 select: SlotSelect | None = None):
+        if (vectors is None) == (select is None):
+            raise ValueError("give exactly one of vectors and select")
+        self._fill = _SlotFill(split.model.model.layers[split.cut - 1], positions, vectors, seq_len, select)
         self._token = None
 
     def __enter__(self) -> "slot_fill":
@@ -362,11 +386,16 @@ class SplitLM:
         prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = None,
         return_ids: bool = False,
         num_return_sequences: int = 1,
+        slot_select: SlotSelect | None = None,
+        n_slots: int = 1,
     ) -> list:
         """Greedy (or beam) generation from a batch of prompts; the decoded new tokens per prompt.
 
         ``slot_vectors`` [B, S, H] replace the layer-L states at each prompt's ``slot_positions``
         (prefill only); ``None`` keeps the placeholder's own states (BIGRec, no memory).
+        ``slot_select`` (instead of ``slot_vectors``; ``n_slots`` slots per prompt) picks them during
+        the prefill from each prompt's z_t, the layer-L state of its last token (``SlotSelect``): the
+        same z_t as ``encode_lower`` of the prompt, without a second lower-layer pass.
         ``prefix_allowed_tokens_fn(batch_id, input_ids)`` is passed to ``generate`` as is (HF
         convention): ``input_ids`` is the whole row, left-padded to T = max prompt length, so the new
         tokens start at index T (``max(len(p.input_ids) for p in prompts)``); ``batch_id`` is the
@@ -382,9 +411,14 @@ class SplitLM:
         ids, mask = left_pad([p.input_ids for p in prompts], self.pad_id, self.device)
         b, t = ids.shape
         fill = None
+        if slot_vectors is not None and slot_select is not None:
+            raise ValueError("give slot_vectors or slot_select, not both")
         if slot_vectors is not None:
-            positions = self._padded_slot_positions(prompts, mask, slot_vectors)
+            positions = self._padded_slot_positions(prompts, mask, tuple(slot_vectors.shape))
             fill = slot_fill(self, positions, slot_vectors, seq_len=t)
+        elif slot_select is not None:
+            positions = self._padded_slot_positions(prompts, mask, (b, n_slots, self.hidden_size))
+            fill = slot_fill(self, positions, None, seq_len=t, select=slot_select)
         gen_cfg = GenerationConfig(
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
@@ -413,14 +447,13 @@ class SplitLM:
     def _strip_eos(self, seq: list[int]) -> list[int]:
         return seq[: seq.index(self.eos_id)] if self.eos_id in seq else seq
 
-    def _padded_slot_positions(self, prompts, mask, slot_vectors) -> torch.Tensor:
-        """Slot positions [B, S] in the left-padded batch (each row shifted by its padding)."""
+    def _padded_slot_positions(self, prompts, mask, shape: tuple[int, ...]) -> torch.Tensor:
+        """Slot positions [B, S] in the left-padded batch (each row shifted by its padding);
+        ``shape`` is the slot vectors' [B, S, H]."""
         b = len(prompts)
-        if slot_vectors.ndim != 3 or slot_vectors.shape[0] != b or slot_vectors.shape[2] != self.hidden_size:
-            raise ValueError(
-                f"slot_vectors must be [B={b}, S, H={self.hidden_size}], got {tuple(slot_vectors.shape)}"
-            )
-        s = slot_vectors.shape[1]
+        if len(shape) != 3 or shape[0] != b or shape[2] != self.hidden_size:
+            raise ValueError(f"slot_vectors must be [B={b}, S, H={self.hidden_size}], got {tuple(shape)}")
+        s = shape[1]
         pads = (mask == 0).sum(-1).tolist()
         rows = []
         for i, p in enumerate(prompts):

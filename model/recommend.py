@@ -43,7 +43,7 @@ class RecommendRequest:
     context: list[int]  # the titles shown in the prompt (the last K, or the whole history)
     memory: torch.Tensor | None = None  # [M, H] memory element vectors, oldest first (None: no memory)
     exclude: set[int] = field(default_factory=set)  # items never recommended (the user's seen items)
-    query: torch.Tensor | None = None  # [H] z_t when the caller already has it (cache); else computed
+    query: torch.Tensor | None = None  # [H] z_t when the caller already has it (cache); else from the prefill
     seed: int = 0  # for the random policy
 
 
@@ -115,82 +115,89 @@ class Recommender:
         with_slot = not self.config.full_history
         return [self.builder.build([self.titles[i] for i in r.context], with_slot=with_slot) for r in requests]
 
-    def select_memory(
-        self, requests: Sequence[RecommendRequest], prompts: Sequence[PromptIds]
-    ) -> list[tuple[list[int], list[float]]]:
-        """Per request: the memory positions that fill the slots, and their scores ([] = no memory)."""
+    def select_memory(self, requests: Sequence[RecommendRequest]) -> list[tuple[list[int], list[float]] | None]:
+        """Per request: the memory positions that fill the slots and their scores ([] = no memory), or
+        ``None`` when the pick needs z_t that the caller did not give: it is then made during the
+        generator's own prefill (``generate``), from the same layer-L state, without a second pass."""
         policy, k = self.config.policy, self.config.n_slots
-        out: list[tuple[list[int], list[float]]] = [([], []) for _ in requests]
-        rows = [i for i, r in enumerate(requests) if r.memory is not None and len(r.memory) > 0]
-        if policy == "none" or not rows:
+        out: list[tuple[list[int], list[float]] | None] = [([], []) for _ in requests]
+        if policy == "none":
             return out
-        if policy == "random":
-            for i in rows:
-                m = len(requests[i].memory)
-                rng = np.random.default_rng(requests[i].seed)
-                pick = rng.choice(m, size=min(k, m), replace=False).tolist()
+        for i, r in enumerate(requests):
+            if r.memory is None or len(r.memory) == 0:
+                continue
+            if policy == "random":
+                m = len(r.memory)
+                pick = np.random.default_rng(r.seed).choice(m, size=min(k, m), replace=False).tolist()
                 out[i] = (pick, [float("nan")] * len(pick))
-            return out
-        queries = self._queries([requests[i] for i in rows], [prompts[i] for i in rows])  # [b, H]
-        for j, i in enumerate(rows):
-            mem = requests[i].memory.float()  # [M, H]
-            if policy == "semantic":
-                s = torch.nn.functional.cosine_similarity(mem, queries[j][None, :], dim=-1)  # [M]
-            else:  # learned
-                with torch.no_grad():
-                    s = self.retriever.scores(queries[j][None, :], mem[None])[0]  # [M]
-            top = torch.topk(s, min(k, len(s)))
-            out[i] = (top.indices.tolist(), top.values.tolist())
+            elif r.query is None:
+                out[i] = None  # picked lazily from the prefill's z_t
+            else:
+                out[i] = self.pick(r.memory, r.query.float())
         return out
 
-    def _queries(self, requests: Sequence[RecommendRequest], prompts: Sequence[PromptIds]) -> torch.Tensor:
-        """z_t [b, H]: given by the caller, or the layer-L last-token state of the generation prompt."""
-        todo = [j for j, r in enumerate(requests) if r.query is None]
-        encoded = self.lm.encode_lower([prompts[j].input_ids for j in todo], batch_size=self.config.batch_size) if todo else None
-        rows, it = [], 0
-        for j, r in enumerate(requests):
-            if r.query is None:
-                rows.append(encoded[it])
-                it += 1
-            else:
-                rows.append(r.query.float())
-        return torch.stack(rows)
+    def pick(self, memory: torch.Tensor, query: torch.Tensor) -> tuple[list[int], list[float]]:
+        """The top-``n_slots`` elements of ``memory`` [M, H] for the query z_t [H] under the policy."""
+        mem = memory.float()  # [M, H]
+        if self.config.policy == "semantic":
+            s = torch.nn.functional.cosine_similarity(mem, query[None, :], dim=-1)  # [M]
+        else:  # learned
+            with torch.no_grad():
+                s = self.retriever.scores(query[None, :], mem[None])[0]  # [M]
+        top = torch.topk(s, min(self.config.n_slots, len(s)))
+        return top.indices.tolist(), top.values.tolist()
+
+    def _slot_select(self, requests: Sequence[RecommendRequest], rows: Sequence[int],
+                     picks: list[tuple[list[int], list[float]] | None]):
+        """The prefill's slot filler for one generation batch (``SplitLM.generate(slot_select=...)``):
+        rows with a full pick take its vectors, lazy rows are picked from their z_t here (``picks`` is
+        completed in place), the others keep the placeholder. None when no row takes memory."""
+        k, h = self.config.n_slots, self.lm.hidden_size
+        if not any(picks[i] is None or len(picks[i][0]) == k for i in rows):
+            return None
+
+        def select(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # z [b, H]
+            vec = torch.zeros(len(rows), k, h)  # [b, k, H]
+            use = torch.zeros(len(rows), dtype=torch.bool)  # [b]
+            for j, i in enumerate(rows):
+                if picks[i] is None:
+                    picks[i] = self.pick(requests[i].memory, z[j])
+                if len(picks[i][0]) == k:
+                    vec[j] = requests[i].memory[picks[i][0]].float()
+                    use[j] = True
+            return vec, use
+
+        return select
 
     def generate(
-        self, requests: Sequence[RecommendRequest], prompts: Sequence[PromptIds], picks: Sequence[tuple[list[int], list[float]]]
+        self, requests: Sequence[RecommendRequest], prompts: Sequence[PromptIds],
+        picks: list[tuple[list[int], list[float]] | None],
     ) -> tuple[list[str], list[list[int]]]:
         """Generated text per request (and, when constrained, the items of its beams, best first).
 
-        Rows with a full set of slot vectors and rows without memory go in separate ``generate``
-        calls (the latter keep the placeholder state)."""
-        cfg, k = self.config, self.config.n_slots
+        One ``generate`` call per ``batch_size`` requests: rows with a full set of slot vectors get
+        them at layer L, rows without memory keep the placeholder state; lazy picks (``None``) are
+        made inside the prefill and written back into ``picks``."""
+        cfg = self.config
         texts: list[str] = [""] * len(requests)
         beams: list[list[int]] = [[] for _ in requests]
-        filled = [i for i, (idx, _) in enumerate(picks) if len(idx) == k]
-        filled_set = set(filled)
-        empty = [i for i in range(len(requests)) if i not in filled_set]
-        for group, with_vectors in ((filled, True), (empty, False)):
-            for s in range(0, len(group), cfg.batch_size):
-                rows = group[s : s + cfg.batch_size]
-                batch = [prompts[i] for i in rows]
-                vectors = None
-                if with_vectors:
-                    vectors = torch.stack([requests[i].memory[picks[i][0]] for i in rows])  # [b, k, H]
-                if not cfg.constrained:
-                    outs = self.lm.generate(batch, slot_vectors=vectors, max_new_tokens=cfg.max_new_tokens,
-                                            num_beams=cfg.num_beams)
-                    for i, t in zip(rows, outs):
-                        texts[i] = t
-                    continue
-                t_pad = max(len(p.input_ids) for p in batch)  # new tokens start here (left padding)
-                seqs = self.lm.generate(batch, slot_vectors=vectors, max_new_tokens=cfg.max_new_tokens,
-                                        num_beams=cfg.num_beams, num_return_sequences=cfg.num_beams,
-                                        prefix_allowed_tokens_fn=self.trie.prefix_allowed_tokens_fn(t_pad),
-                                        return_ids=True)
-                for i, row in zip(rows, seqs):
-                    row = row if cfg.num_beams > 1 else [row]
-                    beams[i] = beams_to_items(self.trie, row)
-                    texts[i] = self.lm.tokenizer.decode(row[0], skip_special_tokens=True)
+        for s in range(0, len(requests), cfg.batch_size):
+            rows = list(range(s, min(s + cfg.batch_size, len(requests))))
+            batch = [prompts[i] for i in rows]
+            select = self._slot_select(requests, rows, picks)
+            common = dict(slot_select=select, n_slots=cfg.n_slots, max_new_tokens=cfg.max_new_tokens,
+                          num_beams=cfg.num_beams)
+            if not cfg.constrained:
+                for i, t in zip(rows, self.lm.generate(batch, **common)):
+                    texts[i] = t
+                continue
+            t_pad = max(len(p.input_ids) for p in batch)  # new tokens start here (left padding)
+            seqs = self.lm.generate(batch, num_return_sequences=cfg.num_beams, return_ids=True,
+                                    prefix_allowed_tokens_fn=self.trie.prefix_allowed_tokens_fn(t_pad), **common)
+            for i, row in zip(rows, seqs):
+                row = row if cfg.num_beams > 1 else [row]
+                beams[i] = beams_to_items(self.trie, row)
+                texts[i] = self.lm.tokenizer.decode(row[0], skip_special_tokens=True)
         return texts, beams
 
     def ground(self, requests: Sequence[RecommendRequest], texts: Sequence[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
@@ -207,8 +214,9 @@ class Recommender:
             return []
         topk = topk or self.config.topk
         prompts = self.prompts(requests)
-        picks = self.select_memory(requests, prompts)
+        picks = self.select_memory(requests)
         texts, beams = self.generate(requests, prompts, picks)
+        picks = [p if p is not None else ([], []) for p in picks]
         items, dist = self.ground(requests, texts, topk)
         out = []
         for i, r in enumerate(requests):

@@ -124,7 +124,7 @@ def test_generate_with_cache_equals_uncached_recompute(tiny_split, tiny_titles):
         assert got[i] == ref, f"row {i}"
     # logits of every step, through the same hook + HF generate with its KV cache
     ids, mask = left_pad([p.input_ids for p in prompts], tiny_split.pad_id)
-    pos = tiny_split._padded_slot_positions(prompts, mask, vecs)
+    pos = tiny_split._padded_slot_positions(prompts, mask, tuple(vecs.shape))
     with slot_fill(tiny_split, pos, vecs, ids.shape[1]):
         out = tiny_split.model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
                                         min_new_tokens=5, output_logits=True, return_dict_in_generate=True,

@@ -122,3 +122,29 @@ def test_constrained_beams_are_real_titles_and_respect_exclusions(parts):
         assert len(r.items) == len(set(r.items)) == 10
         assert not set(r.items) & req.exclude
         assert r.generated in TINY_TITLES
+
+
+@pytest.mark.parametrize("policy,num_beams", [("learned", 1), ("semantic", 2)])
+def test_pick_from_the_prefill_equals_pick_from_a_separate_lower_pass(parts, policy, num_beams, monkeypatch):
+    """z_t taken inside the generator's prefill (no query given) = z_t from encode_lower: same picks,
+    same text, same ranking; and no separate lower-layer pass runs."""
+    lm, builder, _ = parts
+    rec = _rec(parts, policy=policy, num_beams=num_beams)
+    contexts = [[0, 1, 2], [3, 4, 5, 6, 7], [8, 9], [1, 4]]
+    mems = [_memory(lm, 6, seed=1), None, _memory(lm, 9, seed=2), _memory(lm, 3, seed=3)]
+    lazy = [RecommendRequest(context=c, memory=m) for c, m in zip(contexts, mems)]
+    z = lm.encode_lower([builder.build([TINY_TITLES[i] for i in c]).input_ids for c in contexts])  # [4, H]
+    eager = [RecommendRequest(context=c, memory=m, query=z[j]) for j, (c, m) in enumerate(zip(contexts, mems))]
+    want = rec.recommend(eager, topk=6)
+
+    calls = []
+    real = lm.encode_lower
+    monkeypatch.setattr(lm, "encode_lower", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = rec.recommend(lazy, topk=6)
+    assert calls == []
+    for g, w, m in zip(got, want, mems):
+        assert g.memory_indices == w.memory_indices
+        assert (g.memory_indices != []) == (m is not None)
+        assert g.memory_scores == pytest.approx(w.memory_scores, abs=1e-4)
+        assert g.generated == w.generated
+        assert g.items == w.items
