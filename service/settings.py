@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -66,6 +66,17 @@ class Settings(BaseSettings):
     redis_appendfsync: Literal["always", "everysec", "no"] = "always"  # embedded server only
     redis_timeout_s: float = Field(default=5.0, gt=0)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_json: bool = True  # structured (one JSON object per line) logs with the request id
+
+    # ---- production serving (issue 6) ----
+    # dynamic batching of concurrent /recommend calls into one LLM pass
+    batch_max_size: int = Field(default=8, ge=1)  # requests per model call
+    batch_max_wait_ms: float = Field(default=5.0, ge=0)  # how long the first request waits for company
+    max_queue: int = Field(default=64, ge=1)  # requests waiting for the model; more -> 429 + Retry-After
+    # security and limits
+    api_key: SecretStr | None = None  # when set: `Authorization: Bearer <key>` on every non-health endpoint
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)  # larger request bodies -> 413
+    shutdown_grace_s: float = Field(default=30.0, ge=0)  # drain in-flight requests and the encoder on SIGTERM
 
     def resolved_data_dir(self) -> Path:
         return self.data_dir or self.home / "data" / self.dataset
