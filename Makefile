@@ -5,10 +5,14 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install test lint assets data serve clean
+.PHONY: install test lint assets data artefacts serve clean
 
 # the prepared dataset (and, under it, artefacts/) that `make serve` uses
-DATA   ?= runs/ml-100k
+RUNS   ?= runs
+DATA    = $(RUNS)/ml-100k
+# trained artefacts the service loads: those of `automr reproduce` when present, else a quick-start
+# set trained once on a small budget (generator 128 samples x 1 epoch, retriever on 48+16 labelled samples)
+ART    ?= $(if $(wildcard $(DATA)/artefacts/retriever/retriever.safetensors),$(DATA)/artefacts,$(DATA)/quickstart)
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +37,14 @@ assets: $(STAMP)
 data: assets
 	test -f $(DATA)/stats.json || $(BIN)/automr data prepare --dataset ml-100k --out $(DATA)
 
+artefacts: data
+	test -f $(ART)/retriever/retriever.safetensors || $(BIN)/automr reproduce --dataset ml-100k --runs $(RUNS) \
+	  --artefacts $(ART) --until retriever --generator-samples 128 --generator-epochs 1 --generator-valid 64 \
+	  --label-train 48 --label-valid 16
+
 # The service on the embedded defaults (SmolLM2, ML-100K, embedded Redis): docs/SERVICE.md
-serve: data
-	AUTOMR_DATA_DIR=$(DATA) $(BIN)/automr serve
+serve: artefacts
+	AUTOMR_DATA_DIR=$(DATA) AUTOMR_ARTEFACTS_DIR=$(ART) $(BIN)/automr serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache

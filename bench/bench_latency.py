@@ -3,8 +3,10 @@
 Prints, per stage, p50/p90/mean over N test samples:
   encode_lower   layers 1..L over the short-term prompt (the query z_t / a memory element)
   bigrec         full recommendation without memory (prefill + generation + grounding)
-  automr         the same with a retrieved memory element in the slot (needs ARTEFACTS/retriever;
-                 skipped otherwise; `--policy semantic` measures the same path with cosine retrieval)
+  automr         the same with a retrieved memory element in the slot, as the service runs it: the
+                 memory vectors are read (from the offline cache here, from Redis online) and z_t is
+                 taken from the generator's own prefill (needs ARTEFACTS/retriever; skipped otherwise;
+                 `--policy semantic` measures the same path with cosine retrieval)
   full-history   every history title in the prompt (up to 100), no slot
 and the ratios automr/bigrec and full-history/bigrec, all measured in this one process.
 
@@ -63,6 +65,7 @@ def main() -> None:
 
     times: dict[str, list[float]] = {"encode_lower": [], **{k: [] for k in rankers}}
     prompt_tokens: dict[str, list[int]] = {k: [] for k in rankers}
+    new_tokens: dict[str, list[int]] = {k: [] for k in rankers}
     for s in samples[:2]:  # warm-up
         for r in rankers.values():
             r.rank([s], 20)
@@ -73,10 +76,12 @@ def main() -> None:
         times["encode_lower"].append(time.perf_counter() - t0)
         for name, r in rankers.items():
             req = r._request(s)
+            req.query = None  # online: z_t from the generator's prefill, no separate lower pass
             prompt_tokens[name].append(len(r.recommender.prompts([req])[0].input_ids))
             t0 = time.perf_counter()
-            r.recommender.recommend([req], topk=20)
+            rec = r.recommender.recommend([req], topk=20)[0]
             times[name].append(time.perf_counter() - t0)
+            new_tokens[name].append(len(lm.tokenizer(rec.generated, add_special_tokens=False).input_ids))
 
     result = {
         "n": len(samples),
@@ -84,6 +89,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor() or ''} cpus={torch.get_num_threads()}",
         "stages": {k: _summary(v) for k, v in times.items()},
         "prompt_tokens_mean": {k: statistics.mean(v) for k, v in prompt_tokens.items()},
+        "generated_tokens_mean": {k: statistics.mean(v) for k, v in new_tokens.items()},
     }
     p50 = {k: v["p50_ms"] for k, v in result["stages"].items()}
     result["ratios_p50"] = {"full-history/bigrec": p50["full-history"] / p50["bigrec"],
@@ -93,11 +99,12 @@ def main() -> None:
         result["ratios_p50"]["automr/full-history"] = p50["automr"] / p50["full-history"]
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
-    print(f"{'stage':<14} {'p50 ms':>9} {'p90 ms':>9} {'mean ms':>9} {'prompt tok':>11}")
+    print(f"{'stage':<14} {'p50 ms':>9} {'p90 ms':>9} {'mean ms':>9} {'prompt tok':>11} {'gen tok':>8}")
     for k, v in result["stages"].items():
-        tok = result["prompt_tokens_mean"].get(k)
+        tok, gen = result["prompt_tokens_mean"].get(k), result["generated_tokens_mean"].get(k)
         tok_s = "-" if tok is None else str(round(tok))
-        print(f"{k:<14} {v['p50_ms']:>9.1f} {v['p90_ms']:>9.1f} {v['mean_ms']:>9.1f} {tok_s:>11}")
+        gen_s = "-" if gen is None else f"{gen:.1f}"
+        print(f"{k:<14} {v['p50_ms']:>9.1f} {v['p90_ms']:>9.1f} {v['mean_ms']:>9.1f} {tok_s:>11} {gen_s:>8}")
     for k, v in result["ratios_p50"].items():
         print(f"ratio p50 {k}: {v:.3f}")
 

@@ -111,8 +111,39 @@ def cmd_serve(args, settings: Settings) -> int:
 
         torch.set_num_threads(settings.torch_threads)
     logging.getLogger().setLevel(settings.log_level.upper())
+    print(curl_examples(settings), flush=True)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
     return 0
+
+
+def curl_examples(settings: Settings) -> str:
+    """Commands that work as printed against this server once /readyz is 200: a user of the dataset
+    with more than K interactions (so the memory is used) and one of its catalogue's items."""
+    import csv
+
+    base = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
+    auth = ' -H "authorization: Bearer $AUTOMR_API_KEY"' if settings.api_key else ""
+    user, item = "196", "50"
+    try:  # the first user with more than K + 1 interactions, and the item of its first one
+        counts: dict[str, int] = {}
+        first: dict[str, str] = {}
+        with open(settings.resolved_data_dir() / "interactions.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                counts[row["user_id"]] = counts.get(row["user_id"], 0) + 1
+                first.setdefault(row["user_id"], row["item_id"])
+        user = next(u for u, n in counts.items() if n > settings.k_short + 1)
+        item = first[user]
+    except (OSError, StopIteration, KeyError):
+        pass
+    j = "-H 'content-type: application/json'"
+    return "\n".join([
+        f"automr: starting on {base} (wait until `curl -s {base}/readyz` answers 200), then try:",
+        f"  curl -s {base}/recommend{auth} {j} -d '{{\"user_id\": \"{user}\", \"k\": 5}}'",
+        f"  curl -s {base}/recommend{auth} {j} -d '{{\"user_id\": \"{user}\", \"k\": 5, \"mode\": \"bigrec\"}}'",
+        f"  curl -s {base}/interactions{auth} {j} -d '{{\"events\": [{{\"user_id\": \"{user}\", "
+        f"\"item_id\": \"{item}\", \"timestamp\": 1700000000, \"event_id\": \"readme-1\"}}]}}'",
+        f"  curl -s {base}/users/{user}/history{auth}",
+    ])
 
 
 def _artefacts(args, settings: Settings) -> Path:
@@ -166,6 +197,7 @@ def cmd_reproduce(args, settings: Settings) -> int:
                           cut=settings.cut_layer, dtype=settings.dtype,
                           model=str(settings.model_path) if settings.model_path else None,
                           generator_samples=args.generator_samples, generator_epochs=args.generator_epochs,
+                          generator_valid=args.generator_valid, artefacts=args.artefacts, until=args.until,
                           element=args.element, label_train=args.label_train, label_valid=args.label_valid,
                           limit=args.limit, seed=args.seed, methods=methods)
     reproduce(cfg)
@@ -249,12 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--limit", type=int, default=1000, help="seeded test subset, the same for every method")
     rp.add_argument("--generator-samples", type=int, default=1024)
     rp.add_argument("--generator-epochs", type=int, default=2)
+    rp.add_argument("--generator-valid", type=int, default=256, help="valid samples for early stopping")
     rp.add_argument("--element", choices=["window", "item"], default="item",
                     help="memory element kind (window: the paper's, ~100x costlier to encode on a CPU)")
     rp.add_argument("--label-train", type=int, default=128, help="labelled train samples (Eq. 5)")
     rp.add_argument("--label-valid", type=int, default=32)
     rp.add_argument("--methods", default=None, help="comma-separated subset of the methods")
     rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--artefacts", type=Path, default=None, help="artefact folder (default RUNS/<dataset>/artefacts)")
+    rp.add_argument("--until", choices=["data", "generator", "retriever"], default=None,
+                    help="stop after this stage (e.g. the service's quick start: --until retriever)")
     rp.set_defaults(func=cmd_reproduce)
 
     rep = sub.add_parser("report", help="markdown table of several result JSON files")

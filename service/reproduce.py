@@ -15,6 +15,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 METHODS = ("popularity", "sasrec", "bigrec", "full-history", "random", "semantic", "automr")
+STAGES = ("data", "generator", "retriever")  # the stages before evaluation (``--until``)
 
 
 @dataclass
@@ -31,6 +32,7 @@ class ReproduceConfig:
     model: str | None = None
     generator_samples: int = 1024  # BIGRec's budget
     generator_epochs: int = 2
+    generator_valid: int = 256  # valid samples for early stopping
     element: str = "item"  # memory element kind (window is the paper's; item is ~100x cheaper on a CPU)
     label_train: int = 128
     label_valid: int = 32
@@ -39,7 +41,13 @@ class ReproduceConfig:
     limit: int = 1000  # the seeded test subset, the same for every method
     seed: int = 0
     methods: tuple[str, ...] = METHODS
+    artefacts: Path | None = None  # default RUNS/<dataset>/artefacts
+    until: str | None = None  # stop after this stage: "data", "generator" or "retriever" (no evaluation)
     timings: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.until not in (None, *STAGES):
+            raise ValueError(f"until must be one of {STAGES}, got {self.until!r}")
 
 
 def _stage(cfg: ReproduceConfig, name: str, done: bool, fn) -> None:
@@ -54,6 +62,19 @@ def _stage(cfg: ReproduceConfig, name: str, done: bool, fn) -> None:
     print(f"[reproduce] {name}: {cfg.timings[name]} s", flush=True)
 
 
+def _warn_budget(generator_dir: Path, cfg: ReproduceConfig) -> None:
+    """A cached generator tuned on another budget is reused (stages are cached by their output), but say so."""
+    meta = generator_dir / "upper.json"
+    try:
+        report = json.loads(meta.read_text()).get("extra", {}).get("train_report", {})
+    except (OSError, ValueError):
+        return
+    n, epochs = report.get("n_train"), report.get("epochs_run")
+    if n is not None and n != cfg.generator_samples:
+        print(f"[reproduce] note: the cached generator in {generator_dir} was tuned on {n} samples "
+              f"({epochs} epochs), not {cfg.generator_samples}: delete that folder to tune again", flush=True)
+
+
 def reproduce(cfg: ReproduceConfig) -> dict:
     from model.assets import fetch_assets
     from model.data.prepared import PreparedDataset, prepare_cmd
@@ -61,7 +82,7 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     from model.eval.paper_reports import figure2, figure3, table1
 
     data = cfg.runs / cfg.dataset
-    art = data / "artefacts"
+    art = cfg.artefacts or data / "artefacts"
     results = data / "results"
     llm_opts = {"cut": cfg.cut, "dtype": cfg.dtype, "element": cfg.element}
     if cfg.model:
@@ -74,6 +95,8 @@ def reproduce(cfg: ReproduceConfig) -> dict:
            lambda: prepare_cmd(cfg.dataset, str(data), path=cfg.path, min_item=cfg.min_item,
                                min_user=cfg.min_user, k_short=cfg.k_short))
     ds = PreparedDataset.load(data)
+    if cfg.until == "data":
+        return {"timings_s": cfg.timings}
 
     def tune() -> None:
         from model.artefacts import load_lm
@@ -81,10 +104,16 @@ def reproduce(cfg: ReproduceConfig) -> dict:
 
         lm = load_lm(cfg.model, cut=cfg.cut, dtype=cfg.dtype)
         report = train_generator(lm, ds, GeneratorTrainConfig(n_train=cfg.generator_samples, epochs=cfg.generator_epochs,
-                                                              seed=cfg.seed, out_dir=str(art / "generator-run")))
+                                                              n_valid=cfg.generator_valid, seed=cfg.seed,
+                                                              out_dir=str(art / "generator-run")))
         lm.save_upper(art / "generator", extra={"train_report": report.to_json(), "dataset": ds.name})
 
-    _stage(cfg, "generator", (art / "generator" / "upper.safetensors").is_file(), tune)
+    gen_done = (art / "generator" / "upper.safetensors").is_file()
+    if gen_done:
+        _warn_budget(art / "generator", cfg)
+    _stage(cfg, "generator", gen_done, tune)
+    if cfg.until == "generator":
+        return {"timings_s": cfg.timings}
 
     def retriever() -> None:
         from model.train.retriever import RetrieverTrainConfig
@@ -94,8 +123,10 @@ def reproduce(cfg: ReproduceConfig) -> dict:
         train_retriever_stage(pipe, ds, art, LabelBudget(cfg.label_train, cfg.label_valid, cfg.per_user, cfg.seed),
                               RetrieverTrainConfig(tau=cfg.tau, seed=cfg.seed))
 
-    if "automr" in cfg.methods:
+    if "automr" in cfg.methods or cfg.until == "retriever":
         _stage(cfg, "retriever", (art / "retriever" / "retriever.safetensors").is_file(), retriever)
+    if cfg.until == "retriever":
+        return {"timings_s": cfg.timings}
 
     for m in cfg.methods:
         out = results / f"{m}.json"

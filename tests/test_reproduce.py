@@ -35,3 +35,32 @@ def test_reproduce_runs_every_stage_and_resumes(tmp_path, one_thread, capsys):
     again = reproduce(ReproduceConfig(**cfg))
     assert set(again["timings_s"]) == {"total"}  # every stage cached
     assert "generator: cached" in capsys.readouterr().out
+
+
+def test_reproduce_until_retriever_trains_into_the_given_folder_and_evaluates_nothing(tmp_path, one_thread, capsys):
+    """The service's quick start: `--until retriever --artefacts DIR` (Makefile `artefacts`)."""
+    write_tiny_csv_dataset(tmp_path / "raw", n_users=5, per_user=14, seed=2)
+    tok = build_tiny_tokenizer()
+    model_dir = tmp_path / "tiny-model"
+    build_tiny_lm(len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    quick = tmp_path / "quick"
+    cfg = dict(dataset="csv", path=str(tmp_path / "raw"), runs=tmp_path / "runs", docs=tmp_path / "docs",
+               min_item=1, min_user=1, k_short=3, cut=2, dtype="float32", model=str(model_dir),
+               generator_samples=6, generator_epochs=1, generator_valid=4, label_train=3, label_valid=2,
+               per_user=2, artefacts=quick, until="retriever")
+    report = reproduce(ReproduceConfig(**cfg))
+    assert set(report["timings_s"]) == {"data", "generator", "retriever"}
+    assert (quick / "generator" / "upper.safetensors").is_file()
+    assert (quick / "retriever" / "retriever.safetensors").is_file()
+    assert not (tmp_path / "runs" / "csv" / "artefacts").exists()  # nothing written to the default folder
+    assert not (tmp_path / "runs" / "csv" / "results").exists() and not (tmp_path / "docs").exists()
+    upper = json.loads((quick / "generator" / "upper.json").read_text())
+    assert upper["extra"]["train_report"]["n_train"] == 6
+
+    capsys.readouterr()
+    cfg["generator_samples"] = 7  # another budget: the cached generator is reused, and that is said
+    again = reproduce(ReproduceConfig(**cfg))
+    assert set(again["timings_s"]) == set()
+    out = capsys.readouterr().out
+    assert "tuned on 6 samples" in out and "retriever: cached" in out
