@@ -28,6 +28,7 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import redis
 
@@ -84,7 +85,8 @@ class EmbeddedRedis:
     >>> server.stop()                                     # SHUTDOWN (AOF fsynced), wait for exit
 
     ``owned`` is True when this object started the process; ``with EmbeddedRedis(...)`` stops the
-    server at exit only if it owns it.
+    server at exit only if it owns it. ``restart()`` brings a dead server back on the same socket
+    (or TCP port) and data directory (see ``resilience.EmbeddedSupervisor``).
     """
 
     def __init__(
@@ -112,6 +114,8 @@ class EmbeddedRedis:
         self.url: str | None = None
         self.pid: int | None = None
         self.owned = False
+        self.stopped = False  # stop() was called: a supervisor must not bring it back
+        self.bound_port: int | None = None  # the TCP port of the last spawn: a restart reuses it
         self._proc: subprocess.Popen | None = None
 
     # --- paths -------------------------------------------------------------------------------
@@ -130,6 +134,7 @@ class EmbeddedRedis:
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "EmbeddedRedis":
         """Attach to the server already running on ``data_dir``, or start one. Returns self."""
+        self.stopped = False
         if self.running():
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +151,17 @@ class EmbeddedRedis:
     def running(self) -> bool:
         return self.pid is not None and pid_alive(self.pid)
 
+    def restart(self) -> "EmbeddedRedis":
+        """After the server died (crash, OOM kill, ``kill -9``): reap it and start again on the same
+        data directory and the same unix socket or TCP port, so that clients reconnect to the same
+        URL. Attaches instead if another process restarted it first. Returns self."""
+        if self.running():
+            return self
+        if self._proc is not None:
+            self._proc.poll()  # reap the zombie of our dead child
+        self.pid, self.url, self.owned, self._proc = None, None, False, None
+        return self.start()
+
     def client(self, **kwargs) -> redis.Redis:
         if self.url is None:
             raise RuntimeError("EmbeddedRedis is not started")
@@ -153,6 +169,7 @@ class EmbeddedRedis:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SHUTDOWN (redis fsyncs the AOF first) and wait for the process to exit."""
+        self.stopped = True
         if self.pid is None:
             return
         if pid_alive(self.pid):
@@ -209,6 +226,7 @@ class EmbeddedRedis:
                 raise RuntimeError(f"redis-server pid {pid} on {self.data_dir} is still loading after {self.start_timeout}s")
             time.sleep(0.05)
         self.pid, self.url, self.owned = pid, url, False
+        self.bound_port = urlsplit(url).port if url.startswith("redis") else None
         return True
 
     def _is_redis(self, pid: int) -> bool:
@@ -248,7 +266,8 @@ class EmbeddedRedis:
         use_unix = self.transport == "unix" and len(str(self.socket_path).encode()) <= UNIX_PATH_MAX
         attempts = 1 if (use_unix or self.port) else 3  # a free port can be taken between pick and bind
         for attempt in range(attempts):
-            port = None if use_unix else (self.port or free_tcp_port())
+            # a restart binds the port of the last spawn again (same URL for the clients) if it is free
+            port = None if use_unix else (self.port or (attempt == 0 and self.bound_port) or free_tcp_port())
             url = f"unix://{self.socket_path}" if use_unix else f"redis://127.0.0.1:{port}/0"
             conf = self.data_dir / "redis.conf"
             conf.write_text(self._config(port))
@@ -266,12 +285,14 @@ class EmbeddedRedis:
                     continue
                 raise
             self._proc, self.pid, self.url, self.owned = proc, proc.pid, url, True
+            self.bound_port = port
             self.info_path.write_text(json.dumps({"pid": proc.pid, "url": url, "executable": str(self.executable)}))
             return
 
     def _wait_ready(self, proc: subprocess.Popen, url: str, log_size: int) -> None:
         deadline = time.monotonic() + self.start_timeout
-        client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=1.0)
+        # short timeouts: whatever else listens on the port (a squatter) must not delay noticing our exit
+        client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
         try:
             while True:
                 if proc.poll() is not None:

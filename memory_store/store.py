@@ -12,10 +12,17 @@ windows changed), and ``put_vectors`` refuses keys that are not in the window an
 Retries: the client never retries a timed-out command (it may have run) and retries a broken
 connection once. Both are safe anyway: appends are idempotent by event id, ``put_vectors`` and
 ``delete_user`` are idempotent by nature.
+
+Failures (resilience.py): every public call raises ``StoreUnavailable`` when Redis cannot answer,
+after at most ``socket_timeout`` (a refused connection: at once). After a timeout the ``Breaker``
+fails calls at once for ``breaker_s``. With an embedded server, an ``EmbeddedSupervisor`` restarts a
+dead one and the failed call is retried once on it. The connection pool reconnects by itself: no
+restart of the app is ever needed once Redis is back.
 """
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Callable, TypeVar
@@ -33,6 +40,7 @@ from tqdm.auto import tqdm
 from . import scripts
 from .codec import decode_member, event_member, pack_vector, to_float16, unpack_payload, vector_header
 from .errors import StoreUnavailable, is_unavailable
+from .resilience import Breaker, EmbeddedSupervisor
 from .keys import DEFAULT_NAMESPACE, MAX_EVENT_ID_CHARS, check_namespace, check_text, user_keys
 from .types import AppendResult, Event, LoadResult, PutResult, UserState
 
@@ -43,18 +51,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _guarded(fn: F) -> F:
-    """Re-raise "Redis is unavailable" errors as StoreUnavailable (the service's 503)."""
+    """Re-raise "Redis is unavailable" errors as StoreUnavailable (the service's 503), through the
+    store's breaker and, for an embedded server, its supervisor (``MemoryStore._guard``)."""
 
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
-        try:
-            return fn(self, *args, **kwargs)
-        except StoreUnavailable:
-            raise
-        except Exception as e:
-            if is_unavailable(e):
-                raise StoreUnavailable(f"redis unavailable in {fn.__name__}: {type(e).__name__}: {e}") from e
-            raise
+        return self._guard(fn.__name__, functools.partial(fn, self, *args, **kwargs))
 
     return wrapper  # type: ignore[return-value]
 
@@ -97,8 +99,9 @@ def make_client(
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_connect_timeout,
         retry_on_timeout=False,  # a timed-out command may have run: do not send it again blindly
-        retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),  # one reconnect
-        health_check_interval=30,
+        # one reconnect on a broken connection (every pooled connection breaks once after a restart)
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+        health_check_interval=30,  # PING a connection idle this long before using it
     )
 
 
@@ -111,6 +114,8 @@ class MemoryStore:
         *,
         namespace: str = DEFAULT_NAMESPACE,
         cap: int = DEFAULT_CAP,
+        breaker_s: float = 1.0,
+        supervisor: EmbeddedSupervisor | None = None,
     ) -> None:
         if not isinstance(cap, int) or cap < 1:
             raise ValueError(f"cap must be a positive int, got {cap!r}")
@@ -120,6 +125,11 @@ class MemoryStore:
         self.namespace = check_namespace(namespace)
         self.cap = cap
         self.is_cluster = isinstance(client, RedisCluster)
+        self.breaker = Breaker(breaker_s)
+        self.supervisor = supervisor
+        self._client_options: dict[str, Any] | None = None  # set by from_url: how to re-point the client
+        self._url: str | None = None
+        self._repoint_lock = threading.Lock()
         self._append = client.register_script(scripts.APPEND)
         self._put = client.register_script(scripts.PUT_VECTORS)
         self._read = client.register_script(scripts.READ_STATE)
@@ -128,13 +138,65 @@ class MemoryStore:
     @classmethod
     def from_url(cls, url: str, *, cluster: bool | None = None, socket_timeout: float = 5.0,
                  socket_connect_timeout: float = 2.0, namespace: str = DEFAULT_NAMESPACE,
-                 cap: int = DEFAULT_CAP) -> "MemoryStore":
-        client = make_client(url, cluster=cluster, socket_timeout=socket_timeout,
-                             socket_connect_timeout=socket_connect_timeout)
-        return cls(client, namespace=namespace, cap=cap)
+                 cap: int = DEFAULT_CAP, breaker_s: float = 1.0) -> "MemoryStore":
+        options = dict(cluster=cluster, socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout)
+        store = cls(make_client(url, **options), namespace=namespace, cap=cap, breaker_s=breaker_s)
+        store._client_options, store._url = options, url
+        return store
+
+    def repoint(self, url: str) -> None:
+        """Use a server at another URL from now on (a restarted embedded server that could not get
+        its old TCP port back). No-op for the current URL."""
+        if self._client_options is None:
+            raise RuntimeError("repoint() needs a store made by MemoryStore.from_url")
+        with self._repoint_lock:
+            if url == self._url:
+                return
+            old, self.client = self.client, make_client(url, **self._client_options)
+            self._url = url
+        old.close()
 
     def close(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.close()  # the owner stops the server next: do not bring it back
         self.client.close()
+
+    # --- failure handling --------------------------------------------------------------------
+    def _guard(self, what: str, call: Callable[[], Any]) -> Any:
+        """Run one public call: breaker first; an availability error becomes StoreUnavailable, after
+        one retry when the supervisor restarted a dead embedded server meanwhile."""
+        probe = self.breaker.before(what)
+        sup = self.supervisor
+        generation = sup.generation if sup is not None else 0
+        try:
+            try:
+                out = call()
+            except StoreUnavailable:
+                raise
+            except Exception as e:
+                if not is_unavailable(e):
+                    raise
+                if sup is None or not sup.recover(generation):
+                    raise self._unavailable(what, e, probe) from e
+                try:
+                    out = call()  # once, on the restarted server (every call here is idempotent)
+                except Exception as e2:
+                    if is_unavailable(e2):
+                        raise self._unavailable(what, e2, probe) from e2
+                    raise
+        except redis.exceptions.RedisError:
+            self.breaker.answered(probe)  # not about availability (a script error): the server answered
+            raise
+        except BaseException:
+            self.breaker.released(probe)  # bad input (before any I/O), StoreUnavailable (already counted)
+            raise
+        self.breaker.answered(probe)
+        return out
+
+    def _unavailable(self, what: str, exc: BaseException, probe: bool) -> StoreUnavailable:
+        self.breaker.failed(exc, probe)
+        extra = self.supervisor.unavailable_detail() if self.supervisor is not None else ""
+        return StoreUnavailable(f"redis unavailable in {what}: {type(exc).__name__}: {exc}{extra}")
 
     # --- script calls ------------------------------------------------------------------------
     def _call(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
@@ -297,6 +359,17 @@ class MemoryStore:
     def user_meta(self, user_id: str) -> dict[str, str]:
         raw = self.client.hgetall(self._keys(user_id).meta)
         return {key.decode(): v.decode() for key, v in raw.items()}
+
+    # --- markers -----------------------------------------------------------------------------
+    @_guarded
+    def get_marker(self, key: str) -> str | None:
+        """A plain string key outside the per-user schema (e.g. the service's "seeded" marker)."""
+        raw = self.client.get(key)
+        return None if raw is None else raw.decode()
+
+    @_guarded
+    def set_marker(self, key: str, value: str) -> None:
+        self.client.set(key, value.encode())
 
     # --- health ------------------------------------------------------------------------------
     @_guarded

@@ -112,7 +112,8 @@ def cmd_serve(args, settings: Settings) -> int:
         torch.set_num_threads(settings.torch_threads)
     logging.getLogger().setLevel(settings.log_level.upper())
     print(curl_examples(settings), flush=True)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=settings.shutdown_grace_s)
     return 0
 
 

@@ -1,56 +1,117 @@
 """Every use of the model goes through a ``ModelRunner``: the LLM is CPU-bound and shared.
 
-``ModelRunner`` runs each call on ONE worker thread, in arrival order: the event loop never blocks,
-and two requests never run the model at the same time (the slot replacement is request-safe anyway:
-a ``ContextVar``, see ``model/llm.py``). It exposes the two operations the service needs as
-coroutines, each on a list so that a batch can be formed:
-
     await runner.encode(windows)                    -> [n, H] float32 memory element vectors
     await runner.recommend(key, requests, topk)     -> one Recommendation per request
 
-The seam for dynamic batching (a later issue): a ``BatchingRunner`` with the same two coroutines
-would queue the calls of concurrent requests for a few milliseconds and send them to the model as
-one list (``Recommender.recommend`` and the encoder are batched already), then resolve each caller's
-future with its own rows.
+Dynamic batching. Callers' coroutines put their call in one queue and await a future; ONE model
+thread takes the oldest waiting call and, for up to ``max_wait_ms`` after that call arrived, gathers
+later calls of the same kind and the same recommender ``key``, then runs them as one model call and
+hands each caller its own rows:
+
+- ``recommend``: up to ``max_batch`` requests in one ``Recommender.recommend(all, topk=max topk)``;
+  each caller gets its rows cut to its own ``topk`` (the ranking is exact and tie-broken by item
+  index, so the first k of a longer ranking are the top k). Results do not depend on the batch
+  beyond floating point (padding): ``tests/test_batching.py`` checks batched == one at a time.
+- ``encode``: up to ``max_batch`` calls whose windows fit in one encoder batch (``batch_size``
+  windows; a longer first call runs alone), as one encoder call of the distinct windows, split
+  back by call.
+
+The deadline counts from the first call's arrival, so a call that already waited behind a running
+model call is not held back again. Calls of other keys keep their place in the queue. Two model
+calls never run at once (one thread); the event loop never blocks on the model.
+
+Back-pressure: ``max_queue`` requests waiting (not yet in a model call; a recommend call counts its
+requests, an encode call counts 1) -> the next call raises ``QueueFull`` with ``retry_after_s``
+(recent call time x batches ahead, at least 1 s). The HTTP layer answers 429 + ``Retry-After``.
+
+Shutdown (``close``): new calls raise ``RunnerClosed`` (503); the call in progress and every queued
+call still run, for up to ``timeout`` seconds; calls still queued then fail with ``RunnerClosed``.
+
+``queue_depth()`` and ``add_listener(fn(kind, size, seconds))`` (called after each model call, on the
+model thread) are for metrics.
 """
 from __future__ import annotations
 
 import asyncio
-import functools
-from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+import logging
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from model.pipeline import Pipeline
 from model.recommend import Recommendation, Recommender, RecommendRequest
+from service.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[str, int, float], None]  # (kind "recommend" | "encode", size, seconds)
+
+
+class QueueFull(Exception):
+    """``max_queue`` requests are already waiting for the model; retry after ``retry_after_s``."""
+
+    def __init__(self, depth: int, max_queue: int, retry_after_s: float):
+        super().__init__(f"{depth} requests are waiting for the model (limit {max_queue}, AUTOMR_MAX_QUEUE); "
+                         f"retry in {retry_after_s:.0f}s")
+        self.depth, self.max_queue, self.retry_after_s = depth, max_queue, retry_after_s
+
+
+class RunnerClosed(ApiError):
+    """The runner is shutting down: 503 ``shutting_down`` (another replica, or this one restarted, can answer)."""
+
+    def __init__(self, detail: str = "the server is shutting down"):
+        super().__init__(503, "shutting_down", detail, headers={"Retry-After": "1"})
+
+
+@dataclass(eq=False)
+class _Call:
+    """One caller's call, waiting in the queue."""
+
+    kind: str  # "recommend" | "encode"
+    key: str | None  # recommender key (recommend only)
+    items: list  # RecommendRequests or windows
+    topk: int | None
+    future: Future = field(default_factory=Future)
+    arrived: float = field(default_factory=time.monotonic)
+
+    @property
+    def weight(self) -> int:
+        """What the call counts in the queue bound: its requests (recommend) or 1 (encode)."""
+        return len(self.items) if self.kind == "recommend" else 1
 
 
 class ModelRunner:
-    def __init__(self, pipeline: Pipeline, recommenders: dict[str, Recommender], batch_size: int = 16):
+    def __init__(self, pipeline: Pipeline, recommenders: dict[str, Recommender], batch_size: int = 16, *,
+                 max_batch: int = 8, max_wait_ms: float = 5.0, max_queue: int = 64, memory_dir=None):
+        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise ValueError(f"need max_batch >= 1, max_queue >= 1, max_wait_ms >= 0; got {max_batch}, "
+                             f"{max_queue}, {max_wait_ms}")
         self.pipeline = pipeline
         self.recommenders = recommenders
-        self.encoder = pipeline.memory_encoder(batch_size=batch_size)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="automr-model")
-        self.calls = 0  # model calls made (tests, metrics)
-
-    async def _run(self, fn, *args):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
-
-    # ---- the model operations (run on the worker thread) ----------------------------------------
-
-    def _encode(self, windows: Sequence[tuple[int, ...]]) -> np.ndarray:
-        self.calls += 1
-        if self.pipeline.element == "window":
-            vecs = self.encoder.encode_windows(list(windows))  # [n, H]
-        else:  # item elements: the window's last item alone
-            vecs = self.encoder.encode_items([w[-1] for w in windows])
-        return vecs.float().numpy()
-
-    def _recommend(self, key: str, requests: Sequence[RecommendRequest], topk: int) -> list[Recommendation]:
-        self.calls += 1
-        return self.recommenders[key].recommend(list(requests), topk=topk)
+        self.encoder = pipeline.memory_encoder(batch_size=batch_size)  # memoizes item elements in memory
+        if memory_dir is not None and pipeline.element == "item":
+            try:  # item vectors depend on the title only: keep them on disk across restarts
+                self.encoder = pipeline.cached_memory_encoder(memory_dir)
+            except (OSError, ValueError) as e:
+                log.warning("item vectors are not cached on disk (%s): %s", memory_dir, e)
+        self.batch_size = batch_size
+        self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_ms / 1e3, max_queue
+        self.calls = 0  # model calls made (tests, metrics): a batch of many callers is one call
+        self._queue: deque[_Call] = deque()
+        self._depth = 0  # sum of the queued calls' weights
+        self._cond = threading.Condition()
+        self._busy = False  # a model call is running
+        self._closing = False
+        self._call_s: float | None = None  # moving average of model-call wall time (Retry-After)
+        self._listeners: list[Listener] = []
+        self._thread = threading.Thread(target=self._work, name="automr-model", daemon=True)
+        self._thread.start()
 
     # ---- the coroutines the service awaits -------------------------------------------------------
 
@@ -58,13 +119,195 @@ class ModelRunner:
         """[n, H] float32: the memory element of each window (item indices, oldest first)."""
         if not windows:
             return np.zeros((0, self.pipeline.lm.hidden_size), dtype=np.float32)
-        return await self._run(self._encode, list(windows))
+        return await self._submit(_Call("encode", None, list(windows), None))
 
-    async def recommend(self, key: str, requests: Sequence[RecommendRequest], topk: int) -> list[Recommendation]:
+    async def recommend(self, key: str, requests: Sequence[RecommendRequest], topk: int | None) -> list[Recommendation]:
         """``Recommender.recommend`` of the recommender named ``key`` (a slot policy or 'full-history')."""
         if key not in self.recommenders:
             raise KeyError(f"no recommender {key!r}; have {sorted(self.recommenders)}")
-        return await self._run(self._recommend, key, list(requests), topk)
+        if not requests:
+            return []
+        return await self._submit(_Call("recommend", key, list(requests), topk))
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    async def _submit(self, call: _Call):
+        with self._cond:
+            if self._closing:
+                raise RunnerClosed()
+            if self._depth > 0 and self._depth + call.weight > self.max_queue:
+                raise QueueFull(self._depth, self.max_queue, self._retry_after())
+            self._queue.append(call)
+            self._depth += call.weight
+            self._cond.notify()
+        return await asyncio.wrap_future(call.future)  # a cancelled caller's call is skipped if not started
+
+    # ---- metrics ---------------------------------------------------------------------------------
+
+    def queue_depth(self) -> int:
+        """Requests waiting, not yet in a model call (recommend requests + encode calls)."""
+        return self._depth
+
+    def add_listener(self, fn: Listener) -> None:
+        """``fn(kind, size, seconds)`` after every model call (on the model thread: keep it quick)."""
+        self._listeners.append(fn)
+
+    def _retry_after(self) -> float:
+        """Seconds until the queue has room, roughly: batches ahead x recent model-call time (>= 1)."""
+        ahead = math.ceil(self._depth / self.max_batch) + (1 if self._busy else 0)
+        return max(1.0, (self._call_s or 1.0) * ahead)
+
+    # ---- the model thread ------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:  # closing and drained
+                    return
+                batch = self._take()
+                self._busy = bool(batch)
+            if batch:
+                self._run(batch)
+                with self._cond:
+                    self._busy = False
+
+    def _take(self) -> list[_Call]:
+        """(Lock held.) The oldest call and the same-kind, same-key calls that join it, waiting up to
+        max_wait after its arrival for more; returns [] when every candidate was cancelled."""
+        first = self._queue[0]
+        deadline = first.arrived + self.max_wait_s
+        while True:
+            batch = self._gather(first)
+            full = self._size(batch) >= self._limit(first)
+            now = time.monotonic()
+            if full or self._closing or now >= deadline or len(batch) >= self.max_batch:
+                break
+            self._cond.wait(deadline - now)
+        taken = []
+        for c in batch:
+            try:
+                self._queue.remove(c)
+            except ValueError:  # dropped by close() after its grace ran out
+                continue
+            self._depth -= c.weight
+            if c.future.set_running_or_notify_cancel():  # False: the caller went away
+                taken.append(c)
+        return taken
+
+    def _limit(self, first: _Call) -> int:
+        """Items per model call: requests (recommend) or windows (encode; the first call is whole)."""
+        return self.max_batch if first.kind == "recommend" else max(self.batch_size, len(first.items))
+
+    @staticmethod
+    def _size(batch: Sequence[_Call]) -> int:
+        return sum(len(c.items) for c in batch)
+
+    def _gather(self, first: _Call) -> list[_Call]:
+        batch, size, limit = [first], len(first.items), self._limit(first)
+        for c in self._queue:
+            if len(batch) >= self.max_batch or size >= limit:
+                break
+            if c is first or c.kind != first.kind or c.key != first.key:
+                continue
+            if size + len(c.items) <= limit:
+                batch.append(c)
+                size += len(c.items)
+        return batch
+
+    def _run(self, batch: list[_Call]) -> None:
+        """One model call for the batch; on failure each call alone (one bad request fails only itself)."""
+        try:
+            outs = self._call(batch)
+        except Exception as e:
+            if len(batch) == 1:
+                batch[0].future.set_exception(e)
+                return
+            log.warning("a batched %s call of %d callers failed (%s: %s); running them one by one",
+                        batch[0].kind, len(batch), type(e).__name__, e)
+            for c in batch:
+                try:
+                    c.future.set_result(self._call([c])[0])
+                except Exception as e1:
+                    c.future.set_exception(e1)
+            return
+        for c, out in zip(batch, outs):
+            c.future.set_result(out)
+
+    def _call(self, batch: list[_Call]) -> list[Any]:
+        """The model call proper: one result per call, in order."""
+        items = [x for c in batch for x in c.items]
+        kind = batch[0].kind
+        t0 = time.perf_counter()
+        if kind == "encode":  # each distinct window once (two requests of one user may need the same ones)
+            unique = {tuple(w): j for j, w in enumerate(dict.fromkeys(tuple(w) for w in items))}
+            vecs = self._encode(list(unique))  # [u, H]
+            items = list(unique)
+            outs: list[Any] = [vecs[[unique[tuple(w)] for w in c.items]] for c in batch]  # [n_c, H] each
+        else:
+            rec = self.recommenders[batch[0].key]
+            topks = [c.topk or rec.config.topk for c in batch]
+            recs = rec.recommend(items, topk=max(topks))
+            outs, at = [], 0
+            for c, k in zip(batch, topks):
+                outs.append([replace(r, items=r.items[:k], distances=r.distances[:k]) for r in recs[at:at + len(c.items)]])
+                at += len(c.items)
+        seconds = time.perf_counter() - t0
+        self.calls += 1
+        self._call_s = seconds if self._call_s is None else 0.7 * self._call_s + 0.3 * seconds
+        for fn in list(self._listeners):
+            try:
+                fn(kind, len(items), seconds)
+            except Exception:
+                log.exception("runner listener %r failed", fn)
+        return outs
+
+    def _encode(self, windows: Sequence[tuple[int, ...]]) -> np.ndarray:
+        if self.pipeline.element == "window":
+            vecs = self.encoder.encode_windows(list(windows))  # [n, H]
+        else:  # item elements: the window's last item alone, each title encoded once (cache)
+            vecs = self.encoder.encode([(w[-1],) for w in windows])
+        return vecs.float().numpy()
+
+    def warm_items(self) -> int:
+        """Item elements: encode every catalogue title now (start-up, before the worker takes calls)
+        so that no request waits for its memory vectors. Returns how many were encoded (0: cached)."""
+        if self.pipeline.element != "item":
+            return 0
+        keys = [(i,) for i in range(len(self.pipeline.titles))]
+        todo = len(self.encoder.cache.missing(keys))
+        t0 = time.perf_counter()
+        try:
+            self.encoder.encode(keys)
+        except OSError as e:  # a read-only artefact folder: keep them in memory instead
+            log.warning("cannot write the item vector cache (%s); keeping it in memory", e)
+            self.encoder = self.pipeline.memory_encoder(batch_size=self.batch_size)
+            self.encoder.encode(keys)
+        log.info("item memory vectors: %d encoded, %d cached, %.1f s", todo, len(keys) - todo, time.perf_counter() - t0)
+        return todo
+
+    # ---- shutdown --------------------------------------------------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop taking calls, let the running and the queued calls finish (up to ``timeout`` seconds,
+        None = no limit), then fail what is still queued with ``RunnerClosed``. Blocking: from a
+        coroutine use ``await asyncio.to_thread(runner.close, t)``. True when everything finished."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            return True
+        with self._cond:  # grace over: the running call (if any) cannot be interrupted; drop the rest
+            left = list(self._queue)
+            self._queue.clear()
+            self._depth = 0
+        for c in left:
+            if c.future.set_running_or_notify_cancel():
+                c.future.set_exception(RunnerClosed("the server shut down before this request reached the model"))
+        log.warning("runner closed after %.1fs with a model call still running; %d queued calls dropped",
+                    timeout or 0.0, len(left))
+        return False

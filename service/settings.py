@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     redis_namespace: str = "automr"
     redis_appendfsync: Literal["always", "everysec", "no"] = "always"  # embedded server only
     redis_timeout_s: float = Field(default=5.0, gt=0)
+    redis_breaker_s: float = Field(default=1.0, ge=0)  # after a timeout, fail Redis calls at once for this long
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_json: bool = True  # structured (one JSON object per line) logs with the request id
 

@@ -23,7 +23,6 @@ import time
 from typing import Callable
 
 from memory_store import EmbeddedRedis, MemoryStore, StoreUnavailable, open_store
-from memory_store.errors import is_unavailable
 from service.components import Components, load_components
 from service.engine import EncoderWorker, Engine
 from service.runner import ModelRunner
@@ -45,23 +44,13 @@ def seed_store(store: MemoryStore, components: Components, progress: bool = Fals
     if components.histories is None:
         return None
     key = seed_marker_key(store, components)
-    try:
-        if store.client.exists(key):
-            return None
-    except Exception as e:
-        if is_unavailable(e):
-            raise StoreUnavailable(f"redis unavailable while checking {key}: {e}") from e
-        raise
+    if store.get_marker(key) is not None:
+        return None
     t0 = time.perf_counter()
     res = store.load_histories(components.histories(), progress=progress)
     summary = {"users": res.users, "events": res.events, "added": res.added, "duplicates": res.duplicates,
                "trimmed": res.trimmed, "seconds": round(time.perf_counter() - t0, 2), "at": int(time.time())}
-    try:
-        store.client.set(key, json.dumps(summary))
-    except Exception as e:
-        if is_unavailable(e):
-            raise StoreUnavailable(f"redis unavailable while setting {key}: {e}") from e
-        raise
+    store.set_marker(key, json.dumps(summary))
     log.info("seeded the store from %s: %s", components.dataset_name, summary)
     return summary
 
@@ -87,6 +76,7 @@ class AppState:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Future | None = None  # set by stop(); done when shutdown finished
         self.ready_at: float | None = None
         self.started_at = time.time()
 
@@ -114,6 +104,11 @@ class AppState:
         self._thread = threading.Thread(target=self._load, name="automr-loader", daemon=True)
         self._thread.start()
 
+    def _memory_dir(self, comp: Components):
+        """Where item element vectors are cached on disk: ARTEFACTS/memory, shared with the offline
+        stages (keyed by the encoder's fingerprint); None for injected components (tests)."""
+        return None if self._source is not None else self.settings.resolved_artefacts_dir() / "memory"
+
     def _load(self) -> None:
         s = self.settings
         try:
@@ -123,7 +118,8 @@ class AppState:
             self.components = comp
             if self.store is None:
                 self.store, self.server = open_store(s.redis_url, s.home, appendfsync=s.redis_appendfsync,
-                                                     socket_timeout=s.redis_timeout_s, namespace=s.redis_namespace)
+                                                     socket_timeout=s.redis_timeout_s, namespace=s.redis_namespace,
+                                                     breaker_s=s.redis_breaker_s)
             if s.seed_store:
                 self.phase = "seeding"
                 while not self._stop.is_set():
@@ -143,7 +139,12 @@ class AppState:
             if p.retriever is not None:
                 recommenders["learned"] = p.recommender("learned", **cfg)
             recommenders["full-history"] = p.recommender("none", full_history=True, **cfg)
-            self.runner = ModelRunner(p, recommenders, batch_size=s.llm_batch_size)
+            self.runner = ModelRunner(p, recommenders, batch_size=s.llm_batch_size, max_batch=s.batch_max_size,
+                                      max_wait_ms=s.batch_max_wait_ms, max_queue=s.max_queue,
+                                      memory_dir=self._memory_dir(comp))
+            if p.element == "item" and (p.retriever is not None or s.slot_policy not in (None, "none")):
+                self.phase = "encoding items"
+                self.runner.warm_items()
             engine = Engine(comp, self.store, self.runner, slot_policy=s.slot_policy,
                             max_batch_events=s.max_batch_events)
         except Exception as e:  # keep the process up: /readyz tells why
@@ -180,13 +181,40 @@ class AppState:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
+        """Graceful shutdown, within ``shutdown_grace_s`` in all (idempotent).
+
+        1. No new work: ``engine`` is unset, so ``/readyz`` and every API call answer 503 ``not_ready``
+           (handlers already running keep their reference and finish). Under ``automr serve`` uvicorn
+           has already stopped accepting connections and waited for the running requests.
+        2. The background encoder takes no more users and drains its queue (bounded by the grace).
+        3. The runner takes no more calls; the model call in progress and the queued ones finish
+           (bounded by what is left of the grace); still queued after that: 503 ``shutting_down``.
+        4. The store is closed (and the embedded redis-server stopped, AOF fsynced).
+        """
+        if self._stopping is not None:
+            await asyncio.shield(self._stopping)
+            return
+        self._stopping = asyncio.get_running_loop().create_future()
+        try:
+            await self._shutdown()
+        finally:
+            self._stopping.set_result(None)
+
+    async def _shutdown(self) -> None:
+        t0 = time.monotonic()
+        left = lambda: max(self.settings.shutdown_grace_s - (time.monotonic() - t0), 0.0)  # noqa: E731
         self._stop.set()
+        self.phase = "stopping"
+        self.engine = None
         if self.encoder is not None:
-            await self.encoder.stop()
+            drained = await self.encoder.stop(timeout=left())
+            log.info("shutdown: background encoder %s", "drained" if drained else "stopped with work left")
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30.0)
         if self.runner is not None:
-            self.runner.close()
+            done = await asyncio.to_thread(self.runner.close, left())
+            log.info("shutdown: model runner %s after %.1fs", "drained" if done else "abandoned",
+                     time.monotonic() - t0)
         if self._own_store and self.store is not None:
             self.store.close()
         if self.server is not None and self.server.owned:

@@ -5,9 +5,13 @@
 ``redis_server`` is one embedded redis-server per test session (AOF on, ``everysec`` for speed:
 durability itself is tested on a server of its own); ``memory_store`` is a MemoryStore on it,
 flushed before each test. ``EmbeddedCluster`` starts a small Redis Cluster of embedded servers.
+``crashable_redis`` is a server of a test's own (TCP, fixed port, ``appendfsync always``) to kill and
+bring back; ``kill9(pid)`` crashes a server without telling the object that runs it.
 """
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -117,4 +121,29 @@ def redis_cluster(tmp_path_factory) -> EmbeddedCluster:
     cluster.stop()
 
 
-__all__ = ["EmbeddedCluster", "memory_store", "redis_cluster", "redis_server", "redis_url"]
+def kill9(pid: int, timeout: float = 10.0) -> None:
+    """SIGKILL a redis-server as a crash would (the EmbeddedRedis object that runs it is left as is)
+    and wait until it is gone (reaped, or a zombie: ``pid_alive`` is False for both)."""
+    from memory_store.embedded import pid_alive
+
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"pid {pid} still alive {timeout}s after SIGKILL")
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def crashable_redis(tmp_path) -> EmbeddedRedis:
+    """A redis-server of its own for crash tests: TCP on a fixed port, ``appendfsync always`` (the
+    embedded default), data in ``tmp_path/crashable-redis``. ``.kill()`` (SIGKILL) then ``.start()``
+    brings it back on the same port and AOF. Stopped at the end if running."""
+    port = _cluster_ports(1)[0]
+    server = EmbeddedRedis(tmp_path / "crashable-redis", transport="tcp", port=port, appendfsync="always").start()
+    yield server
+    if server.running():
+        server.stop()
+
+
+__all__ = ["EmbeddedCluster", "crashable_redis", "kill9", "memory_store", "redis_cluster", "redis_server", "redis_url"]

@@ -1,0 +1,324 @@
+"""Dynamic batching in ``service/runner.py``: concurrent calls -> one model call, each caller its rows.
+
+The model-level tests use a tiny random Llama: the batched answer of every request is compared with
+``Recommender.recommend`` on that request alone (and the encoder's vectors with a direct encoder
+call). The scheduling tests (max_wait, keys, queue bound, cancellation, errors, close) use a fake
+recommender that records each model call and can be held on a ``threading.Event``.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from model.grounding import CatalogueIndex
+from model.llm import SplitLM
+from model.pipeline import Pipeline
+from model.prompts import PromptBuilder
+from model.recommend import Recommendation, RecommenderConfig, RecommendRequest
+from model.retriever import Retriever, RetrieverConfig
+from service.runner import ModelRunner, QueueFull, RunnerClosed
+from tests.conftest import TINY_TITLES, build_tiny_lm, build_tiny_tokenizer
+
+pytestmark = pytest.mark.anyio
+K = 3
+MAX_NEW = 6
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tok = build_tiny_tokenizer()
+    lm = SplitLM.from_model(build_tiny_lm(len(tok), seed=3), tok, cut=2)
+    lm.snapshot_base_upper()
+    builder = PromptBuilder.for_model(lm, domain="movie", n_slots=1)
+    index = CatalogueIndex.build(TINY_TITLES, lambda t: lm.embed_final(list(t)).numpy(), progress=False)
+    torch.manual_seed(1)
+    ret = Retriever(RetrieverConfig(hidden_size=lm.hidden_size, mlp_hidden=16)).eval()
+    yield Pipeline(lm=lm, builder=builder, titles=list(TINY_TITLES), index=index, retriever=ret, k_short=K)
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def runners():
+    """``make(pipeline, recommenders, **kw)`` -> a ModelRunner, closed after the test."""
+    made: list[ModelRunner] = []
+
+    def make(p, recs, **kw):
+        made.append(ModelRunner(p, recs, **kw))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close(5)
+
+
+def _record(runner: ModelRunner) -> list[tuple[str, int]]:
+    seen: list[tuple[str, int]] = []
+    runner.add_listener(lambda kind, size, seconds: seen.append((kind, size)))
+    return seen
+
+
+async def _until(cond, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.002)
+
+
+# ---- batched == one at a time, on the tiny model -----------------------------------------------------
+
+
+def _requests(p: Pipeline) -> list[tuple[RecommendRequest, int]]:
+    """Six requests that differ in every way a batch could mix up: context (and so prompt length),
+    memory size, memory or none (filled / empty slot rows), query given or computed, exclusions, topk."""
+    enc = p.memory_encoder()
+    rng = np.random.default_rng(0)
+
+    def memory(m: int) -> torch.Tensor:
+        wins = [tuple(int(x) for x in rng.choice(18, size=K, replace=False)) for _ in range(m)]
+        return enc.encode_windows(wins)  # [m, H]
+
+    q = enc.encode_windows([(4, 9, 16)])[0]  # [H] a z_t given by the caller (another window's: still valid input)
+    return [
+        (RecommendRequest(context=[0, 1, 2], memory=memory(5), exclude={0, 1, 2}, seed=1), 5),
+        (RecommendRequest(context=[3, 4, 5], memory=memory(3), exclude={3, 4}, query=q, seed=2), 3),
+        (RecommendRequest(context=[6, 7], memory=None, exclude={6, 7}, seed=3), 7),
+        (RecommendRequest(context=[8, 9, 10], memory=memory(1), exclude=set(), seed=4), 2),
+        (RecommendRequest(context=[11, 12, 13, 14, 15, 16], memory=memory(4), exclude={11}, seed=5), 18),
+        (RecommendRequest(context=[17], memory=memory(2), exclude={17, 0}, seed=6), 4),
+    ]
+
+
+@pytest.mark.parametrize("key", ["learned", "semantic", "random", "none", "full-history"])
+async def test_batched_recommend_equals_one_at_a_time(pipe, runners, key):
+    policy = "none" if key == "full-history" else key
+    rec = pipe.recommender(policy, full_history=key == "full-history", max_new_tokens=MAX_NEW)
+    reqs = _requests(pipe)
+    alone = [rec.recommend([r], topk=k)[0] for r, k in reqs]  # the reference: each request by itself
+
+    runner = runners(pipe, {key: rec}, max_batch=len(reqs), max_wait_ms=5000)
+    seen = _record(runner)
+    together = await asyncio.gather(*(runner.recommend(key, [r], topk=k) for r, k in reqs))
+
+    assert seen == [("recommend", len(reqs))] and runner.calls == 1  # one model call for all six
+    for (r, k), [got], want in zip(reqs, together, alone):
+        assert len(want.items) == min(k, 18 - len(r.exclude)) and not set(want.items) & r.exclude
+        assert got.items == want.items
+        assert got.generated == want.generated
+        assert got.memory_indices == want.memory_indices
+        np.testing.assert_allclose(got.memory_scores, want.memory_scores, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.distances, want.distances, rtol=1e-5, atol=1e-6)
+    # the requests really differ (a runner answering every caller with one row would fail above)
+    assert len({tuple(w.items) for w in alone}) == len(reqs)
+    if key in ("learned", "semantic", "random"):
+        assert [bool(w.memory_indices) for w in alone] == [True, True, False, True, True, True]
+
+
+async def test_batched_encode_splits_back(pipe, runners):
+    enc = pipe.memory_encoder()
+    calls = [[(0, 1, 2), (3, 4, 5)], [(6,), (7, 8), (9, 10, 11)], [(12, 13, 14), (0, 1, 2)],
+             [(15, 16, 17), (6,), (2, 3), (5, 6, 7)]]  # 11 windows, 9 distinct
+    runner = runners(pipe, {}, batch_size=16, max_batch=len(calls), max_wait_ms=1000)
+    seen = _record(runner)
+    got = await asyncio.gather(*(runner.encode(ws) for ws in calls))
+    assert seen == [("encode", 9)]  # one encoder call of the nine distinct windows
+    for ws, g in zip(calls, got):
+        want = enc.encode_windows(ws).numpy()  # [n, H] the direct encoder, this caller's windows only
+        assert g.shape == want.shape == (len(ws), pipe.lm.hidden_size) and g.dtype == np.float32
+        np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-5)
+    # windows past one encoder batch (batch_size) are not merged: a call of 20 runs alone, then the other
+    big = [(i % 18, (i + 1) % 18, (i + 2) % 18) for i in range(20)]
+    a, b = await asyncio.gather(runner.encode(big), runner.encode([(4, 5, 6)]))
+    assert seen[1:] == [("encode", 18), ("encode", 1)]  # windows 18 and 19 repeat 0 and 1: encoded once
+    np.testing.assert_allclose(a, enc.encode_windows(big).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b, enc.encode_windows([(4, 5, 6)]).numpy(), rtol=1e-4, atol=1e-5)
+    assert (await runner.encode([])).shape == (0, pipe.lm.hidden_size)
+
+
+# ---- scheduling, with a fake recommender ---------------------------------------------------------------
+
+
+class FakeRec:
+    """Records each model call (start time, each request's ``context[0]``, topk); the ranking of a
+    request is ``context[0] + i`` for i < topk. Held on ``gate`` when given; a request whose
+    ``context[0]`` is negative makes the call fail."""
+
+    def __init__(self, gate: threading.Event | None = None):
+        self.config = RecommenderConfig(topk=20)
+        self.gate = gate
+        self.started = threading.Event()
+        self.batches: list[tuple[float, list[int], int]] = []
+
+    def recommend(self, requests, topk=None):
+        self.batches.append((time.monotonic(), [r.context[0] for r in requests], topk))
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(20)
+        if any(r.context[0] < 0 for r in requests):
+            raise ValueError("bad request")
+        return [Recommendation(items=[r.context[0] + i for i in range(topk)], distances=[float(i) for i in range(topk)],
+                               generated=f"t{r.context[0]}", memory_indices=[], memory_scores=[]) for r in requests]
+
+
+def _req(x: int) -> RecommendRequest:
+    return RecommendRequest(context=[x])
+
+
+async def test_max_wait_is_respected(pipe, runners):
+    rec = FakeRec()
+    runner = runners(pipe, {"a": rec}, max_batch=8, max_wait_ms=1000)
+    t0 = time.monotonic()
+    first = asyncio.ensure_future(runner.recommend("a", [_req(10)], topk=2))
+    await asyncio.sleep(0.05)  # well inside the first call's 1 s: joins it
+    second = asyncio.ensure_future(runner.recommend("a", [_req(20)], topk=3))
+    r1, r2 = await first, await second
+    assert [b[1:] for b in rec.batches] == [([10, 20], 3)]
+    assert rec.batches[0][0] - t0 >= 1.0  # waited the full max_wait for company (the batch was not full)
+    assert r1[0].items == [10, 11] and r2[0].items == [20, 21, 22]  # each its own rows, cut to its own topk
+    # a lone call waits max_wait too, then goes alone
+    t1 = time.monotonic()
+    [r3] = await runner.recommend("a", [_req(30)], topk=1)
+    assert rec.batches[1][1:] == ([30], 1) and 1.0 <= rec.batches[1][0] - t1 < 6.0
+    assert r3.items == [30]
+    # a full batch does not wait
+    fast = runners(pipe, {"a": FakeRec()}, max_batch=2, max_wait_ms=30_000)
+    t2 = time.monotonic()
+    out = await asyncio.gather(fast.recommend("a", [_req(1)], topk=1), fast.recommend("a", [_req(2)], topk=1))
+    assert time.monotonic() - t2 < 10.0 and [o[0].items for o in out] == [[1], [2]]
+
+
+async def test_keys_and_kinds_not_mixed_and_fifo(pipe, runners):
+    gate = threading.Event()
+    block, a, b = FakeRec(gate), FakeRec(), FakeRec()
+    runner = runners(pipe, {"block": block, "a": a, "b": b}, max_batch=3, max_wait_ms=0)
+    seen = _record(runner)
+    held = asyncio.ensure_future(runner.recommend("block", [_req(0)], topk=1))
+    await asyncio.to_thread(block.started.wait, 10)  # the model thread is busy; the rest queues
+    order = [("b", 1), ("a", 2), ("b", 3), ("a", 4), ("a", 5), ("a", 6), ("b", 7)]
+    tasks = [asyncio.ensure_future(runner.recommend(k, [_req(x)], topk=1)) for k, x in order]
+    enc = asyncio.ensure_future(runner.encode([(1, 2, 3)]))
+    await _until(lambda: runner.queue_depth() == len(order) + 1)
+    gate.set()
+    results = await asyncio.gather(held, *tasks, enc)
+    # oldest first; a batch takes only its own key, at most max_batch (3) requests, in arrival order
+    assert [x[1] for x in b.batches] == [[1, 3, 7]]
+    assert [x[1] for x in a.batches] == [[2, 4, 5], [6]]
+    assert seen == [("recommend", 1), ("recommend", 3), ("recommend", 3), ("recommend", 1), ("encode", 1)]
+    assert [r[0].items for r in results[1:-1]] == [[x] for _, x in order]
+    assert results[-1].shape == (1, pipe.lm.hidden_size)
+    assert runner.queue_depth() == 0 and runner.calls == 5
+
+
+async def test_queue_full_at_the_bound(pipe, runners):
+    gate = threading.Event()
+    rec = FakeRec(gate)
+    runner = runners(pipe, {"a": rec}, max_batch=1, max_wait_ms=0, max_queue=3)
+    held = asyncio.ensure_future(runner.recommend("a", [_req(0)], topk=1))
+    await asyncio.to_thread(rec.started.wait, 10)
+    assert runner.queue_depth() == 0  # the running call is not waiting
+    waiting = [asyncio.ensure_future(runner.recommend("a", [_req(x)], topk=1)) for x in (1, 2, 3)]
+    await _until(lambda: runner.queue_depth() == 3)
+    with pytest.raises(QueueFull) as e:
+        await runner.recommend("a", [_req(4)], topk=1)
+    # no call has finished yet: 1 s per call (the floor) x (3 queued batches of 1 + the running one)
+    assert e.value.retry_after_s == 4.0 and e.value.depth == 3
+    with pytest.raises(QueueFull):
+        await runner.encode([(1, 2, 3)])  # encode calls share the bound
+    assert runner.queue_depth() == 3
+    gate.set()
+    out = await asyncio.gather(held, *waiting)
+    assert [o[0].items for o in out] == [[0], [1], [2], [3]]
+    assert runner.queue_depth() == 0
+    assert (await runner.recommend("a", [_req(5)], topk=1))[0].items == [5]  # room again
+
+
+async def test_cancelled_caller_is_skipped_and_errors_stay_with_their_request(pipe, runners):
+    gate = threading.Event()
+    block, a = FakeRec(gate), FakeRec()
+    runner = runners(pipe, {"block": block, "a": a}, max_batch=4, max_wait_ms=0)
+    held = asyncio.ensure_future(runner.recommend("block", [_req(0)], topk=1))
+    await asyncio.to_thread(block.started.wait, 10)
+    gone = asyncio.ensure_future(runner.recommend("a", [_req(1)], topk=1))
+    good = asyncio.ensure_future(runner.recommend("a", [_req(2)], topk=1))
+    bad = asyncio.ensure_future(runner.recommend("a", [_req(-3)], topk=1))
+    good2 = asyncio.ensure_future(runner.recommend("a", [_req(4)], topk=1))
+    await _until(lambda: runner.queue_depth() == 4)
+    gone.cancel()
+    await asyncio.sleep(0.01)
+    gate.set()
+    await held
+    assert (await good)[0].items == [2] and (await good2)[0].items == [4]
+    with pytest.raises(ValueError, match="bad request"):
+        await bad
+    assert gone.cancelled()
+    # the cancelled call never reached the model; the failed batch was retried one call at a time
+    assert [x[1] for x in a.batches] == [[2, -3, 4], [2], [-3], [4]]
+    with pytest.raises(KeyError):
+        await runner.recommend("nope", [_req(1)], topk=1)
+
+
+async def test_close_drains_then_refuses(pipe, runners):
+    gate = threading.Event()
+    rec = FakeRec(gate)
+    runner = runners(pipe, {"a": rec}, max_batch=1, max_wait_ms=0)
+    held = asyncio.ensure_future(runner.recommend("a", [_req(0)], topk=1))
+    await asyncio.to_thread(rec.started.wait, 10)
+    queued = [asyncio.ensure_future(runner.recommend("a", [_req(x)], topk=1)) for x in (1, 2)]
+    await _until(lambda: runner.queue_depth() == 2)
+    closing = asyncio.ensure_future(asyncio.to_thread(runner.close, 20))
+    await _until(lambda: runner.closing)
+    with pytest.raises(RunnerClosed) as e:
+        await runner.recommend("a", [_req(9)], topk=1)
+    assert e.value.status == 503 and e.value.code == "shutting_down"
+    gate.set()
+    assert await closing is True  # everything finished
+    assert [(await t)[0].items for t in (held, *queued)] == [[0], [1], [2]]
+
+
+async def test_close_after_grace_fails_the_queued(pipe, runners):
+    gate = threading.Event()
+    rec = FakeRec(gate)
+    runner = runners(pipe, {"a": rec}, max_batch=1, max_wait_ms=0)
+    held = asyncio.ensure_future(runner.recommend("a", [_req(0)], topk=1))
+    await asyncio.to_thread(rec.started.wait, 10)
+    queued = asyncio.ensure_future(runner.recommend("a", [_req(1)], topk=1))
+    await _until(lambda: runner.queue_depth() == 1)
+    t0 = time.monotonic()
+    assert await asyncio.to_thread(runner.close, 0.3) is False  # the model call is still held
+    assert 0.3 <= time.monotonic() - t0 < 5.0
+    with pytest.raises(RunnerClosed):
+        await queued
+    gate.set()
+    assert (await held)[0].items == [0]  # the running call was not interrupted
+    assert [x[1] for x in rec.batches] == [[0]]
+
+
+async def test_item_elements_are_warmed_once_and_cached_on_disk(pipe, runners, tmp_path):
+    """Item elements: ``warm_items`` encodes every title at start-up into ARTEFACTS/memory; a restart
+    (a new runner on the same folder) encodes none; ``encode`` then serves the cached vectors, equal
+    to a direct encoding of the bare titles."""
+    from dataclasses import replace
+
+    items = replace(pipe, element="item")
+    first = runners(items, {}, batch_size=16, memory_dir=tmp_path / "memory")
+    assert first.warm_items() == len(TINY_TITLES)
+    assert any((tmp_path / "memory").glob("item-*/part-*.safetensors"))
+    again = runners(items, {}, batch_size=16, memory_dir=tmp_path / "memory")
+    assert again.warm_items() == 0
+    seen = _record(again)
+    got = await again.encode([(0, 1, 5), (7,), (2, 3)])  # an item element is the window's last item
+    want = items.memory_encoder().encode_items([5, 7, 3]).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert seen == [("encode", 3)]
+    assert runners(pipe, {}, memory_dir=tmp_path / "memory").warm_items() == 0  # window elements: nothing to warm
