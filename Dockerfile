@@ -6,6 +6,8 @@
 FROM python:3.11-slim-bookworm
 
 ARG BAKE_ASSETS=0
+# the commit, for GET /version (docker build --build-arg GIT_SHA=$(git rev-parse HEAD) ...)
+ARG GIT_SHA=unknown
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -13,6 +15,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_EXTRA_INDEX_URL=https://pypi.org/simple \
     AUTOMR_HOME=/data \
     AUTOMR_DATA_DIR=/data/runs/ml-100k \
+    AUTOMR_GIT_SHA=$GIT_SHA \
     AUTOMR_HOST=0.0.0.0 \
     AUTOMR_PORT=8000
 
@@ -34,8 +37,10 @@ RUN make install PYTHON=python3.11 \
 
 VOLUME ["/data"]
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
+HEALTHCHECK --interval=30s --timeout=5s --start-period=1800s --retries=3 \
     CMD ["sh", "-c", "curl -fsS http://127.0.0.1:${AUTOMR_PORT}/healthz || exit 1"]
 
-# fetch assets and prepare the dataset on first start (both idempotent), then serve
-CMD ["sh", "-c", ".venv/bin/automr assets fetch && (test -f \"$AUTOMR_DATA_DIR/stats.json\" || .venv/bin/automr data prepare --dataset ml-100k --out \"$AUTOMR_DATA_DIR\") && exec .venv/bin/automr serve"]
+# First start: fetch assets, prepare ML-100K and train the quick-start artefacts into the volume (the
+# Makefile's `artefacts` target, idempotent; artefacts of `automr reproduce` in the volume win), then
+# serve with the server as PID 1 (SIGTERM -> graceful shutdown).
+CMD ["sh", "-c", "make artefacts RUNS=/data/runs && AUTOMR_ARTEFACTS_DIR=\"$(make -s print-artefacts RUNS=/data/runs)\" exec .venv/bin/automr serve"]

@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install test lint assets data artefacts serve clean
+.PHONY: install test lint assets data artefacts print-artefacts serve clean
 
 # the prepared dataset (and, under it, artefacts/) that `make serve` uses
 RUNS   ?= runs
@@ -41,6 +41,9 @@ artefacts: data
 	test -f $(ART)/retriever/retriever.safetensors || $(BIN)/automr reproduce --dataset ml-100k --runs $(RUNS) \
 	  --artefacts $(ART) --until retriever --generator-samples 128 --generator-epochs 1 --generator-valid 64 \
 	  --label-train 48 --label-valid 16
+
+print-artefacts:
+	@echo $(ART)
 
 # The service on the embedded defaults (SmolLM2, ML-100K, embedded Redis): docs/SERVICE.md
 serve: artefacts
