@@ -11,7 +11,8 @@ STAMP   = $(VENV)/.installed
 RUNS   ?= runs
 DATA    = $(RUNS)/ml-100k
 # trained artefacts the service loads: those of `automr reproduce` when present, else a quick-start
-# set trained once on a small budget (generator 128 samples x 1 epoch, retriever on 48+16 labelled samples)
+# set trained once on a small budget (`--budget quick`: generator 256 samples x 1 epoch, retriever on 48+16
+# labelled samples)
 ART    ?= $(if $(wildcard $(DATA)/artefacts/retriever/retriever.safetensors),$(DATA)/artefacts,$(DATA)/quickstart)
 
 $(STAMP): requirements.txt pyproject.toml
@@ -39,8 +40,7 @@ data: assets
 
 artefacts: data
 	test -f $(ART)/retriever/retriever.safetensors || $(BIN)/automr reproduce --dataset ml-100k --runs $(RUNS) \
-	  --artefacts $(ART) --until retriever --generator-samples 128 --generator-epochs 1 --generator-valid 64 \
-	  --label-train 48 --label-valid 16
+	  --artefacts $(ART) --until retriever --budget quick
 
 print-artefacts:
 	@echo $(ART)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Layer sensitivity (issue 4, METHOD.md §3): the automr - bigrec gain for several cut layers L, on the
-# VALIDATION split (never test). For each L: a quick-budget generator and retriever (the same budget as
-# the service's quick start: BIGRec tuning 128 samples x 1 epoch, labels 48 + 16 samples, item
+# VALIDATION split (never test). For each L: a quick-budget generator and retriever (`--budget quick`,
+# the service's quick start: BIGRec tuning 256 samples x 1 epoch, labels 48 + 16 samples, item
 # elements), then bigrec and automr on one seeded validation subset, then the paired bootstrap.
 #
 #   bench/sweep_layers.sh [RUNS=runs] [LIMIT=200] [LAYERS="10 20 25"]
@@ -21,7 +21,7 @@ for L in $LAYERS; do
   mkdir -p "$out"
   start=$(date +%s)
   AUTOMR_CUT_LAYER=$L "$BIN/automr" reproduce --dataset ml-100k --runs "$RUNS" --artefacts "$art" --until retriever \
-    --generator-samples 128 --generator-epochs 1 --generator-valid 64 --label-train 48 --label-valid 16
+    --budget quick
   for m in bigrec automr; do
     test -f "$out/$m.json" || "$BIN/automr" evaluate --data "$DATA" --split valid --limit "$LIMIT" --method $m \
       --artefacts "$art" --option cut=$L --option element=item --out "$out/$m.json"

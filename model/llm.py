@@ -35,7 +35,14 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    GenerationConfig,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.masking_utils import create_causal_mask
 
 from model.prompts import PromptIds
@@ -149,6 +156,42 @@ def _ensure_slot_hook(layer: nn.Module) -> None:
     if not getattr(layer, "_automr_slot_hook", False):
         layer.register_forward_hook(_slot_hook)
         layer._automr_slot_hook = True
+
+
+# --------------------------------------------------------------------------------------------------
+# Stopping after the answer's line
+# --------------------------------------------------------------------------------------------------
+
+
+class StopAfterFirstLine(StoppingCriteria):
+    """Per row: stop once a newline follows some non-blank generated text. The answer is one line (a
+    title; ``clean_generated`` reads the first non-empty line), so the tokens after it are never used;
+    a generator that runs on after its title would otherwise cost up to ``max_new_tokens`` steps.
+
+    ``newline`` [V] bool: the token's text holds a newline; ``lead`` [V] bool: non-blank text before
+    that newline; ``content`` [V] bool: non-blank text anywhere. ``start``: where new tokens begin."""
+
+    def __init__(self, newline: torch.Tensor, lead: torch.Tensor, content: torch.Tensor, start: int):
+        self.newline, self.lead, self.content, self.start = newline, lead, content, start
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        new = input_ids[:, self.start:].cpu()  # [B, n]
+        if new.shape[1] == 0:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        content = self.content[new]  # [B, n]
+        before = (content.cumsum(1) - content.long()) > 0  # non-blank text strictly before position j
+        done = (self.newline[new] & (self.lead[new] | before)).any(1)  # [B]
+        return done.to(input_ids.device)
+
+
+def line_tables(tokenizer, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``StopAfterFirstLine``'s per-token tables [V] bool (newline, lead, content) from the token texts."""
+    texts = tokenizer.batch_decode([[i] for i in range(min(len(tokenizer), vocab_size))])
+    texts += [""] * (vocab_size - len(texts))
+    newline = torch.tensor(["\n" in t for t in texts])
+    lead = torch.tensor([bool(t.split("\n", 1)[0].strip()) if "\n" in t else False for t in texts])
+    content = torch.tensor([bool(t.strip()) for t in texts])
+    return newline, lead, content
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,6 +431,7 @@ class SplitLM:
         num_return_sequences: int = 1,
         slot_select: SlotSelect | None = None,
         n_slots: int = 1,
+        stop_at_newline: bool = True,
     ) -> list:
         """Greedy (or beam) generation from a batch of prompts; the decoded new tokens per prompt.
 
@@ -403,6 +447,8 @@ class SplitLM:
         ``return_ids=True`` returns the new token ids (eos and later tokens removed) instead of text.
         ``num_return_sequences`` R > 1 (beam search, R <= num_beams): per prompt a list of its R
         sequences, best first.
+        ``stop_at_newline`` (greedy only): a row stops at the newline that ends its first non-blank
+        line (``StopAfterFirstLine``); the text up to there is the same as without it.
         """
         if num_return_sequences > max(num_beams, 1):
             raise ValueError(f"num_return_sequences={num_return_sequences} needs num_beams >= it, got {num_beams}")
@@ -430,6 +476,8 @@ class SplitLM:
         )
         kwargs = dict(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
                       prefix_allowed_tokens_fn=prefix_allowed_tokens_fn)
+        if stop_at_newline and num_beams == 1:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([StopAfterFirstLine(*self._line_tables(), start=t)])
         if fill is None:
             out = self.model.generate(**kwargs)
         else:
@@ -444,8 +492,18 @@ class SplitLM:
         r = num_return_sequences
         return [res[i * r : (i + 1) * r] for i in range(b)]
 
+    def _line_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if getattr(self, "_lines", None) is None:
+            vocab = max(len(self.tokenizer), self.model.get_output_embeddings().weight.shape[0])
+            self._lines = line_tables(self.tokenizer, vocab)
+        return self._lines
+
     def _strip_eos(self, seq: list[int]) -> list[int]:
-        return seq[: seq.index(self.eos_id)] if self.eos_id in seq else seq
+        """Cut at the first eos; drop the padding that follows a row stopped by a stopping criterion."""
+        seq = seq[: seq.index(self.eos_id)] if self.eos_id in seq else seq
+        while seq and seq[-1] == self.pad_id:
+            seq = seq[:-1]
+        return seq
 
     def _padded_slot_positions(self, prompts, mask, shape: tuple[int, ...]) -> torch.Tensor:
         """Slot positions [B, S] in the left-padded batch (each row shifted by its padding);

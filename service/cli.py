@@ -188,19 +188,19 @@ def cmd_train_retriever(args, settings: Settings) -> int:
 
 
 def cmd_reproduce(args, settings: Settings) -> int:
-    from service.reproduce import METHODS, ReproduceConfig, reproduce
+    from service.reproduce import BUDGETS, METHODS, ReproduceConfig, reproduce
 
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    budget = dict(BUDGETS[args.budget])
+    budget.update({k: v for k in budget if (v := getattr(args, k)) is not None})  # flags given win
     cfg = ReproduceConfig(dataset=args.dataset, path=args.path, runs=args.runs, docs=args.docs,
                           cut=settings.cut_layer, dtype=settings.dtype,
                           model=str(settings.model_path) if settings.model_path else None,
-                          generator_samples=args.generator_samples, generator_epochs=args.generator_epochs,
-                          generator_valid=args.generator_valid, artefacts=args.artefacts, until=args.until,
-                          element=args.element, label_train=args.label_train, label_valid=args.label_valid,
-                          limit=args.limit, seed=args.seed, methods=methods)
+                          artefacts=args.artefacts, until=args.until, element=args.element,
+                          limit=args.limit, seed=args.seed, methods=methods, **budget)
     reproduce(cfg)
     return 0
 
@@ -280,13 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--runs", type=Path, default=Path("runs"), help="RUNS/<dataset>: data, artefacts, results")
     rp.add_argument("--docs", type=Path, default=Path("docs/results"), help="reports go to DOCS/<dataset>")
     rp.add_argument("--limit", type=int, default=1000, help="seeded test subset, the same for every method")
-    rp.add_argument("--generator-samples", type=int, default=1024)
-    rp.add_argument("--generator-epochs", type=int, default=2)
-    rp.add_argument("--generator-valid", type=int, default=256, help="valid samples for early stopping")
+    rp.add_argument("--budget", choices=["paper", "quick"], default="paper",
+                    help="preset of the budgets below (service/reproduce.py: BUDGETS); a flag given overrides it")
+    rp.add_argument("--generator-samples", type=int, default=None, help="BIGRec tuning samples (paper: 1024)")
+    rp.add_argument("--generator-epochs", type=int, default=None)
+    rp.add_argument("--generator-valid", type=int, default=None, help="valid samples for early stopping")
+    rp.add_argument("--generator-batch", type=int, default=None, help="samples per optimizer step")
+    rp.add_argument("--generator-lr", type=float, default=None)
+    rp.add_argument("--generator-warmup", type=int, default=None, help="warm-up steps")
     rp.add_argument("--element", choices=["window", "item"], default="item",
                     help="memory element kind (window: the paper's, ~100x costlier to encode on a CPU)")
-    rp.add_argument("--label-train", type=int, default=128, help="labelled train samples (Eq. 5)")
-    rp.add_argument("--label-valid", type=int, default=32)
+    rp.add_argument("--label-train", type=int, default=None, help="labelled train samples (Eq. 5)")
+    rp.add_argument("--label-valid", type=int, default=None)
     rp.add_argument("--methods", default=None, help="comma-separated subset of the methods")
     rp.add_argument("--seed", type=int, default=0)
     rp.add_argument("--artefacts", type=Path, default=None, help="artefact folder (default RUNS/<dataset>/artefacts)")

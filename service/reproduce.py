@@ -17,6 +17,16 @@ log = logging.getLogger(__name__)
 METHODS = ("popularity", "sasrec", "bigrec", "full-history", "random", "semantic", "automr")
 STAGES = ("data", "generator", "retriever")  # the stages before evaluation (``--until``)
 
+# Budget presets (``automr reproduce --budget``). "paper": the run behind docs/BENCHMARKS.md (BIGRec's
+# 1,024 tuning samples). "quick": the service's quick start and the layer sweep: ~15 min on 2 cores;
+# 16 optimizer steps of 16 samples, so the warm-up is short and the lr higher.
+BUDGETS: dict[str, dict] = {
+    "paper": dict(generator_samples=1024, generator_epochs=2, generator_valid=256, generator_batch=32,
+                  generator_lr=1e-4, generator_warmup=20, label_train=128, label_valid=32),
+    "quick": dict(generator_samples=256, generator_epochs=1, generator_valid=64, generator_batch=16,
+                  generator_lr=2e-4, generator_warmup=2, label_train=48, label_valid=16),
+}
+
 
 @dataclass
 class ReproduceConfig:
@@ -33,6 +43,9 @@ class ReproduceConfig:
     generator_samples: int = 1024  # BIGRec's budget
     generator_epochs: int = 2
     generator_valid: int = 256  # valid samples for early stopping
+    generator_batch: int = 32  # samples per optimizer step
+    generator_lr: float = 1e-4
+    generator_warmup: int = 20  # linear warm-up steps (keep below the number of steps of a small budget)
     element: str = "item"  # memory element kind (window is the paper's; item is ~100x cheaper on a CPU)
     label_train: int = 128
     label_valid: int = 32
@@ -105,6 +118,9 @@ def reproduce(cfg: ReproduceConfig) -> dict:
         lm = load_lm(cfg.model, cut=cfg.cut, dtype=cfg.dtype)
         report = train_generator(lm, ds, GeneratorTrainConfig(n_train=cfg.generator_samples, epochs=cfg.generator_epochs,
                                                               n_valid=cfg.generator_valid, seed=cfg.seed,
+                                                              batch_size=cfg.generator_batch, lr=cfg.generator_lr,
+                                                              warmup_steps=cfg.generator_warmup,
+                                                              micro_batch_size=min(8, cfg.generator_batch),
                                                               out_dir=str(art / "generator-run")))
         lm.save_upper(art / "generator", extra={"train_report": report.to_json(), "dataset": ds.name})
 

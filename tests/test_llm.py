@@ -379,3 +379,35 @@ def test_smollm2_gguf_split_matches_full_forward(one_thread):
     got = split.target_logprob(p, y, vec)
     ref_lp = torch.stack([_brute_logprob(split, p, y, vec[e]) for e in range(2)])
     torch.testing.assert_close(got, ref_lp, atol=1e-2, rtol=1e-4)
+
+
+def test_stop_after_first_line_cuts_exactly_after_the_newline(tiny_tokenizer, one_thread):
+    """Greedy generation with the newline stop = the unstopped generation cut after the first token
+    that ends a non-blank line. Which tokens count as newlines is injected (the tiny model rarely
+    writes one): the unstopped run's 4th new token is declared a newline, its 1st one blank."""
+    from tests.conftest import TINY_TITLES, build_tiny_lm
+
+    tiny_split = SplitLM.from_model(build_tiny_lm(len(tiny_tokenizer), seed=1), tiny_tokenizer, cut=2)  # varied tokens
+    builder = PromptBuilder.for_model(tiny_split, domain="movie", n_slots=1)
+    prompts = [builder.build(list(TINY_TITLES[:3])), builder.build(list(TINY_TITLES[4:9]))]
+    free = tiny_split.generate(prompts, max_new_tokens=10, return_ids=True, stop_at_newline=False)
+    assert all(len(f) == 10 for f in free)  # no eos within 10 tokens (else pick another seed)
+    vocab = tiny_split.model.get_output_embeddings().weight.shape[0]
+    newline, lead, content = (torch.zeros(vocab, dtype=torch.bool) for _ in range(3))
+    content[:] = True
+    row0_nl = free[0][3]
+    newline[row0_nl] = True
+    content[free[0][0]] = False  # a blank first token: the newline still follows content (tokens 1, 2)
+    tiny_split._lines = (newline, lead, content)
+    got = tiny_split.generate(prompts, max_new_tokens=10, return_ids=True)
+    for f, g in zip(free, got):
+        cut = next((j for j, t in enumerate(f) if newline[t] and any(content[x] for x in f[:j])), None)
+        want = f if cut is None else f[: cut + 1]
+        assert g == want
+    assert got[0] == free[0][:4]
+    # a newline before any content does not stop: declare only the first token a newline, and blank
+    newline[:] = False
+    content[:] = True
+    newline[free[0][0]] = True
+    content[free[0][0]] = False
+    assert tiny_split.generate(prompts[:1], max_new_tokens=10, return_ids=True)[0] == free[0]
