@@ -384,31 +384,40 @@ def _chain(first, rest):
     yield from rest
 
 
-def load_movielens_100k_original(folder: Path, name: str = "ml-100k", domain: str | None = None) -> LoadedDataset:
-    """The GroupLens ML-100K release: ``u.data`` (user\\titem\\trating\\tts) and ``u.item`` (``|``)."""
+def _load_delimited_pair(folder: Path, name: str, domain: str, fmt: str, what: str,
+                         data_file: str, data_sep: str, item_file: str, item_sep: str) -> LoadedDataset:
+    """A ratings file (user, item, rating, timestamp; ``data_sep``-separated) + an items file whose
+    first two fields are the item id and its title (``item_sep``-separated; more fields ignored)."""
     folder = Path(folder)
-    data_p = _require(folder / "u.data", "MovieLens-100K ratings")
-    item_p = _require(folder / "u.item", "MovieLens-100K items")
-    report = LoadReport(format="ml-100k-orig", files=[str(data_p), str(item_p)])
+    data_p = _require(folder / data_file, f"{what} ratings")
+    item_p = _require(folder / item_file, f"{what} items")
+    report = LoadReport(format=fmt, files=[str(data_p), str(item_p)])
+    shown = {"\t": "tab", "|": "'|'", "::": "'::'"}
     rows = _Rows()
-    for lineno, r in _split_rows(data_p, "\t"):
+    for lineno, r in _split_rows(data_p, data_sep):
         if len(r) != 4:
-            report.skip(data_p, lineno, f"expected 4 tab-separated fields, got {len(r)}")
+            report.skip(data_p, lineno, f"expected 4 {shown.get(data_sep, repr(data_sep))}-separated fields, got {len(r)}")
             continue
         rows.add(data_p, lineno, r[0], r[1], r[3], report)
     if not rows:
         raise _no_rows(data_p, report)
     titles: dict[str, str] = {}
     n_item_rows = 0
-    for lineno, r in _split_rows(item_p, "|"):
+    for lineno, r in _split_rows(item_p, item_sep):
         if len(r) < 2:
-            report.skip(item_p, lineno, f"expected '|'-separated fields, got {len(r)}")
+            report.skip(item_p, lineno, f"expected {shown.get(item_sep, repr(item_sep))}-separated fields, got {len(r)}")
             continue
         n_item_rows += 1
         _add_title(titles, r[0], r[1], report)
     if not n_item_rows:
         raise _no_rows(item_p, report)
-    return _finish(name, domain or "movie", rows, titles, report)
+    return _finish(name, domain, rows, titles, report)
+
+
+def load_movielens_100k_original(folder: Path, name: str = "ml-100k", domain: str | None = None) -> LoadedDataset:
+    """The GroupLens ML-100K release: ``u.data`` (user\\titem\\trating\\tts) and ``u.item`` (``|``)."""
+    return _load_delimited_pair(folder, name, domain or "movie", "ml-100k-orig", "MovieLens-100K",
+                                "u.data", "\t", "u.item", "|")
 
 
 def _load_csv_pair(folder: Path, name: str, domain: str, fmt: str, what: str,
@@ -440,25 +449,8 @@ def load_movielens_csv(folder: Path, name: str = "movielens-csv", domain: str | 
 
 def load_movielens_dat(folder: Path, name: str = "movielens-dat", domain: str | None = None) -> LoadedDataset:
     """ML-1M / ML-10M style ``ratings.dat`` (user::item::rating::ts) + ``movies.dat`` (id::title::genres)."""
-    folder = Path(folder)
-    rat_p = _require(folder / "ratings.dat", "MovieLens ratings")
-    mov_p = _require(folder / "movies.dat", "MovieLens movies")
-    report = LoadReport(format="movielens-dat", files=[str(rat_p), str(mov_p)])
-    rows = _Rows()
-    for lineno, r in _split_rows(rat_p, "::"):
-        if len(r) != 4:
-            report.skip(rat_p, lineno, f"expected 4 '::'-separated fields, got {len(r)}")
-            continue
-        rows.add(rat_p, lineno, r[0], r[1], r[3], report)
-    if not rows:
-        raise _no_rows(rat_p, report)
-    titles: dict[str, str] = {}
-    for lineno, r in _split_rows(mov_p, "::"):
-        if len(r) < 2:
-            report.skip(mov_p, lineno, f"expected '::'-separated fields, got {len(r)}")
-            continue
-        _add_title(titles, r[0], r[1], report)
-    return _finish(name, domain or "movie", rows, titles, report)
+    return _load_delimited_pair(folder, name, domain or "movie", "movielens-dat", "MovieLens",
+                                "ratings.dat", "::", "movies.dat", "::")
 
 
 def load_generic_csv(folder: Path, name: str = "csv", domain: str | None = None) -> LoadedDataset:
