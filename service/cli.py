@@ -43,7 +43,7 @@ def cmd_assets_fetch(args, settings: Settings) -> int:
 def cmd_data_prepare(args, settings: Settings) -> int:
     from model.data.prepared import prepare_cmd
 
-    stats = prepare_cmd(dataset=args.dataset, out=args.out, path=args.path, domain=args.domain)
+    stats = prepare_cmd(dataset=args.dataset, out=args.out, path=args.path, domain=args.domain, titles=args.titles)
     _print_json(stats)
     return 0
 
@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--path", default=None, help="folder (or file) with the raw data; ml-100k defaults to the fetched copy")
     prep.add_argument("--out", required=True, type=Path)
     prep.add_argument("--domain", default=None, help="domain word for prompts (movie, product, book, ...)")
+    prep.add_argument("--titles", choices=["as-is", "natural"], default="as-is",
+                      help="natural: 'Fugitive, The (1993)' -> 'The Fugitive (1993)' in every prompt and index")
     prep.set_defaults(func=cmd_data_prepare)
 
     ev = sub.add_parser("evaluate", help="full-ranking Recall/NDCG@{1,5,10,20} of one method")

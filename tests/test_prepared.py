@@ -109,3 +109,34 @@ def test_real_ml100k_if_fetched(tmp_path):
     assert (s["train"], s["valid"], s["test"]) == (71864, 8983, 8983)
     assert s["samples"] == s["interactions"] - 10 * s["users"]  # every user has >= 20 > K items
     assert json.loads((tmp_path / "ml" / "dataset.json").read_text())["domain"] == "movie"
+
+
+def test_natural_titles_move_a_trailing_article_to_the_front(tmp_path):
+    """`--titles natural`: catalogue titles as a sentence says them, everything else unchanged."""
+    from model.data.prepared import PreparedDataset, prepare
+    from model.data.protocol import ProtocolConfig
+    from model.data.text import natural_title
+    from tests.conftest import write_tiny_csv_dataset
+
+    assert natural_title("Fugitive, The (1993)") == "The Fugitive (1993)"
+    assert natural_title("Atalante, L' (1934)") == "L'Atalante (1934)"
+    assert natural_title("Postman, The (Postino, Il) (1994)") == "The Postman (Postino, Il) (1994)"
+    assert natural_title("Good, the Bad and the Ugly, The (1966)") == "The Good, the Bad and the Ugly (1966)"
+    assert natural_title("Wings of Desire (Himmel über Berlin, Der) (1987)") == "Wings of Desire (Himmel über Berlin, Der) (1987)"
+    assert natural_title("Star Wars (1977)") == "Star Wars (1977)"
+    assert natural_title("Boot, Das") == "Das Boot"
+
+    raw = tmp_path / "raw"
+    write_tiny_csv_dataset(raw, n_users=4, per_user=12, seed=1)
+    items = (raw / "items.csv").read_text().splitlines()
+    items[1] = items[1].split(",")[0] + ",\"Fugitive, The (1993)\""
+    (raw / "items.csv").write_text("\n".join(items) + "\n")
+    cfg = ProtocolConfig(min_item=1, min_user=1, k_short=3)
+    plain = prepare("csv", raw, tmp_path / "plain", cfg, progress=False)
+    nat = prepare("csv", raw, tmp_path / "nat", cfg, progress=False, titles="natural")
+    assert nat.config["titles"] == "natural" and plain.config["titles"] == "as-is"
+    assert nat.catalogue.item_ids == plain.catalogue.item_ids
+    assert nat.catalogue.titles == [natural_title(t) for t in plain.catalogue.titles]
+    assert "The Fugitive (1993)" in nat.catalogue.titles and "Fugitive, The (1993)" in plain.catalogue.titles
+    assert [s.to_json() for s in nat.split("test")] == [s.to_json() for s in plain.split("test")]
+    assert PreparedDataset.load(tmp_path / "nat").catalogue.titles == nat.catalogue.titles

@@ -13,6 +13,7 @@ Directory format::
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import numpy as np
 
 from model.data.loaders import load_dataset
 from model.data.protocol import SPLITS, ProtocolConfig, ProtocolResult, apply_protocol, no_gc
+from model.data.text import natural_title
 from model.data.types import Catalogue, Interactions, Sample
 
 log = logging.getLogger(__name__)
@@ -168,7 +170,7 @@ def _stats(res: ProtocolResult, max_history: int) -> dict:
 
 
 def write_prepared(res: ProtocolResult, out_dir: Path, *, name: str, domain: str, cfg: ProtocolConfig,
-                   source: str, fmt: str, load_report: dict) -> None:
+                   source: str, fmt: str, load_report: dict, titles: str = "as-is") -> None:
     out_dir = Path(out_dir).expanduser()
     if out_dir.is_file() or (out_dir.exists() and any(out_dir.iterdir())
                              and not any((out_dir / f).exists() for f in FILES)):
@@ -207,6 +209,7 @@ def write_prepared(res: ProtocolResult, out_dir: Path, *, name: str, domain: str
         "domain": domain,
         **cfg.to_json(),
         "format": fmt,
+        "titles": titles,
         "source": source,
         "format_version": FORMAT_VERSION,
         "order": "per user by (timestamp, item id in natural order); split by (target timestamp, user id, position)",
@@ -227,17 +230,27 @@ def write_prepared(res: ProtocolResult, out_dir: Path, *, name: str, domain: str
     _replace_write(out_dir / "dataset.json", lambda f: f.write(json.dumps(config, indent=2, ensure_ascii=False) + "\n"))
 
 
+TITLE_STYLES = ("as-is", "natural")
+
+
 def prepare(name: str, path: Path | str | None, out_dir: Path | str, cfg: ProtocolConfig = ProtocolConfig(),
-            *, domain: str | None = None, progress: bool = True) -> PreparedDataset:
-    """Load ``name`` from ``path``, apply the protocol, write ``out_dir``, and return it loaded."""
+            *, domain: str | None = None, progress: bool = True, titles: str = "as-is") -> PreparedDataset:
+    """Load ``name`` from ``path``, apply the protocol, write ``out_dir``, and return it loaded.
+    ``titles="natural"``: a trailing article moves to the front (``text.natural_title``)."""
+    if titles not in TITLE_STYLES:
+        raise ValueError(f"titles must be one of {TITLE_STYLES}, got {titles!r}")
     t0 = time.perf_counter()
     loaded = load_dataset(name, path, domain=domain)
+    if titles == "natural":
+        cat = loaded.interactions.catalogue
+        natural = Catalogue(list(cat.item_ids), [natural_title(t) for t in cat.titles])
+        loaded = dataclasses.replace(loaded, interactions=dataclasses.replace(loaded.interactions, catalogue=natural))
     t1 = time.perf_counter()
     res = apply_protocol(loaded.interactions, cfg, progress=progress)
     t2 = time.perf_counter()
     source = loaded.report.files[0] if path is None else str(Path(path).expanduser().resolve())
     write_prepared(res, Path(out_dir), name=loaded.name, domain=loaded.domain, cfg=cfg, source=source,
-                   fmt=loaded.report.format, load_report=loaded.report.to_json())
+                   fmt=loaded.report.format, load_report=loaded.report.to_json(), titles=titles)
     t3 = time.perf_counter()
     log.info("prepared %s in %.1fs (load %.1fs, protocol %.1fs, write %.1fs)", loaded.name, t3 - t0,
              t1 - t0, t2 - t1, t3 - t2)
@@ -246,9 +259,9 @@ def prepare(name: str, path: Path | str | None, out_dir: Path | str, cfg: Protoc
 
 def prepare_cmd(dataset: str, out: str, path: str | None = None, domain: str | None = None,
                 min_item: int = 5, min_user: int = 20, k_short: int = 10, max_history: int = 100,
-                split: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> dict:
+                split: tuple[float, float, float] = (0.8, 0.1, 0.1), titles: str = "as-is") -> dict:
     """For ``automr data prepare --dataset NAME [--path P] --out DIR``: returns ``{"out", **stats}``."""
     cfg = ProtocolConfig(min_item=min_item, min_user=min_user, max_history=max_history, k_short=k_short,
                          split=tuple(split))
-    ds = prepare(dataset, path, out, cfg, domain=domain)
+    ds = prepare(dataset, path, out, cfg, domain=domain, titles=titles)
     return {"out": str(ds.root), "name": ds.name, "domain": ds.domain, **ds.stats}
