@@ -29,3 +29,4 @@ for L in $LAYERS; do
   "$BIN/automr" compare "$out/automr.json" "$out/bigrec.json" --out "$out/compare.json"
   echo "L=$L done in $(( $(date +%s) - start )) s"
 done
+"$BIN/python" bench/sweep_report.py "$DATA/sweep"
