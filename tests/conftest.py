@@ -133,3 +133,9 @@ def write_tiny_csv_dataset(folder, n_users: int, per_user: int, seed: int, step:
         for u in range(n_users):
             for j, it in enumerate(rng.sample(range(1, len(TINY_TITLES) + 1), per_user)):
                 w.writerow([f"u{u}", str(it), step * j + u])
+
+
+@pytest.fixture
+def anyio_backend():
+    """Async tests (``pytest.mark.anyio``) run on asyncio."""
+    return "asyncio"

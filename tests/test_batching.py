@@ -29,10 +29,6 @@ K = 3
 MAX_NEW = 6
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
 
 @pytest.fixture(scope="module")
 def pipe():

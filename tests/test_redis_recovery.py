@@ -40,10 +40,6 @@ K = 3
 TIMEOUT_S = 1.0  # AUTOMR_REDIS_TIMEOUT_S of these apps: no answer may take longer than this + slack
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
 
 # ---- a tiny world: prepared dataset + tiny pipeline with a retriever (automr, bigrec, full-history) ----
 

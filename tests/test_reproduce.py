@@ -8,12 +8,18 @@ from service.reproduce import ReproduceConfig, reproduce
 from tests.conftest import build_tiny_lm, build_tiny_tokenizer, write_tiny_csv_dataset
 
 
-def test_reproduce_runs_every_stage_and_resumes(tmp_path, one_thread, capsys):
-    write_tiny_csv_dataset(tmp_path / "raw", n_users=6, per_user=15, seed=5)
+def _tiny_inputs(tmp_path, n_users: int, per_user: int, seed: int):
+    """A tiny CSV dataset in tmp_path/raw and a tiny HF-directory model; returns the model's folder."""
+    write_tiny_csv_dataset(tmp_path / "raw", n_users=n_users, per_user=per_user, seed=seed)
     tok = build_tiny_tokenizer()
     model_dir = tmp_path / "tiny-model"
     build_tiny_lm(len(tok)).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
+    return model_dir
+
+
+def test_reproduce_runs_every_stage_and_resumes(tmp_path, one_thread, capsys):
+    model_dir = _tiny_inputs(tmp_path, n_users=6, per_user=15, seed=5)
     cfg = dict(dataset="csv", path=str(tmp_path / "raw"), runs=tmp_path / "runs", docs=tmp_path / "docs",
                min_item=1, min_user=1, k_short=3,
                cut=2, dtype="float32", model=str(model_dir), generator_samples=8, generator_epochs=1,
@@ -39,11 +45,7 @@ def test_reproduce_runs_every_stage_and_resumes(tmp_path, one_thread, capsys):
 
 def test_reproduce_until_retriever_trains_into_the_given_folder_and_evaluates_nothing(tmp_path, one_thread, capsys):
     """The service's quick start: `--until retriever --artefacts DIR` (Makefile `artefacts`)."""
-    write_tiny_csv_dataset(tmp_path / "raw", n_users=5, per_user=14, seed=2)
-    tok = build_tiny_tokenizer()
-    model_dir = tmp_path / "tiny-model"
-    build_tiny_lm(len(tok)).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir = _tiny_inputs(tmp_path, n_users=5, per_user=14, seed=2)
     quick = tmp_path / "quick"
     cfg = dict(dataset="csv", path=str(tmp_path / "raw"), runs=tmp_path / "runs", docs=tmp_path / "docs",
                min_item=1, min_user=1, k_short=3, cut=2, dtype="float32", model=str(model_dir),

@@ -40,10 +40,6 @@ K = 3
 MAX_NEW = 6
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
 
 # ---- the tiny world ---------------------------------------------------------------------------------
 

@@ -33,10 +33,6 @@ pytestmark = pytest.mark.anyio
 HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):

@@ -21,10 +21,6 @@ from tests.test_service import K, MAX_NEW, _expected_events, _settings, comps, t
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
 
 class Held:
     """A recommender whose calls wait for ``gate`` (``started`` is set when the first one arrives)."""
