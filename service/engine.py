@@ -22,10 +22,13 @@ is unchanged are written (an out-of-order event may have changed it meanwhile).
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import math
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -84,7 +87,7 @@ class ModeChoice:
 
 class Engine:
     def __init__(self, components: Components, store: MemoryStore, runner: ModelRunner,
-                 slot_policy: str | None = None, max_batch_events: int = 1000):
+                 slot_policy: str | None = None, max_batch_events: int = 1000, redis_threads: int = 32):
         self.c = components
         self.store = store
         self.runner = runner
@@ -99,6 +102,18 @@ class Engine:
         if self.slot_policy not in ("none", *MEMORY_POLICIES):
             raise ValueError(f"unknown slot policy {self.slot_policy!r}")
         self.encoder_worker = None  # set by the app state when background encoding is on
+        # Redis calls block a thread each (an append waits for the AOF fsync): a pool of their own, so
+        # that concurrent appends share fsyncs and never queue behind other to_thread work
+        self._redis_pool = ThreadPoolExecutor(max_workers=redis_threads, thread_name_prefix="automr-redis")
+
+    async def _io(self, fn, *args):
+        """A blocking store call on the Redis pool; the request's context (its id) travels with it."""
+        call = functools.partial(contextvars.copy_context().run, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._redis_pool, call)
+
+    def close(self) -> None:
+        """Release the Redis pool's threads (after shutdown; calls still running finish)."""
+        self._redis_pool.shutdown(wait=False)
 
     # ---- helpers ---------------------------------------------------------------------------------
 
@@ -146,7 +161,7 @@ class Engine:
         return UserView(events, items, state.vectors, len(state.events) - len(events))
 
     async def _state(self, user_id: str) -> UserView:
-        state = await asyncio.to_thread(self.store.get_user_state, user_id, self.fingerprint)
+        state = await self._io(self.store.get_user_state, user_id, self.fingerprint)
         return self.view(state)
 
     async def _encode(self, view: UserView, positions: Sequence[int]) -> dict[str, np.ndarray]:
@@ -170,7 +185,7 @@ class Engine:
                 keep[eid] = v
         if not keep:
             return 0
-        res = await asyncio.to_thread(self.store.put_vectors, user_id, self.fingerprint, keep)
+        res = await self._io(self.store.put_vectors, user_id, self.fingerprint, keep)
         return res.stored
 
     # ---- POST /recommend -------------------------------------------------------------------------
@@ -257,7 +272,7 @@ class Engine:
         groups: dict[str, list[Event]] = {}
         for e in events:
             groups.setdefault(e.user_id, []).append(Event(item_id=e.item_id, timestamp=e.timestamp, event_id=e.event_id))
-        results = await asyncio.to_thread(self.store.append_many, groups)
+        results = await self._io(self.store.append_many, groups)
         if self.encoder_worker is not None:
             self.encoder_worker.submit([u for u, r in results.items() if r.added or r.invalidated])
         return InteractionsOut(
@@ -287,7 +302,7 @@ class Engine:
     # ---- /users/{id} -----------------------------------------------------------------------------
 
     async def history(self, user_id: str) -> HistoryOut:
-        events = await asyncio.to_thread(self.store.history, user_id)
+        events = await self._io(self.store.history, user_id)
         if not events:
             raise ApiError(404, "unknown_user", f"user {user_id!r} has no stored interactions")
         cat = self.c.catalogue
@@ -299,7 +314,7 @@ class Engine:
         return HistoryOut(user_id=user_id, events=out)
 
     async def delete(self, user_id: str) -> bool:
-        return await asyncio.to_thread(self.store.delete_user, user_id)
+        return await self._io(self.store.delete_user, user_id)
 
 
 class EncoderWorker:

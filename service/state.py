@@ -205,7 +205,7 @@ class AppState:
         left = lambda: max(self.settings.shutdown_grace_s - (time.monotonic() - t0), 0.0)  # noqa: E731
         self._stop.set()
         self.phase = "stopping"
-        self.engine = None
+        engine, self.engine = self.engine, None
         if self.encoder is not None:
             drained = await self.encoder.stop(timeout=left())
             log.info("shutdown: background encoder %s", "drained" if drained else "stopped with work left")
@@ -215,6 +215,8 @@ class AppState:
             done = await asyncio.to_thread(self.runner.close, left())
             log.info("shutdown: model runner %s after %.1fs", "drained" if done else "abandoned",
                      time.monotonic() - t0)
+        if engine is not None:
+            engine.close()
         if self._own_store and self.store is not None:
             self.store.close()
         if self.server is not None and self.server.owned:
