@@ -477,7 +477,7 @@ class SplitLM:
         kwargs = dict(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
                       prefix_allowed_tokens_fn=prefix_allowed_tokens_fn)
         if stop_at_newline and num_beams == 1:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([StopAfterFirstLine(*self._line_tables(), start=t)])
+            kwargs["stopping_criteria"] = StoppingCriteriaList([StopAfterFirstLine(*self.line_tables(), start=t)])
         if fill is None:
             out = self.model.generate(**kwargs)
         else:
@@ -492,7 +492,8 @@ class SplitLM:
         r = num_return_sequences
         return [res[i * r : (i + 1) * r] for i in range(b)]
 
-    def _line_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def line_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``StopAfterFirstLine``'s token tables, built once (decodes the whole vocabulary, ~1 s)."""
         if getattr(self, "_lines", None) is None:
             vocab = max(len(self.tokenizer), self.model.get_output_embeddings().weight.shape[0])
             self._lines = line_tables(self.tokenizer, vocab)

@@ -9,7 +9,7 @@ the ``/version`` document.
 The request id is taken from the ``X-Request-ID`` request header when it is 1..128 visible ASCII
 characters, else a fresh uuid4 hex; it is echoed in the ``X-Request-ID`` response header of every
 response (errors included) and is in every log record of the request (``request_id_var``, a
-ContextVar: ``asyncio.to_thread`` copies it to the Redis threads).
+ContextVar: ``Engine._io`` copies it to the Redis threads).
 
 The metrics middleware is the outermost layer: it sees the 401/413 answers of the security
 middleware and answers unexpected exceptions itself (500 ``internal_error``), so that those too carry

@@ -142,11 +142,12 @@ class AppState:
             self.runner = ModelRunner(p, recommenders, batch_size=s.llm_batch_size, max_batch=s.batch_max_size,
                                       max_wait_ms=s.batch_max_wait_ms, max_queue=s.max_queue,
                                       memory_dir=self._memory_dir(comp))
-            if p.element == "item" and (p.retriever is not None or s.slot_policy not in (None, "none")):
-                self.phase = "encoding items"
-                self.runner.warm_items()
             engine = Engine(comp, self.store, self.runner, slot_policy=s.slot_policy,
                             max_batch_events=s.max_batch_events)
+            self.phase = "warming up"
+            p.lm.line_tables()  # the decoding stop's token tables: once here, not in the first request
+            if engine.uses_memory:
+                self.runner.warm_items()  # item elements: every title encoded (no-op for windows)
         except Exception as e:  # keep the process up: /readyz tells why
             self.phase = "failed"
             self.error = f"start-up failed: {type(e).__name__}: {e}"
