@@ -264,12 +264,18 @@ async def test_cancelled_caller_is_skipped_and_errors_stay_with_their_request(pi
         await runner.recommend("nope", [_req(1)], topk=1)
 
 
-async def test_close_drains_then_refuses(pipe, runners):
+async def _held(pipe, runners):
+    """A runner whose first model call (request 0) is held on ``gate`` until the test sets it."""
     gate = threading.Event()
     rec = FakeRec(gate)
     runner = runners(pipe, {"a": rec}, max_batch=1, max_wait_ms=0)
     held = asyncio.ensure_future(runner.recommend("a", [_req(0)], topk=1))
     await asyncio.to_thread(rec.started.wait, 10)
+    return gate, rec, runner, held
+
+
+async def test_close_drains_then_refuses(pipe, runners):
+    gate, rec, runner, held = await _held(pipe, runners)
     queued = [asyncio.ensure_future(runner.recommend("a", [_req(x)], topk=1)) for x in (1, 2)]
     await _until(lambda: runner.queue_depth() == 2)
     closing = asyncio.ensure_future(asyncio.to_thread(runner.close, 20))
@@ -283,11 +289,7 @@ async def test_close_drains_then_refuses(pipe, runners):
 
 
 async def test_close_after_grace_fails_the_queued(pipe, runners):
-    gate = threading.Event()
-    rec = FakeRec(gate)
-    runner = runners(pipe, {"a": rec}, max_batch=1, max_wait_ms=0)
-    held = asyncio.ensure_future(runner.recommend("a", [_req(0)], topk=1))
-    await asyncio.to_thread(rec.started.wait, 10)
+    gate, rec, runner, held = await _held(pipe, runners)
     queued = asyncio.ensure_future(runner.recommend("a", [_req(1)], topk=1))
     await _until(lambda: runner.queue_depth() == 1)
     t0 = time.monotonic()

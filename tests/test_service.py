@@ -75,13 +75,17 @@ def _write_raw(folder: Path) -> dict[str, list[tuple[str, int]]]:
     return hist
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("service")
+def prepared_world(root) -> dict:
+    """The service tests' dataset: raw CSVs under ROOT/raw, prepared into ROOT/prepared."""
     hist = _write_raw(root / "raw")
     ds = prepare("csv", root / "raw", root / "prepared",
                  ProtocolConfig(min_item=1, min_user=1, k_short=K, max_history=100), domain="movie", progress=False)
     return {"ds": ds, "hist": hist, "root": root}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return prepared_world(tmp_path_factory.mktemp("service"))
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from service.components import Components
 from service.errors import retry_after
 from tests.conftest import build_tiny_tokenizer
 from tests.redis_fixtures import memory_store, redis_server, redis_url  # noqa: F401
-from tests.test_service import K, USERS, _assert_error, _pipeline, _settings, _write_raw, serve
+from tests.test_service import K, USERS, _assert_error, _pipeline, _settings, prepared_world, serve
 
 pytestmark = pytest.mark.anyio
 HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -36,14 +36,7 @@ HEX32 = re.compile(r"[0-9a-f]{32}")
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from model.data.prepared import prepare
-    from model.data.protocol import ProtocolConfig
-
-    root = tmp_path_factory.mktemp("service_prod")
-    hist = _write_raw(root / "raw")
-    ds = prepare("csv", root / "raw", root / "prepared",
-                 ProtocolConfig(min_item=1, min_user=1, k_short=K, max_history=100), domain="movie", progress=False)
-    return {"ds": ds, "hist": hist}
+    return prepared_world(tmp_path_factory.mktemp("service_prod"))
 
 
 @pytest.fixture(scope="module")
