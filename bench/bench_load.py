@@ -157,7 +157,7 @@ class Cell:
             "p99_ms": round(1e3 * percentile(lat, 0.99), 2) if lat else None,
             "mean_ms": round(1e3 * sum(lat) / ok, 2) if lat else None,
             "throughput_rps": round(ok / self.wall_s, 3) if self.wall_s > 0 else None,
-            "wall_s": round(self.wall_s, 4),
+            "wall_s": round(self.wall_s, 6),
         }
 
 

@@ -144,5 +144,6 @@ def test_429s_and_errors_are_counted_not_fatal():
         for c in ("1", "2"):
             s = res["recommend"][mode][c]
             assert (s["ok"], s["status_429"], s["errors"], s["anomalies"]) == (2, 2, {"503": 2}, {}), s
-            assert s["throughput_rps"] == pytest.approx(2 / s["wall_s"], rel=0.02)
+            # wall_s is rounded to the microsecond, so the ratio holds to well under 1% even for a ~2 ms cell
+            assert s["throughput_rps"] == pytest.approx(2 / s["wall_s"], rel=0.01)
     assert res["append"]["1"]["ok"] == 3 and res["cleanup"]["deleted"] == 2
