@@ -55,6 +55,8 @@ class PromptIds:
     slot_positions: list[int]  # token positions of the memory slot(s) (empty when no slot)
     n_titles: int = 0  # titles kept in the prompt
     n_dropped: int = 0  # oldest titles dropped to fit the token budget
+    n_shared: int = 0  # leading tokens every prompt of its builder shares (the template head): their
+    #                    KV cache can be computed once and reused by generation (SplitLM.generate)
 
 
 def one_line(title: str) -> str:
@@ -175,6 +177,7 @@ class PromptBuilder:
             slot_positions=[offset + r for r in rel_slots],
             n_titles=len(pieces) - start,
             n_dropped=start,
+            n_shared=len(self._head),
         )
 
     def response_ids(self, title: str) -> list[int]:

@@ -232,6 +232,91 @@ def test_prefix_allowed_tokens_fn_forces_a_title(tiny_split, tiny_titles):
     assert out == ['"' + tiny_titles[10] + '"', '"' + tiny_titles[11] + '"']
 
 
+# ---- the shared template head's KV cache -----------------------------------------------------------
+
+
+def _prefill_lengths(split):
+    """Records the sequence length of every forward through the embeddings (prefill, head, steps)."""
+    seen: list[int] = []
+    split.model.model.embed_tokens.register_forward_hook(lambda m, a, out: seen.append(a[0].shape[1]))
+    return seen
+
+
+def test_head_cache_is_computed_once_and_prefill_skips_the_head(tiny_split, tiny_titles):
+    b, prompts = _prompts(tiny_split.tokenizer, tiny_titles, sizes=(2, 7, 4))
+    head = prompts[0].n_shared
+    assert head == len(b._head) > 5 and all(p.input_ids[:head] == prompts[0].input_ids[:head] for p in prompts)
+    seen = _prefill_lengths(tiny_split)
+    tiny_split.generate(prompts, torch.randn(3, 1, H), max_new_tokens=3, return_ids=True)
+    t = max(len(p.input_ids) for p in prompts)
+    assert seen[:2] == [head, t - head]  # the head once, then the rows' own tokens only
+    seen.clear()
+    tiny_split.generate(prompts[:1], None, max_new_tokens=3, return_ids=True)
+    assert seen[0] == len(prompts[0].input_ids) - head and head not in seen[1:2]  # reused, not recomputed
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_head_cache_gives_the_same_tokens_as_full_prefill(tiny_split, tiny_titles, num_beams):
+    _, prompts = _prompts(tiny_split.tokenizer, tiny_titles, sizes=(2, 9, 5, 1))
+    torch.manual_seed(5)
+    vecs = torch.randn(4, 1, H) * 30
+    select_rows = torch.tensor([True, False, True, True])
+
+    def select(z):  # z_t from the prefill must be the same with and without the cached head
+        return (z[:, None, :] * 0.5 + vecs), select_rows
+
+    def run():
+        return (tiny_split.generate(prompts, vecs, max_new_tokens=6, num_beams=num_beams, return_ids=True),
+                tiny_split.generate(prompts, None, max_new_tokens=6, num_beams=num_beams, return_ids=True),
+                tiny_split.generate(prompts, slot_select=select, max_new_tokens=6, num_beams=num_beams,
+                                    return_ids=True))
+
+    seen = _prefill_lengths(tiny_split)
+    cached = run()
+    t = max(len(p.input_ids) for p in prompts)
+    assert t - prompts[0].n_shared in seen and t not in seen
+    tiny_split.reuse_head_cache = False
+    try:
+        seen.clear()
+        full = run()
+        assert t in seen
+    finally:
+        tiny_split.reuse_head_cache = True
+    assert cached == full  # (generate raises when a slot hook did not run: the slots were filled)
+
+
+def test_head_cache_follows_weight_changes(tiny_split, tiny_titles):
+    _, prompts = _prompts(tiny_split.tokenizer, tiny_titles, sizes=(3, 6))
+    before = tiny_split.generate(prompts, None, max_new_tokens=6, return_ids=True)
+    _perturb_upper(tiny_split, seed=7)  # in place, as an optimizer step or load_upper does
+    after = tiny_split.generate(prompts, None, max_new_tokens=6, return_ids=True)
+    for i, p in enumerate(prompts):
+        assert after[i] == _greedy_uncached(tiny_split, p, None, 6)[0]
+    assert after != before
+
+
+def test_prompts_without_a_common_head_are_prefilled_whole(tiny_split, tiny_titles):
+    _, prompts = _prompts(tiny_split.tokenizer, tiny_titles, sizes=(3, 6))
+    other = PromptIds([7] + prompts[1].input_ids[1:], prompts[1].slot_positions, n_shared=prompts[1].n_shared)
+    assert tiny_split._shared_head([prompts[0], other]) == 0
+    assert tiny_split._shared_head([prompts[0], PromptIds(prompts[1].input_ids, [2], n_shared=prompts[1].n_shared)]) == 0
+    assert tiny_split._shared_head(SHORT_PROMPTS) == 0
+    seen = _prefill_lengths(tiny_split)
+    got = tiny_split.generate([prompts[0], other], None, max_new_tokens=4, return_ids=True)
+    assert seen[0] == len(other.input_ids)
+    assert got[1] == _greedy_uncached(tiny_split, other, None, 4)[0]
+
+
+def test_lm_head_input_is_given_standard_strides(tiny_split):
+    h = torch.randn(3, 5, H)[:, -1:, :]  # what HF passes with logits_to_keep=1: batch stride 5*H
+    got = tiny_split.model.lm_head(h)
+    torch.testing.assert_close(got, h.clone(memory_format=torch.contiguous_format) @ tiny_split.model.lm_head.weight.T)
+    seen = []
+    tiny_split.model.lm_head.register_forward_pre_hook(lambda m, a: seen.append(a[0].stride()))
+    tiny_split.model.lm_head(h)
+    assert seen == [(H, H, 1)]
+
+
 # ---- target_logprob (Eq. 5) -----------------------------------------------------------------------
 
 
