@@ -25,6 +25,7 @@ wait for each other when another process holds a core); the caller decides (``to
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import copy
 import hashlib
@@ -290,6 +291,7 @@ class SplitLM:
         self._base_norm: nn.Module | None = None
         self._fp_cache: tuple[tuple, str] | None = None
         self.reuse_head_cache = True  # generate() reuses the KV of the prompts' shared template head
+        self.compact_greedy = True  # greedy generate() drops finished rows (False: HF generate)
         self._head_kv: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # ---- construction ---------------------------------------------------------------------------
@@ -455,6 +457,7 @@ class SplitLM:
         slot_select: SlotSelect | None = None,
         n_slots: int = 1,
         stop_at_newline: bool = True,
+        reuse_head: bool | None = None,
     ) -> list:
         """Greedy (or beam) generation from a batch of prompts; the decoded new tokens per prompt.
 
@@ -472,6 +475,8 @@ class SplitLM:
         sequences, best first.
         ``stop_at_newline`` (greedy only): a row stops at the newline that ends its first non-blank
         line (``StopAfterFirstLine``); the text up to there is the same as without it.
+        ``reuse_head`` (default ``self.reuse_head_cache``): prefill only what follows the template head
+        the prompts share (``PromptIds.n_shared``), its KV cache computed once and kept.
         """
         if num_return_sequences > max(num_beams, 1):
             raise ValueError(f"num_return_sequences={num_return_sequences} needs num_beams >= it, got {num_beams}")
@@ -479,7 +484,7 @@ class SplitLM:
             return []
         if slot_vectors is not None and slot_select is not None:
             raise ValueError("give slot_vectors or slot_select, not both")
-        head = self._shared_head(prompts)
+        head = self._shared_head(prompts) if (self.reuse_head_cache if reuse_head is None else reuse_head) else 0
         ids, mask = self._pad_after_head(prompts, head)
         b, t = ids.shape
         fill = None
@@ -504,27 +509,69 @@ class SplitLM:
             kwargs["stopping_criteria"] = StoppingCriteriaList([StopAfterFirstLine(*self.line_tables(), start=t)])
         if head:  # the prefill runs over each row's tokens after the shared head only
             kwargs["past_key_values"] = self._head_cache(prompts[0].input_ids[:head], b * max(num_beams, 1))
-        if fill is None:
-            out = self.model.generate(**kwargs)
-        else:
-            with fill:
+        greedy = num_beams == 1 and prefix_allowed_tokens_fn is None and self.compact_greedy
+        cache = kwargs.get("past_key_values")
+        with fill if fill is not None else contextlib.nullcontext():
+            if greedy:
+                new = self._greedy(ids, mask, head, cache, max_new_tokens, stop_at_newline)
+            else:
                 out = self.model.generate(**kwargs)
-            if not fill.applied:
-                raise RuntimeError("the slot replacement hook did not run during generate")
-        new = [self._strip_eos(seq) for seq in out[:, t:].tolist()]
+                new = out[:, t:].tolist()
+        if fill is not None and not fill.applied:
+            raise RuntimeError("the slot replacement hook did not run during generate")
+        new = [self._strip_eos(seq) for seq in new]
         res = new if return_ids else [self.tokenizer.decode(seq, skip_special_tokens=True) for seq in new]
         if num_return_sequences == 1:
             return res
         r = num_return_sequences
         return [res[i * r : (i + 1) * r] for i in range(b)]
 
+    @torch.no_grad()
+    def _greedy(self, ids: torch.Tensor, mask: torch.Tensor, head: int, cache: DynamicCache | None,
+                max_new_tokens: int, stop_at_newline: bool) -> list[list[int]]:
+        """Greedy decoding that drops each row from the batch as soon as it is finished.
+
+        The same tokens as ``model.generate`` greedy with ``StopAfterFirstLine`` (tested), but a
+        finished row no longer costs a step: a batch is otherwise held until its longest answer, and
+        one chatty row of 32 tokens made every row of a 16-request batch pay 32 steps.
+        ``ids``/``mask`` [B, T] (``head`` leading tokens already in ``cache``); returns per row the new
+        tokens up to and including the one that stopped it (eos or the answer line's newline).
+        """
+        b, t = ids.shape
+        newline, lead, content = self.line_tables() if stop_at_newline else (None, None, None)
+        cache = cache if cache is not None else DynamicCache(config=self.model.config)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] the left-padded batch's position ids
+        out = self.model(input_ids=ids[:, head:], attention_mask=mask, position_ids=pos[:, head:],
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        new: list[list[int]] = [[] for _ in range(b)]
+        alive = torch.arange(b)  # batch row -> prompt index
+        seen = torch.zeros(b, dtype=torch.bool)  # non-blank text generated before (StopAfterFirstLine)
+        last = pos[:, -1]  # [B] position of each row's last token
+        for _ in range(max_new_tokens):
+            nxt = out.logits[:, -1].float().argmax(-1).cpu()  # [n]
+            for row, tok in zip(alive.tolist(), nxt.tolist()):
+                new[row].append(tok)
+            done = nxt == self.eos_id
+            if newline is not None:
+                done |= newline[nxt] & (lead[nxt] | seen)
+                seen = seen | content[nxt]
+            if bool(done.all()) or len(new[int(alive[0])]) == max_new_tokens:
+                break
+            if bool(done.any()):
+                keep = (~done).nonzero()[:, 0]
+                cache.batch_select_indices(keep.to(self.device))
+                alive, seen, nxt, last, mask = alive[keep], seen[keep], nxt[keep], last[keep], mask[keep.to(mask.device)]
+            last = last + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            out = self.model(input_ids=nxt[:, None].to(self.device), attention_mask=mask,
+                             position_ids=last[:, None].to(self.device), past_key_values=cache, use_cache=True)
+        return new
+
     # ---- the shared template head's KV cache ----------------------------------------------------
 
     def _shared_head(self, prompts: Sequence[PromptIds]) -> int:
         """Length of the template head all ``prompts`` share and whose KV cache generation may reuse
         (0: none). Every prompt must keep at least one token and all its slots after it."""
-        if not self.reuse_head_cache:
-            return 0
         n = min(p.n_shared for p in prompts)
         if n < 1:
             return 0

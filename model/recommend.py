@@ -67,6 +67,9 @@ class RecommenderConfig:
     num_beams: int = 1
     constrained: bool = False  # beam search over a prefix tree of catalogue titles
     batch_size: int = 16  # LLM batch (generation and grounding embeddings)
+    # reuse the KV cache of the prompt template's head (exact in float32; in bfloat16 its rounding
+    # differs from a full prefill's, which can flip near-tied greedy tokens: see BENCHMARKS.md §5)
+    head_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.policy not in SLOT_POLICIES:
@@ -186,7 +189,7 @@ class Recommender:
             batch = [prompts[i] for i in rows]
             select = self._slot_select(requests, rows, picks)
             common = dict(slot_select=select, n_slots=cfg.n_slots, max_new_tokens=cfg.max_new_tokens,
-                          num_beams=cfg.num_beams)
+                          num_beams=cfg.num_beams, reuse_head=cfg.head_cache)
             if not cfg.constrained:
                 for i, t in zip(rows, self.lm.generate(batch, **common)):
                     texts[i] = t

@@ -197,7 +197,7 @@ def cmd_reproduce(args, settings: Settings) -> int:
     budget = dict(BUDGETS[args.budget])
     budget.update({k: v for k in budget if (v := getattr(args, k)) is not None})  # flags given win
     cfg = ReproduceConfig(dataset=args.dataset, path=args.path, runs=args.runs, docs=args.docs,
-                          cut=settings.cut_layer, dtype=settings.dtype,
+                          cut=settings.cut_layer, dtype=settings.dtype, head_cache=not args.no_head_cache,
                           model=str(settings.model_path) if settings.model_path else None,
                           artefacts=args.artefacts, until=args.until, element=args.element,
                           limit=args.limit, seed=args.seed, methods=methods, **budget)
@@ -282,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--runs", type=Path, default=Path("runs"), help="RUNS/<dataset>: data, artefacts, results")
     rp.add_argument("--docs", type=Path, default=Path("docs/results"), help="reports go to DOCS/<dataset>")
     rp.add_argument("--limit", type=int, default=1000, help="seeded test subset, the same for every method")
+    rp.add_argument("--no-head-cache", action="store_true",
+                    help="prefill whole prompts (the path docs/BENCHMARKS.md §4 Table 1 was measured with)")
     rp.add_argument("--budget", choices=["paper", "quick"], default="paper",
                     help="preset of the budgets below (service/reproduce.py: BUDGETS); a flag given overrides it")
     rp.add_argument("--generator-samples", type=int, default=None, help="BIGRec tuning samples (paper: 1024)")

@@ -39,6 +39,7 @@ class ReproduceConfig:
     k_short: int = 10
     cut: int = 20
     dtype: str = "bfloat16"
+    head_cache: bool = True  # generation reuses the template head's KV (False: how Table 1 was measured)
     model: str | None = None
     generator_samples: int = 1024  # BIGRec's budget
     generator_epochs: int = 2
@@ -97,7 +98,7 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     data = cfg.runs / cfg.dataset
     art = cfg.artefacts or data / "artefacts"
     results = data / "results"
-    llm_opts = {"cut": cfg.cut, "dtype": cfg.dtype, "element": cfg.element}
+    llm_opts = {"cut": cfg.cut, "dtype": cfg.dtype, "element": cfg.element, "head_cache": cfg.head_cache}
     if cfg.model:
         llm_opts["model"] = cfg.model
     t_all = time.perf_counter()

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(default=32, ge=1, le=256)
     num_beams: int = Field(default=1, ge=1, le=16)
     llm_batch_size: int = Field(default=16, ge=1)
+    head_cache: bool = True  # reuse the prompt template head's KV cache (RecommenderConfig.head_cache)
     torch_threads: int | None = Field(default=None, ge=1)  # intra-op threads of the model (None: torch's default)
     # POST /interactions: events per request (more: 413)
     max_batch_events: int = Field(default=1000, ge=1)

@@ -265,23 +265,18 @@ def test_head_cache_gives_the_same_tokens_as_full_prefill(tiny_split, tiny_title
     def select(z):  # z_t from the prefill must be the same with and without the cached head
         return (z[:, None, :] * 0.5 + vecs), select_rows
 
-    def run():
-        return (tiny_split.generate(prompts, vecs, max_new_tokens=6, num_beams=num_beams, return_ids=True),
-                tiny_split.generate(prompts, None, max_new_tokens=6, num_beams=num_beams, return_ids=True),
-                tiny_split.generate(prompts, slot_select=select, max_new_tokens=6, num_beams=num_beams,
-                                    return_ids=True))
+    def run(reuse):
+        common = dict(max_new_tokens=6, num_beams=num_beams, return_ids=True, reuse_head=reuse)
+        return (tiny_split.generate(prompts, vecs, **common), tiny_split.generate(prompts, None, **common),
+                tiny_split.generate(prompts, slot_select=select, **common))
 
     seen = _prefill_lengths(tiny_split)
-    cached = run()
+    cached = run(True)
     t = max(len(p.input_ids) for p in prompts)
     assert t - prompts[0].n_shared in seen and t not in seen
-    tiny_split.reuse_head_cache = False
-    try:
-        seen.clear()
-        full = run()
-        assert t in seen
-    finally:
-        tiny_split.reuse_head_cache = True
+    seen.clear()
+    full = run(False)
+    assert t in seen and t - prompts[0].n_shared not in seen
     assert cached == full  # (generate raises when a slot hook did not run: the slots were filled)
 
 
@@ -305,6 +300,33 @@ def test_prompts_without_a_common_head_are_prefilled_whole(tiny_split, tiny_titl
     got = tiny_split.generate([prompts[0], other], None, max_new_tokens=4, return_ids=True)
     assert seen[0] == len(other.input_ids)
     assert got[1] == _greedy_uncached(tiny_split, other, None, 4)[0]
+
+
+@pytest.mark.parametrize("with_slots", [False, True])
+def test_compacting_greedy_equals_hf_generate_and_drops_finished_rows(tiny_split, tiny_titles, with_slots):
+    _, prompts = _prompts(tiny_split.tokenizer, tiny_titles, sizes=(2, 9, 5, 1))
+    torch.manual_seed(11)
+    vecs = torch.randn(4, 1, H) * 4 if with_slots else None
+    free = tiny_split.generate(prompts, vecs, max_new_tokens=10, return_ids=True, stop_at_newline=False)
+    # make one token that rows generate at different steps end the answer line, so rows finish apart
+    stop = free[0][2]
+    newline, lead, content = (torch.zeros(tiny_split.model.config.vocab_size, dtype=torch.bool) for _ in range(3))
+    newline[stop] = lead[stop] = True
+    tiny_split._lines = (newline, lead, content)
+    batch_sizes = []
+    tiny_split.model.model.embed_tokens.register_forward_hook(lambda m, a, o: batch_sizes.append(a[0].shape[0]))
+    try:
+        got = tiny_split.generate(prompts, vecs, max_new_tokens=10, return_ids=True)
+        compact = list(batch_sizes)  # rows per forward of the compacting decoder (the head is cached)
+        tiny_split.compact_greedy = False
+        ref = tiny_split.generate(prompts, vecs, max_new_tokens=10, return_ids=True)
+    finally:
+        tiny_split.compact_greedy = True
+        tiny_split._lines = None
+    assert got == ref
+    lengths = sorted(len(r) for r in got)
+    assert lengths[0] < lengths[-1]  # rows did finish at different steps
+    assert compact[0] == len(prompts) and compact == sorted(compact, reverse=True) and compact[-1] < len(prompts)
 
 
 def test_lm_head_input_is_given_standard_strides(tiny_split):
