@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 
-
 def main(root: Path) -> str:
     rows = ["| L | n | " + " | ".join(f"bigrec {m} | automr {m} | diff [95% CI]" for m in ("recall@20", "ndcg@20")) + " |",
             "|---:|---:|" + "---:|---:|---|" * 2]

@@ -196,13 +196,15 @@ class StopAfterFirstLine(StoppingCriteria):
         self.newline, self.lead, self.content, self.start = newline, lead, content, start
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        new = input_ids[:, self.start:].cpu()  # [B, n]
+        return self.done(input_ids[:, self.start:].cpu()).to(input_ids.device)
+
+    def done(self, new: torch.Tensor) -> torch.Tensor:
+        """[B] bool from the new tokens only, ``new`` [B, n] (CPU)."""
         if new.shape[1] == 0:
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            return torch.zeros(new.shape[0], dtype=torch.bool)
         content = self.content[new]  # [B, n]
         before = (content.cumsum(1) - content.long()) > 0  # non-blank text strictly before position j
-        done = (self.newline[new] & (self.lead[new] | before)).any(1)  # [B]
-        return done.to(input_ids.device)
+        return (self.newline[new] & (self.lead[new] | before)).any(1)  # [B]
 
 
 def line_tables(tokenizer, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -290,8 +292,6 @@ class SplitLM:
         self._base_upper: nn.ModuleList | None = None  # untuned layers L+1..N (+ norm), see embed_final
         self._base_norm: nn.Module | None = None
         self._fp_cache: tuple[tuple, str] | None = None
-        self.reuse_head_cache = True  # generate() reuses the KV of the prompts' shared template head
-        self.compact_greedy = True  # greedy generate() drops finished rows (False: HF generate)
         self._head_kv: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # ---- construction ---------------------------------------------------------------------------
@@ -457,7 +457,8 @@ class SplitLM:
         slot_select: SlotSelect | None = None,
         n_slots: int = 1,
         stop_at_newline: bool = True,
-        reuse_head: bool | None = None,
+        reuse_head: bool = True,
+        compact: bool = True,
     ) -> list:
         """Greedy (or beam) generation from a batch of prompts; the decoded new tokens per prompt.
 
@@ -475,8 +476,10 @@ class SplitLM:
         sequences, best first.
         ``stop_at_newline`` (greedy only): a row stops at the newline that ends its first non-blank
         line (``StopAfterFirstLine``); the text up to there is the same as without it.
-        ``reuse_head`` (default ``self.reuse_head_cache``): prefill only what follows the template head
-        the prompts share (``PromptIds.n_shared``), its KV cache computed once and kept.
+        ``reuse_head``: prefill only what follows the template head the prompts share
+        (``PromptIds.n_shared``), its KV cache computed once and kept (``_head_cache``).
+        ``compact`` (greedy without ``prefix_allowed_tokens_fn``): decode with ``_greedy``, which drops
+        finished rows; ``False`` runs HF ``generate`` (same tokens, tested).
         """
         if num_return_sequences > max(num_beams, 1):
             raise ValueError(f"num_return_sequences={num_return_sequences} needs num_beams >= it, got {num_beams}")
@@ -484,7 +487,7 @@ class SplitLM:
             return []
         if slot_vectors is not None and slot_select is not None:
             raise ValueError("give slot_vectors or slot_select, not both")
-        head = self._shared_head(prompts) if (self.reuse_head_cache if reuse_head is None else reuse_head) else 0
+        head = self._shared_head(prompts) if reuse_head else 0
         ids, mask = self._pad_after_head(prompts, head)
         b, t = ids.shape
         fill = None
@@ -494,28 +497,21 @@ class SplitLM:
         elif slot_select is not None:
             positions = self._padded_slot_positions(prompts, mask, (b, n_slots, self.hidden_size))
             fill = slot_fill(self, positions - head, None, seq_len=t - head, select=slot_select)
-        gen_cfg = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            do_sample=False,
-            num_return_sequences=num_return_sequences,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id,
-            bos_token_id=self.tokenizer.bos_token_id,
-        )
-        kwargs = dict(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
-                      prefix_allowed_tokens_fn=prefix_allowed_tokens_fn)
-        if stop_at_newline and num_beams == 1:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([StopAfterFirstLine(*self.line_tables(), start=t)])
-        if head:  # the prefill runs over each row's tokens after the shared head only
-            kwargs["past_key_values"] = self._head_cache(prompts[0].input_ids[:head], b * max(num_beams, 1))
-        greedy = num_beams == 1 and prefix_allowed_tokens_fn is None and self.compact_greedy
-        cache = kwargs.get("past_key_values")
+        # the prefill runs over each row's tokens after the shared head only
+        cache = self._head_cache(prompts[0].input_ids[:head], b * num_beams) if head else None
+        stop = StopAfterFirstLine(*self.line_tables(), start=t) if stop_at_newline and num_beams == 1 else None
         with fill if fill is not None else contextlib.nullcontext():
-            if greedy:
-                new = self._greedy(ids, mask, head, cache, max_new_tokens, stop_at_newline)
+            if compact and num_beams == 1 and prefix_allowed_tokens_fn is None:
+                new = self._greedy(ids, mask, head, cache, max_new_tokens, stop)
             else:
-                out = self.model.generate(**kwargs)
+                gen_cfg = GenerationConfig(
+                    max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                    num_return_sequences=num_return_sequences, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+                    bos_token_id=self.tokenizer.bos_token_id,
+                )
+                out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
+                                          prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, past_key_values=cache,
+                                          stopping_criteria=StoppingCriteriaList([stop] if stop else []))
                 new = out[:, t:].tolist()
         if fill is not None and not fill.applied:
             raise RuntimeError("the slot replacement hook did not run during generate")
@@ -528,39 +524,39 @@ class SplitLM:
 
     @torch.no_grad()
     def _greedy(self, ids: torch.Tensor, mask: torch.Tensor, head: int, cache: DynamicCache | None,
-                max_new_tokens: int, stop_at_newline: bool) -> list[list[int]]:
+                max_new_tokens: int, stop: "StopAfterFirstLine | None") -> list[list[int]]:
         """Greedy decoding that drops each row from the batch as soon as it is finished.
 
         The same tokens as ``model.generate`` greedy with ``StopAfterFirstLine`` (tested), but a
         finished row no longer costs a step: a batch is otherwise held until its longest answer, and
         one chatty row of 32 tokens made every row of a 16-request batch pay 32 steps.
-        ``ids``/``mask`` [B, T] (``head`` leading tokens already in ``cache``); returns per row the new
-        tokens up to and including the one that stopped it (eos or the answer line's newline).
+        ``ids``/``mask`` [B, T] (``head`` leading tokens already in ``cache``); ``stop`` reads the new
+        tokens of the rows still running; returns per row the new tokens up to and including the one
+        that stopped it (eos or the answer line's newline).
         """
         b, t = ids.shape
-        newline, lead, content = self.line_tables() if stop_at_newline else (None, None, None)
         cache = cache if cache is not None else DynamicCache(config=self.model.config)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] the left-padded batch's position ids
         out = self.model(input_ids=ids[:, head:], attention_mask=mask, position_ids=pos[:, head:],
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
         new: list[list[int]] = [[] for _ in range(b)]
         alive = torch.arange(b)  # batch row -> prompt index
-        seen = torch.zeros(b, dtype=torch.bool)  # non-blank text generated before (StopAfterFirstLine)
+        gen = torch.zeros(b, 0, dtype=torch.long)  # [n, steps] new tokens of the rows still running
         last = pos[:, -1]  # [B] position of each row's last token
         for _ in range(max_new_tokens):
             nxt = out.logits[:, -1].float().argmax(-1).cpu()  # [n]
             for row, tok in zip(alive.tolist(), nxt.tolist()):
                 new[row].append(tok)
+            gen = torch.cat([gen, nxt[:, None]], 1)
             done = nxt == self.eos_id
-            if newline is not None:
-                done |= newline[nxt] & (lead[nxt] | seen)
-                seen = seen | content[nxt]
-            if bool(done.all()) or len(new[int(alive[0])]) == max_new_tokens:
+            if stop is not None:
+                done |= stop.done(gen)
+            if bool(done.all()) or gen.shape[1] == max_new_tokens:
                 break
             if bool(done.any()):
                 keep = (~done).nonzero()[:, 0]
                 cache.batch_select_indices(keep.to(self.device))
-                alive, seen, nxt, last, mask = alive[keep], seen[keep], nxt[keep], last[keep], mask[keep.to(mask.device)]
+                alive, gen, nxt, last, mask = alive[keep], gen[keep], nxt[keep], last[keep], mask[keep.to(mask.device)]
             last = last + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             out = self.model(input_ids=nxt[:, None].to(self.device), attention_mask=mask,

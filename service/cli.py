@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--docs", type=Path, default=Path("docs/results"), help="reports go to DOCS/<dataset>")
     rp.add_argument("--limit", type=int, default=1000, help="seeded test subset, the same for every method")
     rp.add_argument("--no-head-cache", action="store_true",
-                    help="prefill whole prompts (the path docs/BENCHMARKS.md §4 Table 1 was measured with)")
+                    help="prefill whole prompts instead of reusing the template head's KV cache (BENCHMARKS.md §5)")
     rp.add_argument("--budget", choices=["paper", "quick"], default="paper",
                     help="preset of the budgets below (service/reproduce.py: BUDGETS); a flag given overrides it")
     rp.add_argument("--generator-samples", type=int, default=None, help="BIGRec tuning samples (paper: 1024)")

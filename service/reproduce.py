@@ -39,7 +39,7 @@ class ReproduceConfig:
     k_short: int = 10
     cut: int = 20
     dtype: str = "bfloat16"
-    head_cache: bool = True  # generation reuses the template head's KV (False: how Table 1 was measured)
+    head_cache: bool = True  # generation reuses the template head's KV cache (False: whole prefills)
     model: str | None = None
     generator_samples: int = 1024  # BIGRec's budget
     generator_epochs: int = 2

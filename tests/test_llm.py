@@ -318,10 +318,8 @@ def test_compacting_greedy_equals_hf_generate_and_drops_finished_rows(tiny_split
     try:
         got = tiny_split.generate(prompts, vecs, max_new_tokens=10, return_ids=True)
         compact = list(batch_sizes)  # rows per forward of the compacting decoder (the head is cached)
-        tiny_split.compact_greedy = False
-        ref = tiny_split.generate(prompts, vecs, max_new_tokens=10, return_ids=True)
+        ref = tiny_split.generate(prompts, vecs, max_new_tokens=10, return_ids=True, compact=False)
     finally:
-        tiny_split.compact_greedy = True
         tiny_split._lines = None
     assert got == ref
     lengths = sorted(len(r) for r in got)

@@ -13,8 +13,8 @@ slot (``model/recommend.py``). Options (``automr evaluate --option key=value``):
     max_new_tokens=32, num_beams=1, batch_size=16
     constrained=false  beam search restricted to real titles (num_beams beams; see model/recommend.py)
     exclude_history=true   drop the sample's history items from the ranking (false keeps them)
-    head_cache=true    reuse the prompt template head's KV cache (false: prefill whole prompts, the
-                       path Table 1 was measured with; see docs/BENCHMARKS.md §5)
+    head_cache=true    reuse the prompt template head's KV cache (false: prefill whole prompts; in
+                       bfloat16 the two round differently, see docs/BENCHMARKS.md §5)
 """
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ class LLMRanker:
         return {
             "policy": rec.config.policy, "full_history": rec.config.full_history, "n_slots": rec.config.n_slots,
             "num_beams": rec.config.num_beams, "constrained": rec.config.constrained,
-            "max_new_tokens": rec.config.max_new_tokens, "head_cache": rec.config.head_cache, "cut": rec.lm.cut, "dtype": str(rec.lm.dtype),
+            "max_new_tokens": rec.config.max_new_tokens, "head_cache": rec.config.head_cache,
+            "cut": rec.lm.cut, "dtype": str(rec.lm.dtype),
             "element": self.memory.element if self.memory is not None else None,
             "model_version": self.version, "trace": self.trace,
         }
