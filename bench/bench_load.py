@@ -281,6 +281,8 @@ async def run_bench(cfg: BenchConfig, client: httpx.AsyncClient | None = None) -
     bench_users = [f"{cfg.bench_prefix}{run_id}-{j}" for j in range(cfg.bench_users)]
     try:
         out["server"] = await wait_ready(client, cfg.wait_ready_s)
+        version = await client.get("/version")  # model version and settings (dtype, cut layer, batching)
+        out["version"] = version.json() if version.status_code == 200 else None
         await preflight(client, cfg.users[0])
         items = cfg.items or await items_from_histories(client, cfg.users)
         users = cfg.users
@@ -371,10 +373,23 @@ def _print_row(what: str, s: dict) -> None:
           f"{_fmt(s['p50_ms']):>10}{_fmt(s['p99_ms']):>10}{_fmt(s['throughput_rps'], 2):>9}", flush=True)
 
 
+def cpu_model() -> dict[str, Any]:
+    """The CPU's model name and whether it has native bfloat16 (figures differ a lot between CPUs)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": platform.processor() or None, "native_bf16": None}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name"), "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}),
+            "avx512": any(f.startswith("avx512") for f in flags)}
+
+
 def machine() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
-            "python": platform.python_version(), "loadavg_at_start": load}
+    return {"cpu_count": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(),
+            "processor": platform.processor(), "python": platform.python_version(), "loadavg_at_start": load}
 
 
 def redacted_argv(argv: list[str]) -> list[str]:

@@ -31,7 +31,7 @@ def default_model_path() -> Path:
     return path
 
 
-def load_lm(model_path: str | Path | None = None, cut: int = 20, dtype: str = "bfloat16",
+def load_lm(model_path: str | Path | None = None, cut: int = 20, dtype: str = "auto",
             generator_dir: str | Path | None = None) -> SplitLM:
     """The generator: base model (HF dir or GGUF) + tuned upper layers when ``generator_dir`` holds them.
 

@@ -55,13 +55,29 @@ UPPER_CONFIG = "upper.json"
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
 
+def native_bf16() -> bool:
+    """Does this CPU multiply bfloat16 natively (AVX512-BF16 or AMX)? Without it torch emulates
+    bfloat16 matmuls, ~4x slower than float32 (AVX2-only AMD EPYC: 9 vs 43 GFLOP/s per core)."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def auto_dtype() -> str:
+    """``"auto"``: bfloat16 where the CPU computes it natively (half the memory traffic), else float32."""
+    return "bfloat16" if native_bf16() else "float32"
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from a name (``bfloat16``/``bf16``, ``float32``/``fp32``, ``auto``) or a dtype."""
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype = auto_dtype()
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"dtype {dtype} is not supported: use bfloat16 or float32")
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported: use 'bfloat16' or 'float32'")
+        raise ValueError(f"dtype {dtype!r} is not supported: use 'bfloat16', 'float32' or 'auto'")
     return _DTYPES[dtype]
 
 
@@ -306,7 +322,7 @@ class SplitLM:
         path: str | Path,
         gguf_file: str | None = None,
         cut: int = 20,
-        dtype: str | torch.dtype = "bfloat16",
+        dtype: str | torch.dtype = "auto",
     ) -> "SplitLM":
         """Load a local HF directory, or a GGUF file (``path`` = the .gguf, or a dir + ``gguf_file``).
 

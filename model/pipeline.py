@@ -119,7 +119,7 @@ def load_pipeline(
     k_short: int = 10,
     model: str | Path | None = None,
     cut: int = 20,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     generator_dir: str | Path | None = None,
     retriever_dir: str | Path | None = None,
     need_retriever: bool | None = None,

@@ -38,7 +38,7 @@ class ReproduceConfig:
     min_user: int = 20
     k_short: int = 10
     cut: int = 20
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     head_cache: bool = True  # generation reuses the template head's KV cache (False: whole prefills)
     model: str | None = None
     generator_samples: int = 1024  # BIGRec's budget

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,13 +18,22 @@ def _default_home() -> Path:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AUTOMR_", extra="ignore")
 
+    @field_validator("dtype", mode="after")
+    @classmethod
+    def _concrete_dtype(cls, v: str) -> str:
+        from model.llm import auto_dtype  # torch only when the settings are read
+
+        return auto_dtype() if v == "auto" else v
+
     # where fetched assets, prepared data, artefacts and the embedded Redis live
     home: Path = Field(default_factory=_default_home)
 
     # model
     model_path: Path | None = None  # HF directory or GGUF file; None = the embedded SmolLM2 GGUF
     cut_layer: int = 20  # L: memory vectors are layer-L states
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # "auto": bfloat16 where the CPU has native bf16 (AVX512-BF16/AMX), else float32 (resolved here,
+    # so /version and the results name the dtype actually used)
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     k_short: int = 10
 
     # data and artefacts

@@ -78,6 +78,7 @@ def test_bench_against_a_real_server_every_cell_and_cleanup(tiny, memory_store, 
     assert report["command"][i + 1] == "***"
     assert report["machine"]["cpu_count"] == os.cpu_count() and report["machine"]["platform"]
     assert report["server"]["status"] == "ready" and report["config"]["n_users"] == 6
+    assert report["version"]["settings"]["dtype"] == settings.dtype and "native_bf16" in report["machine"]["cpu"]
 
     assert report["prime"]["ok"] == 6 and report["prime"]["anomalies"] == {}  # one automr request per user
     assert set(report["recommend"]) == {"automr", "bigrec", "full-history"}

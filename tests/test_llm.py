@@ -461,6 +461,33 @@ def test_load_local_hf_directory(tmp_path, tiny_lm, tiny_tokenizer, tiny_titles)
         SplitLM.load(tmp_path / "m", dtype="float16")
 
 
+def test_auto_dtype_follows_the_cpu(monkeypatch):
+    """``auto`` is bfloat16 only where the CPU has native bf16 (else torch emulates it, ~4x slower)."""
+    from model import llm
+
+    for native, expect in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(llm, "native_bf16", lambda native=native: native)
+        assert llm.resolve_dtype("auto") == expect
+    monkeypatch.undo()
+    for avx512_bf16, amx, native in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert llm.native_bf16() is native
+
+
+def test_settings_resolve_auto_dtype(monkeypatch):
+    from model import llm
+    from service.settings import Settings
+
+    monkeypatch.delenv("AUTOMR_DTYPE", raising=False)
+    monkeypatch.setattr(llm, "native_bf16", lambda: False)
+    assert Settings().dtype == "float32"  # /version and results name the dtype used, never "auto"
+    monkeypatch.setattr(llm, "native_bf16", lambda: True)
+    assert Settings().dtype == "bfloat16"
+    monkeypatch.setenv("AUTOMR_DTYPE", "float32")
+    assert Settings().dtype == "float32"  # an explicit choice stands
+
+
 # ---- the real SmolLM2 (skipped unless the asset is fetched) --------------------------------------
 
 

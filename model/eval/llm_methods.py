@@ -5,7 +5,7 @@ slot (``model/recommend.py``). Options (``automr evaluate --option key=value``):
 
     model=PATH         base model (HF dir or .gguf); default: the embedded SmolLM2 GGUF
     cut=20             L
-    dtype=bfloat16     bfloat16 | float32
+    dtype=auto         bfloat16 | float32 | auto (bfloat16 on CPUs with native bf16, else float32)
     generator=DIR      tuned upper layers; default ARTEFACTS/generator (base model when absent)
     retriever=DIR      default ARTEFACTS/retriever (automr only)
     element=           memory element kind: window | item (default: the retriever's, else window)
@@ -90,7 +90,7 @@ def _factory(name: str, policy: str, full_history: bool = False):
         root = Path(ctx.artefact_dir).parent if ctx.artefact_dir else Path(ds.root) / "artefacts"
         pipe = load_pipeline(
             ds.catalogue.titles, root, domain=ds.domain, k_short=ds.k_short, model=opt.get("model"),
-            cut=int(opt.get("cut", 20)), dtype=opt.get("dtype", "bfloat16"), generator_dir=opt.get("generator"),
+            cut=int(opt.get("cut", 20)), dtype=opt.get("dtype", "auto"), generator_dir=opt.get("generator"),
             retriever_dir=opt.get("retriever"), need_retriever=policy == "learned",
             element=opt.get("element"), n_slots=int(opt.get("n_slots", 1)), progress=ctx.progress,
         )

@@ -26,7 +26,7 @@ class LabelBudget:
     seed: int = 0
 
 
-def open_pipeline(ds, artefacts: Path, *, model=None, cut: int = 20, dtype: str = "bfloat16",
+def open_pipeline(ds, artefacts: Path, *, model=None, cut: int = 20, dtype: str = "auto",
                   element: str = "window", progress: bool = True) -> Pipeline:
     """The tuned generator (ARTEFACTS/generator when present) and index, with no retriever."""
     return load_pipeline(ds.catalogue.titles, artefacts, domain=ds.domain, k_short=ds.k_short, model=model,
