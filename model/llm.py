@@ -46,6 +46,7 @@ from transformers import (
 )
 from transformers.masking_utils import create_causal_mask
 
+from model.kv_cache import growing_cache
 from model.prompts import PromptIds
 
 UPPER_FORMAT = "automr-upper/1"
@@ -551,7 +552,7 @@ class SplitLM:
         that stopped it (eos or the answer line's newline).
         """
         b, t = ids.shape
-        cache = cache if cache is not None else DynamicCache(config=self.model.config)
+        cache = cache if cache is not None else growing_cache(self.model.config, spare=max_new_tokens)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] the left-padded batch's position ids
         out = self.model(input_ids=ids[:, head:], attention_mask=mask, position_ids=pos[:, head:],
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -621,8 +622,8 @@ class SplitLM:
             while len(self._head_kv) >= 4:  # one head per builder in practice
                 self._head_kv.pop(next(iter(self._head_kv)))
             self._head_kv[key] = kv
-        cache = DynamicCache(config=self.model.config)
-        for i, (k, v) in enumerate(kv):  # [1, kv_heads, head, d] -> [rows, ...] (views; the cache concatenates)
+        cache = growing_cache(self.model.config)  # decode steps append in place (model/kv_cache.py)
+        for i, (k, v) in enumerate(kv):  # [1, kv_heads, head, d] -> [rows, ...], copied into the buffers
             cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), i)
         return cache
 
