@@ -92,3 +92,31 @@ def growing_cache(config, spare: int = 64) -> DynamicCache:
     cache = DynamicCache(config=config)
     cache.layers = [GrowingLayer(spare=spare) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def concat_rows(caches: list[DynamicCache], spare: int = 64) -> DynamicCache:
+    """One cache holding the rows of ``caches`` (in order), each left-padded with zeros to the longest
+    sequence: the caller masks the padding (``DecodeBatch.merge`` pads the attention masks alike).
+    Zeros, not garbage: a masked position's value is multiplied by a zero weight, and NaN * 0 is NaN."""
+    n_layers = {len(c.layers) for c in caches}
+    if len(n_layers) != 1:
+        raise ValueError(f"caches with different numbers of layers: {sorted(n_layers)}")
+    out = DynamicCache()
+    out.layers = []
+    for layers in zip(*(c.layers for c in caches)):
+        t = max(layer.get_seq_length() for layer in layers)
+        rows = sum(layer.keys.shape[0] for layer in layers)
+        k0, v0 = layers[0].keys, layers[0].values
+        k = k0.new_zeros(rows, k0.shape[1], t + spare, k0.shape[3])
+        v = v0.new_zeros(rows, v0.shape[1], t + spare, v0.shape[3])
+        at = 0
+        for layer in layers:
+            n, s = layer.keys.shape[0], layer.get_seq_length()
+            k[at: at + n, :, t - s: t] = layer.keys
+            v[at: at + n, :, t - s: t] = layer.values
+            at += n
+        merged = GrowingLayer(spare=spare)
+        merged.lazy_initialization(k0, v0)
+        merged._set(k, v, t)
+        out.layers.append(merged)
+    return out

@@ -32,7 +32,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -46,7 +46,7 @@ from transformers import (
 )
 from transformers.masking_utils import create_causal_mask
 
-from model.kv_cache import growing_cache
+from model.kv_cache import concat_rows, growing_cache
 from model.prompts import PromptIds
 
 UPPER_FORMAT = "automr-upper/1"
@@ -272,6 +272,53 @@ def _batches(order: list[int], size: int) -> Iterable[list[int]]:
 # --------------------------------------------------------------------------------------------------
 # SplitLM
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class DecodeBatch:
+    """Rows being decoded greedily together (``SplitLM.start``, ``SplitLM.step``).
+
+    Row j has a KV cache row, an attention mask row (0 = padding: rows of different lengths share
+    one sequence axis), the position id of its last token, the scores of its next token, the new
+    tokens so far, a budget and a stop rule, and its caller's ``tag``. Rows leave when finished
+    (``step``) and others join between steps (``merge``); neither changes any other row's tokens."""
+
+    cache: DynamicCache  # per layer [n, kv_heads, T, d]
+    mask: torch.Tensor  # [n, T]
+    last: torch.Tensor  # [n]
+    logits: torch.Tensor  # [n, V] float32
+    tokens: list[list[int]]
+    tags: list[Any]
+    max_new: list[int]
+    stops: list["StopAfterFirstLine | None"]
+
+    @property
+    def rows(self) -> int:
+        return len(self.tags)
+
+    def select(self, keep: Sequence[int]) -> None:
+        """Keep only rows ``keep`` (in that order)."""
+        idx = torch.tensor(list(keep), dtype=torch.long)
+        self.cache.batch_select_indices(idx.to(self.mask.device))
+        self.mask, self.last, self.logits = self.mask[idx.to(self.mask.device)], self.last[idx], self.logits[idx]
+        for name in ("tokens", "tags", "max_new", "stops"):
+            old = getattr(self, name)
+            setattr(self, name, [old[j] for j in keep])
+
+    def merge(self, other: "DecodeBatch") -> None:
+        """Append ``other``'s rows (prefilled, next token pending): the shorter side is left-padded
+        (masked) to the longer's length, so both keep their positions and attention."""
+        if not self.rows:  # every row has left: the batch becomes ``other``
+            self.__dict__.update(other.__dict__)
+            return
+        t = max(self.mask.shape[1], other.mask.shape[1])
+        pad = lambda m: torch.nn.functional.pad(m, (t - m.shape[1], 0))  # noqa: E731  [n, T] -> [n, t]
+        self.cache = concat_rows([self.cache, other.cache])
+        self.mask = torch.cat([pad(self.mask), pad(other.mask)], 0)
+        self.last = torch.cat([self.last, other.last], 0)
+        self.logits = torch.cat([self.logits, other.logits], 0)
+        for name in ("tokens", "tags", "max_new", "stops"):
+            getattr(self, name).extend(getattr(other, name))
 
 
 class SplitLM:
@@ -504,6 +551,45 @@ class SplitLM:
             return []
         if slot_vectors is not None and slot_select is not None:
             raise ValueError("give slot_vectors or slot_select, not both")
+        b = len(prompts)
+        if compact and num_beams == 1 and prefix_allowed_tokens_fn is None:
+            batch = self.start(prompts, slot_vectors=slot_vectors, slot_select=slot_select, n_slots=n_slots,
+                               max_new_tokens=max_new_tokens, stop_at_newline=stop_at_newline, reuse_head=reuse_head)
+            new: list = [None] * b
+            while batch.rows:
+                for row, tokens in self.step(batch):
+                    new[row] = tokens
+        else:
+            ids, mask, head, fill, cache = self._prefill_inputs(prompts, slot_vectors, slot_select, n_slots,
+                                                                reuse_head, rows=b * num_beams)
+            t = ids.shape[1]
+            stop = StopAfterFirstLine(*self.line_tables(), start=t) if stop_at_newline and num_beams == 1 else None
+            gen_cfg = GenerationConfig(
+                max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                num_return_sequences=num_return_sequences, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+                bos_token_id=self.tokenizer.bos_token_id,
+            )
+            with fill if fill is not None else contextlib.nullcontext():
+                out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
+                                          prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, past_key_values=cache,
+                                          stopping_criteria=StoppingCriteriaList([stop] if stop else []))
+            if fill is not None and not fill.applied:
+                raise RuntimeError("the slot replacement hook did not run during generate")
+            new = out[:, t:].tolist()
+        res = [self._strip_eos(seq) for seq in new] if return_ids else [self.text(seq) for seq in new]
+        if num_return_sequences == 1:
+            return res
+        r = num_return_sequences
+        return [res[i * r : (i + 1) * r] for i in range(b)]
+
+    def text(self, tokens: Sequence[int]) -> str:
+        """The text of a row's new tokens (cut at eos)."""
+        return self.tokenizer.decode(self._strip_eos(list(tokens)), skip_special_tokens=True)
+
+    def _prefill_inputs(self, prompts: Sequence[PromptIds], slot_vectors: torch.Tensor | None,
+                        slot_select: SlotSelect | None, n_slots: int, reuse_head: bool, rows: int):
+        """ids, mask [B, T], the cached head length, the slot filler (or None) and the cache (the head's
+        KV for ``rows`` rows, or None) of a prefill of ``prompts``."""
         head = self._shared_head(prompts) if reuse_head else 0
         ids, mask = self._pad_after_head(prompts, head)
         b, t = ids.shape
@@ -515,70 +601,66 @@ class SplitLM:
             positions = self._padded_slot_positions(prompts, mask, (b, n_slots, self.hidden_size))
             fill = slot_fill(self, positions - head, None, seq_len=t - head, select=slot_select)
         # the prefill runs over each row's tokens after the shared head only
-        cache = self._head_cache(prompts[0].input_ids[:head], b * num_beams) if head else None
-        stop = StopAfterFirstLine(*self.line_tables(), start=t) if stop_at_newline and num_beams == 1 else None
-        with fill if fill is not None else contextlib.nullcontext():
-            if compact and num_beams == 1 and prefix_allowed_tokens_fn is None:
-                new = self._greedy(ids, mask, head, cache, max_new_tokens, stop)
-            else:
-                gen_cfg = GenerationConfig(
-                    max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                    num_return_sequences=num_return_sequences, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
-                    bos_token_id=self.tokenizer.bos_token_id,
-                )
-                out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
-                                          prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, past_key_values=cache,
-                                          stopping_criteria=StoppingCriteriaList([stop] if stop else []))
-                new = out[:, t:].tolist()
-        if fill is not None and not fill.applied:
-            raise RuntimeError("the slot replacement hook did not run during generate")
-        new = [self._strip_eos(seq) for seq in new]
-        res = new if return_ids else [self.tokenizer.decode(seq, skip_special_tokens=True) for seq in new]
-        if num_return_sequences == 1:
-            return res
-        r = num_return_sequences
-        return [res[i * r : (i + 1) * r] for i in range(b)]
+        cache = self._head_cache(prompts[0].input_ids[:head], rows) if head else None
+        return ids, mask, head, fill, cache
+
+    # ---- greedy decoding, one step at a time ------------------------------------------------------
 
     @torch.no_grad()
-    def _greedy(self, ids: torch.Tensor, mask: torch.Tensor, head: int, cache: DynamicCache | None,
-                max_new_tokens: int, stop: "StopAfterFirstLine | None") -> list[list[int]]:
-        """Greedy decoding that drops each row from the batch as soon as it is finished.
-
-        The same tokens as ``model.generate`` greedy with ``StopAfterFirstLine`` (tested), but a
-        finished row no longer costs a step: a batch is otherwise held until its longest answer, and
-        one chatty row of 32 tokens made every row of a 16-request batch pay 32 steps.
-        ``ids``/``mask`` [B, T] (``head`` leading tokens already in ``cache``); ``stop`` reads the new
-        tokens of the rows still running; returns per row the new tokens up to and including the one
-        that stopped it (eos or the answer line's newline).
-        """
-        b, t = ids.shape
+    def start(self, prompts: Sequence[PromptIds], tags: Sequence | None = None, *,
+              slot_vectors: torch.Tensor | None = None, slot_select: SlotSelect | None = None, n_slots: int = 1,
+              max_new_tokens: int = 32, stop_at_newline: bool = True, reuse_head: bool = True) -> "DecodeBatch":
+        """Prefill ``prompts`` (with their slots filled as in ``generate``) for greedy decoding with
+        ``step``. ``tags``: each row's name in what ``step`` returns (default: its index)."""
+        if slot_vectors is not None and slot_select is not None:
+            raise ValueError("give slot_vectors or slot_select, not both")
+        b = len(prompts)
+        tags = list(range(b)) if tags is None else list(tags)
+        if len(tags) != b:
+            raise ValueError(f"{len(tags)} tags for {b} prompts")
+        ids, mask, head, fill, cache = self._prefill_inputs(prompts, slot_vectors, slot_select, n_slots, reuse_head, b)
         cache = cache if cache is not None else growing_cache(self.model.config, spare=max_new_tokens)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] the left-padded batch's position ids
-        out = self.model(input_ids=ids[:, head:], attention_mask=mask, position_ids=pos[:, head:],
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        new: list[list[int]] = [[] for _ in range(b)]
-        alive = torch.arange(b)  # batch row -> prompt index
-        gen = torch.zeros(b, 0, dtype=torch.long)  # [n, steps] new tokens of the rows still running
-        last = pos[:, -1]  # [B] position of each row's last token
-        for _ in range(max_new_tokens):
-            nxt = out.logits[:, -1].float().argmax(-1).cpu()  # [n]
-            for row, tok in zip(alive.tolist(), nxt.tolist()):
-                new[row].append(tok)
-            gen = torch.cat([gen, nxt[:, None]], 1)
-            done = nxt == self.eos_id
-            if stop is not None:
-                done |= stop.done(gen)
-            if bool(done.all()) or gen.shape[1] == max_new_tokens:
-                break
-            if bool(done.any()):
-                keep = (~done).nonzero()[:, 0]
-                cache.batch_select_indices(keep.to(self.device))
-                alive, gen, nxt, last, mask = alive[keep], gen[keep], nxt[keep], last[keep], mask[keep.to(mask.device)]
-            last = last + 1
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            out = self.model(input_ids=nxt[:, None].to(self.device), attention_mask=mask,
-                             position_ids=last[:, None].to(self.device), past_key_values=cache, use_cache=True)
-        return new
+        with fill if fill is not None else contextlib.nullcontext():
+            out = self.model(input_ids=ids[:, head:], attention_mask=mask, position_ids=pos[:, head:],
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if fill is not None and not fill.applied:
+            raise RuntimeError("the slot replacement hook did not run during the prefill")
+        stop = StopAfterFirstLine(*self.line_tables(), start=0) if stop_at_newline else None
+        return DecodeBatch(cache=cache, mask=mask, last=pos[:, -1], logits=out.logits[:, -1].float(),
+                           tokens=[[] for _ in range(b)], tags=tags, max_new=[max_new_tokens] * b,
+                           stops=[stop] * b)
+
+    @torch.no_grad()
+    def step(self, batch: "DecodeBatch") -> list[tuple[Any, list[int]]]:
+        """One greedy step of every row of ``batch``: each takes its best next token; rows that are
+        finished (eos, the end of their answer line, or their token budget) leave the batch and are
+        returned as (tag, new tokens including the one that ended them); the others run one forward.
+
+        A finished row no longer costs a step (a batch is otherwise held until its longest answer:
+        one chatty row of 32 tokens made every row of a 16-request batch pay 32 steps), and rows
+        can join between steps (``DecodeBatch.merge``). The same tokens as HF ``generate`` greedy with
+        ``StopAfterFirstLine`` (tested)."""
+        nxt = batch.logits.argmax(-1).cpu()  # [n]
+        done = []
+        for j, tok in enumerate(nxt.tolist()):
+            toks = batch.tokens[j]
+            toks.append(tok)
+            stop = batch.stops[j]
+            done.append(tok == self.eos_id or len(toks) >= batch.max_new[j]
+                        or (stop is not None and bool(stop.done(torch.tensor([toks]))[0])))
+        finished = [(batch.tags[j], batch.tokens[j]) for j in range(len(done)) if done[j]]
+        if finished:
+            keep = [j for j in range(len(done)) if not done[j]]
+            batch.select(keep)
+            nxt = nxt[keep]
+        if batch.rows:
+            batch.last = batch.last + 1
+            batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], 1)
+            out = self.model(input_ids=nxt[:, None].to(self.device), attention_mask=batch.mask,
+                             position_ids=batch.last[:, None], past_key_values=batch.cache, use_cache=True)
+            batch.logits = out.logits[:, -1].float()
+        return finished
 
     # ---- the shared template head's KV cache ----------------------------------------------------
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from model.grounding import CatalogueIndex, clean_generated
-from model.llm import SplitLM
+from model.llm import DecodeBatch, SplitLM
 from model.prompts import PromptBuilder, PromptIds
 from model.retriever import Retriever
 from model.title_trie import TitleTrie, beams_to_items
@@ -215,10 +215,37 @@ class Recommender:
         """Recommend for a batch of requests (results in request order)."""
         if not requests:
             return []
-        topk = topk or self.config.topk
         prompts = self.prompts(requests)
         picks = self.select_memory(requests)
         texts, beams = self.generate(requests, prompts, picks)
+        return self.finish(requests, texts, beams, picks, topk)
+
+    # ---- the same path in steps (the service's continuous batching: model/llm.py DecodeBatch) ------
+
+    @property
+    def steps_greedy(self) -> bool:
+        """Can generation run as ``start`` + ``SplitLM.step`` (greedy, unconstrained)?"""
+        return self.config.num_beams == 1 and not self.config.constrained
+
+    def start(self, requests: Sequence[RecommendRequest], tags: Sequence) -> tuple[DecodeBatch, list[tuple[list[int], list[float]]]]:
+        """``recommend`` up to its generation: the prompts, the memory picks and the prefill, as a
+        ``DecodeBatch`` whose rows are named by ``tags``; decode it with ``self.lm.step`` (it can be
+        merged with other batches of the same model) and pass the texts to ``finish``."""
+        if not self.steps_greedy:
+            raise ValueError("step-wise generation is greedy and unconstrained (num_beams=1, constrained=false)")
+        cfg = self.config
+        prompts = self.prompts(requests)
+        picks = self.select_memory(requests)
+        select = self._slot_select(requests, range(len(requests)), picks)
+        batch = self.lm.start(prompts, tags, slot_select=select, n_slots=cfg.n_slots,
+                              max_new_tokens=cfg.max_new_tokens, reuse_head=cfg.head_cache)
+        return batch, [p if p is not None else ([], []) for p in picks]
+
+    def finish(self, requests: Sequence[RecommendRequest], texts: Sequence[str], beams: Sequence[list[int]] | None,
+               picks: Sequence[tuple[list[int], list[float]] | None], topk: int | None = None) -> list[Recommendation]:
+        """``recommend`` after generation: grounding and the ranked items of each request."""
+        topk = topk or self.config.topk
+        beams = beams or [[] for _ in requests]
         picks = [p if p is not None else ([], []) for p in picks]
         items, dist = self.ground(requests, texts, topk)
         out = []

@@ -327,6 +327,43 @@ def test_compacting_greedy_equals_hf_generate_and_drops_finished_rows(tiny_split
     assert compact[0] == len(prompts) and compact == sorted(compact, reverse=True) and compact[-1] < len(prompts)
 
 
+def test_rows_joining_and_leaving_mid_decode_get_the_tokens_they_get_alone(tiny_split, tiny_titles):
+    """Continuous batching: rows of other lengths join a running batch (``DecodeBatch.merge``), the
+    batch empties and refills; every row's tokens equal those of generating it alone."""
+    _, prompts = _prompts(tiny_split.tokenizer, tiny_titles, sizes=(2, 9, 5, 1, 7))
+    torch.manual_seed(5)
+    vecs = torch.randn(5, 1, H) * 4
+    budget = [10, 10, 10, 3, 10]
+    alone = [tiny_split.generate([p], vecs[i:i + 1], max_new_tokens=budget[i], return_ids=True, stop_at_newline=False)[0]
+             for i, p in enumerate(prompts)]
+
+    def start(i):
+        return tiny_split.start([prompts[i]], [i], slot_vectors=vecs[i:i + 1], max_new_tokens=budget[i],
+                                stop_at_newline=False)
+
+    batch = tiny_split.start(prompts[:2], [0, 1], slot_vectors=vecs[:2], max_new_tokens=10, stop_at_newline=False)
+    got, sizes = {}, []
+    joins = {2: [2, 3], 5: [4]}  # step -> rows that join before it
+    for step in range(40):
+        for i in joins.get(step, []):
+            batch.merge(start(i))
+        sizes.append(batch.rows)
+        for tag, tokens in tiny_split.step(batch):
+            got[tag] = tiny_split._strip_eos(tokens)
+        if len(got) == len(prompts):
+            break
+    assert got == dict(enumerate(alone))
+    assert max(sizes) >= 3 and sizes[-1] < max(sizes)  # rows did share steps, and left
+    # a batch whose rows all left takes the next one whole
+    empty = tiny_split.start([prompts[3]], ["x"], max_new_tokens=1, stop_at_newline=False)
+    assert [t for t, _ in tiny_split.step(empty)] == ["x"] and empty.rows == 0
+    empty.merge(start(1))
+    out = {}
+    while empty.rows:
+        out.update((t, tiny_split._strip_eos(k)) for t, k in tiny_split.step(empty))
+    assert out == {1: alone[1]}
+
+
 def test_lm_head_input_is_given_standard_strides(tiny_split):
     h = torch.randn(3, 5, H)[:, -1:, :]  # what HF passes with logits_to_keep=1: batch stride 5*H
     got = tiny_split.model.lm_head(h)
