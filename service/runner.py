@@ -4,31 +4,42 @@
     await runner.recommend(key, requests, topk)     -> one Recommendation per request
 
 Dynamic batching. Callers' coroutines put their call in one queue and await a future; ONE model
-thread takes the oldest waiting call and, for up to ``max_wait_ms`` after that call arrived, gathers
-later calls of the same kind and the same recommender ``key``, then runs them as one model call and
-hands each caller its own rows:
+thread serves the queue.
 
-- ``recommend``: up to ``max_batch`` requests in one ``Recommender.recommend(all, topk=max topk)``;
-  each caller gets its rows cut to its own ``topk`` (the ranking is exact and tie-broken by item
-  index, so the first k of a longer ranking are the top k). Results do not depend on the batch
-  beyond floating point (padding): ``tests/test_batching.py`` checks batched == one at a time.
+- ``recommend`` of a greedy recommender (the service's: automr, bigrec, full-history) is batched
+  continuously. The rows of the requests being generated form one decoding batch
+  (``model.llm.DecodeBatch``). Between two decoding steps, queued calls join it, up to ``max_batch``
+  rows: their prefill (``Recommender.start``) runs and their rows are merged in, whatever their
+  recommender (only the prefill differs between them). A row leaves as soon as its answer line is
+  done, and a call is grounded and answered (``Recommender.finish``) as soon as all its rows are
+  done. It does not wait for the longest answer of the batch, and its place is free for the next
+  call. When nothing is decoding, the first call waits up to ``max_wait_ms`` after its arrival for
+  same-recommender calls to prefill with it.
+- Other recommend calls (beam search, constrained) run whole: up to ``max_batch`` requests of one
+  recommender in one ``Recommender.recommend(all, topk=max topk)``, between two decoding steps.
 - ``encode``: up to ``max_batch`` calls whose windows fit in one encoder batch (``batch_size``
-  windows; a longer first call runs alone), as one encoder call of the distinct windows, split
-  back by call.
+  windows; a longer first call runs alone), as one encoder call of the distinct windows, split back
+  by call, between two decoding steps.
 
-The deadline counts from the first call's arrival, so a call that already waited behind a running
-model call is not held back again. Calls of other keys keep their place in the queue. Two model
-calls never run at once (one thread); the event loop never blocks on the model.
+Each caller gets its rows cut to its own ``topk``; the ranking is exact and tie-broken by item
+index, so the first k of a longer ranking are the top k. Results do not depend on the batch beyond
+floating point (padding). ``tests/test_batching.py`` checks batched == one at a time, including
+calls that join a batch mid-decode. The deadline counts from the first call's arrival, so a call
+that already waited behind a running model call is not held back again. Calls of other keys keep
+their place in the queue. Two model calls never run at once (one thread); the event loop never
+blocks on the model.
 
 Back-pressure: ``max_queue`` requests waiting (not yet in a model call; a recommend call counts its
 requests, an encode call counts 1) -> the next call raises ``QueueFull`` with ``retry_after_s``
 (recent call time x batches ahead, at least 1 s). The HTTP layer answers 429 + ``Retry-After``.
 
-Shutdown (``close``): new calls raise ``RunnerClosed`` (503); the call in progress and every queued
-call still run, for up to ``timeout`` seconds; calls still queued then fail with ``RunnerClosed``.
+Shutdown (``close``): new calls raise ``RunnerClosed`` (503); the calls in progress (the decoding
+batch) and every queued call still run, for up to ``timeout`` seconds; calls still queued then fail
+with ``RunnerClosed``.
 
 ``queue_depth()`` and ``add_listener(fn(kind, size, seconds))`` (called after each model call, on the
-model thread) are for metrics.
+model thread: a prefill that admits ``size`` requests, a whole recommend call or an encode call) are
+for metrics.
 """
 from __future__ import annotations
 
@@ -45,6 +56,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from model.pipeline import Pipeline
+from model.llm import DecodeBatch
 from model.recommend import Recommendation, Recommender, RecommendRequest
 from service.errors import ApiError
 
@@ -86,6 +98,18 @@ class _Call:
         return len(self.items) if self.kind == "recommend" else 1
 
 
+@dataclass(eq=False)
+class _Job:
+    """A step-wise recommend call in the decoding batch: its rows' texts arrive as they finish."""
+
+    call: _Call
+    recommender: Recommender
+    picks: list = field(default_factory=list)
+    texts: list = field(default_factory=list)
+    left: int = 0  # rows still decoding
+    started: float = field(default_factory=time.perf_counter)
+
+
 class ModelRunner:
     def __init__(self, pipeline: Pipeline, recommenders: dict[str, Recommender], batch_size: int = 16, *,
                  max_batch: int = 8, max_wait_ms: float = 5.0, max_queue: int = 64, memory_dir=None):
@@ -110,6 +134,7 @@ class ModelRunner:
         self._closing = False
         self._call_s: float | None = None  # moving average of model-call wall time (Retry-After)
         self._listeners: list[Listener] = []
+        self._decoding: DecodeBatch | None = None  # the rows being decoded (continuous batching)
         self._thread = threading.Thread(target=self._work, name="automr-model", daemon=True)
         self._thread.start()
 
@@ -160,27 +185,45 @@ class ModelRunner:
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
+                while not self._queue and self._decoding is None and not self._closing:
                     self._cond.wait()
-                if not self._queue:  # closing and drained
+                if not self._queue and self._decoding is None:  # closing and drained
                     return
-                batch = self._take()
-                self._busy = bool(batch)
-            if batch:
+                batch = self._take(wait=self._decoding is None) if self._queue else []
+                self._busy = True
+            if batch and batch[0].kind == "recommend" and self._stepwise(batch[0].key):
+                self._admit(batch)
+            elif batch:
                 self._run(batch)
-                with self._cond:
-                    self._busy = False
+            if self._decoding is not None:
+                self._step()
+            with self._cond:
+                self._busy = self._decoding is not None
 
-    def _take(self) -> list[_Call]:
-        """(Lock held.) The oldest call and the same-kind, same-key calls that join it, waiting up to
-        max_wait after its arrival for more; returns [] when every candidate was cancelled."""
-        first = self._queue[0]
+    def _room(self) -> int:
+        """Rows that can still join the decoding batch."""
+        return self.max_batch - (self._decoding.rows if self._decoding is not None else 0)
+
+    def _takeable(self, c: _Call) -> bool:
+        """(Lock held.) Can ``c`` run now? While a batch is decoding, a step-wise recommend call joins
+        it only if its requests fit; other calls run between two steps."""
+        if self._decoding is None or c.kind != "recommend" or not self._stepwise(c.key):
+            return True
+        return len(c.items) <= self._room()
+
+    def _take(self, wait: bool = True) -> list[_Call]:
+        """(Lock held.) The oldest call that can run now and the same-kind, same-key calls that join
+        it; with ``wait`` (nothing decoding) up to max_wait after its arrival for more. Returns []
+        when nothing can run now or every candidate was cancelled."""
+        first = next((c for c in self._queue if self._takeable(c)), None)
+        if first is None:
+            return []
         deadline = first.arrived + self.max_wait_s
         while True:
             batch = self._gather(first)
             full = self._size(batch) >= self._limit(first)
             now = time.monotonic()
-            if full or self._closing or now >= deadline or len(batch) >= self.max_batch:
+            if not wait or full or self._closing or now >= deadline or len(batch) >= self.max_batch:
                 break
             self._cond.wait(deadline - now)
         taken = []
@@ -195,8 +238,12 @@ class ModelRunner:
         return taken
 
     def _limit(self, first: _Call) -> int:
-        """Items per model call: requests (recommend) or windows (encode; the first call is whole)."""
-        return self.max_batch if first.kind == "recommend" else max(self.batch_size, len(first.items))
+        """Items per model call: requests (recommend; those that fit in the decoding batch) or windows
+        (encode); the first call is whole."""
+        if first.kind == "recommend":
+            room = self._room() if self._stepwise(first.key) else self.max_batch
+            return max(room, len(first.items))
+        return max(self.batch_size, len(first.items))
 
     @staticmethod
     def _size(batch: Sequence[_Call]) -> int:
@@ -233,6 +280,104 @@ class ModelRunner:
         for c, out in zip(batch, outs):
             c.future.set_result(out)
 
+    # ---- continuous batching of greedy generation -----------------------------------------------
+
+    def _stepwise(self, key: str | None) -> bool:
+        """Does the recommender ``key`` generate step-wise (greedy, on the pipeline's model), so that
+        its requests join and leave the decoding batch between steps?"""
+        rec = self.recommenders.get(key)  # any object with ``recommend`` serves; step-wise is optional
+        return bool(getattr(rec, "steps_greedy", False)) and getattr(rec, "lm", None) is self.pipeline.lm
+
+    def _admit(self, calls: list[_Call]) -> None:
+        """Prefill the calls' requests and add their rows to the decoding batch; a failing call fails
+        alone (the calls are retried one by one)."""
+        rec = self.recommenders[calls[0].key]
+        jobs = [_Job(c, rec, texts=[None] * len(c.items), left=len(c.items)) for c in calls]
+        requests = [r for c in calls for r in c.items]
+        tags = [(job, j) for job in jobs for j in range(len(job.call.items))]
+        t0 = time.perf_counter()
+        try:
+            batch, picks = rec.start(requests, tags)
+        except Exception as e:
+            if len(calls) == 1:
+                calls[0].future.set_exception(e)
+                return
+            log.warning("a batched prefill of %d callers failed (%s: %s); admitting them one by one",
+                        len(calls), type(e).__name__, e)
+            for c in calls:
+                self._admit([c])
+            return
+        at = 0
+        for job in jobs:
+            job.picks = picks[at: at + len(job.texts)]
+            at += len(job.texts)
+        if self._decoding is None:
+            self._decoding = batch
+        else:
+            self._decoding.merge(batch)
+        self._observe("recommend", len(requests), time.perf_counter() - t0)
+
+    def _step(self) -> None:
+        """One decoding step; the calls whose rows have all finished are grounded and answered."""
+        lm = self.pipeline.lm
+        try:
+            finished = lm.step(self._decoding)
+        except Exception as e:  # the step is shared: every call in it fails
+            log.exception("a decoding step of %d rows failed", self._decoding.rows)
+            jobs = {job for job, _ in self._decoding.tags}
+            self._decoding = None
+            for job in jobs:
+                job.call.future.set_exception(e)
+            return
+        if not self._decoding.rows:
+            self._decoding = None
+        done: dict[_Job, None] = {}
+        for (job, j), tokens in finished:
+            job.texts[j] = lm.text(tokens)
+            job.left -= 1
+            if job.left == 0:
+                done[job] = None
+        by_rec: dict[int, list[_Job]] = {}
+        for job in done:
+            by_rec.setdefault(id(job.recommender), []).append(job)
+        for jobs in by_rec.values():  # one grounding call per recommender for the calls done now
+            self._finish(jobs)
+
+    def _finish(self, jobs: list[_Job]) -> None:
+        rec = jobs[0].recommender
+        topks = [job.call.topk or rec.config.topk for job in jobs]
+        requests = [r for job in jobs for r in job.call.items]
+        try:
+            recs = rec.finish(requests, [t for job in jobs for t in job.texts], None,
+                              [p for job in jobs for p in job.picks], topk=max(topks))
+        except Exception as e:
+            if len(jobs) > 1:
+                for job in jobs:
+                    self._finish([job])
+                return
+            jobs[0].call.future.set_exception(e)
+            return
+        at = 0
+        now = time.perf_counter()
+        for job, k in zip(jobs, topks):
+            n = len(job.call.items)
+            job.call.future.set_result([replace(r, items=r.items[:k], distances=r.distances[:k])
+                                        for r in recs[at: at + n]])
+            at += n
+            self._call_s = self._average(now - job.started)
+
+    def _average(self, seconds: float) -> float:
+        return seconds if self._call_s is None else 0.7 * self._call_s + 0.3 * seconds
+
+    def _observe(self, kind: str, size: int, seconds: float) -> None:
+        """Count a model call and tell the listeners."""
+        self.calls += 1
+        for fn in list(self._listeners):
+            try:
+                fn(kind, size, seconds)
+            except Exception:
+                log.exception("runner listener %r failed", fn)
+
     def _call(self, batch: list[_Call]) -> list[Any]:
         """The model call proper: one result per call, in order."""
         items = [x for c in batch for x in c.items]
@@ -252,13 +397,8 @@ class ModelRunner:
                 outs.append([replace(r, items=r.items[:k], distances=r.distances[:k]) for r in recs[at:at + len(c.items)]])
                 at += len(c.items)
         seconds = time.perf_counter() - t0
-        self.calls += 1
-        self._call_s = seconds if self._call_s is None else 0.7 * self._call_s + 0.3 * seconds
-        for fn in list(self._listeners):
-            try:
-                fn(kind, len(items), seconds)
-            except Exception:
-                log.exception("runner listener %r failed", fn)
+        self._call_s = self._average(seconds)
+        self._observe(kind, len(items), seconds)
         return outs
 
     def _encode(self, windows: Sequence[tuple[int, ...]]) -> np.ndarray:

@@ -96,6 +96,43 @@ def _requests(p: Pipeline) -> list[tuple[RecommendRequest, int]]:
     ]
 
 
+async def test_requests_join_a_decoding_batch_and_get_their_own_answers(pipe, runners, monkeypatch):
+    """Continuous batching: calls that arrive while others decode join the batch between steps (of
+    any recommender: automr, bigrec and full-history rows share steps), leave when done, and get what
+    each gets alone."""
+    recs = {key: pipe.recommender("none" if key == "full-history" else key, full_history=key == "full-history",
+                                  max_new_tokens=MAX_NEW) for key in ("learned", "none", "full-history")}
+    reqs = _requests(pipe)
+    plan = [("learned", 0), ("none", 2), ("full-history", 4), ("learned", 1), ("none", 5), ("learned", 3)]
+    alone = [recs[key].recommend([reqs[i][0]], topk=reqs[i][1])[0] for key, i in plan]
+
+    go, seen_keys = threading.Event(), []
+    step = pipe.lm.step
+
+    def held_step(batch):  # the first step waits until every other call is queued
+        assert go.wait(10)
+        seen_keys.append(sorted({key for job, _ in batch.tags for key, r in recs.items() if r is job.recommender}))
+        return step(batch)
+
+    monkeypatch.setattr(pipe.lm, "step", held_step, raising=False)
+    runner = runners(pipe, recs, max_batch=4, max_wait_ms=0)
+    admitted = _record(runner)
+    first = asyncio.ensure_future(runner.recommend("learned", [reqs[0][0]], topk=reqs[0][1]))
+    await _until(lambda: runner.calls == 1)
+    rest = [asyncio.ensure_future(runner.recommend(key, [reqs[i][0]], topk=reqs[i][1])) for key, i in plan[1:]]
+    await _until(lambda: runner.queue_depth() == len(rest))
+    go.set()
+    got = [x[0] for x in await asyncio.gather(first, *rest)]
+
+    for want, have in zip(alone, got):
+        assert have.items == want.items and have.generated == want.generated
+        assert have.memory_indices == want.memory_indices
+        np.testing.assert_allclose(have.distances, want.distances, rtol=1e-5, atol=1e-6)
+    assert len(admitted) > 1 and all(kind == "recommend" for kind, _ in admitted)  # several prefills...
+    assert max(len(keys) for keys in seen_keys) >= 2  # ...whose rows decoded together across recommenders
+    assert runner._decoding is None and runner.queue_depth() == 0
+
+
 @pytest.mark.parametrize("key", ["learned", "semantic", "random", "none", "full-history"])
 async def test_batched_recommend_equals_one_at_a_time(pipe, runners, key):
     policy = "none" if key == "full-history" else key

@@ -63,21 +63,26 @@ class ModelGate:
     def __init__(self, state, key: str = "none"):
         self.rec = state.runner.recommenders[key]
         self.entered, self.released = threading.Event(), threading.Event()
-        orig = self.rec.recommend
+        for name in self.METHODS:  # whole calls, or the prefill of step-wise (continuous) batching
+            setattr(self.rec, name, self._held(getattr(self.rec, name)))
 
+    METHODS = ("recommend", "start")
+
+    def _held(self, orig):
         def held(*args, **kwargs):
             self.entered.set()
             assert self.released.wait(30), "the test never released the model"
             return orig(*args, **kwargs)
 
-        self.rec.recommend = held
+        return held
 
     async def wait_entered(self) -> None:
         assert await asyncio.to_thread(self.entered.wait, 20), "the model call never started"
 
     def release(self) -> None:
         self.released.set()
-        del self.rec.recommend  # back to the class's method
+        for name in self.METHODS:
+            delattr(self.rec, name)  # back to the class's methods
 
 
 async def until(cond, timeout: float = 20.0) -> None:
