@@ -212,11 +212,11 @@ class ModelRunner:
         return len(c.items) <= self._room()
 
     def _take(self, wait: bool = True) -> list[_Call]:
-        """(Lock held.) The oldest call that can run now and the same-kind, same-key calls that join
+        """(Lock held.) The oldest call, if it can run now, and the same-kind, same-key calls that join
         it; with ``wait`` (nothing decoding) up to max_wait after its arrival for more. Returns []
-        when nothing can run now or every candidate was cancelled."""
-        first = next((c for c in self._queue if self._takeable(c)), None)
-        if first is None:
+        when it cannot run yet or every candidate was cancelled."""
+        first = self._queue[0]  # first come, first served: a call that does not fit yet holds the later ones
+        if not self._takeable(first):
             return []
         deadline = first.arrived + self.max_wait_s
         while True:
