@@ -313,10 +313,9 @@ class DecodeBatch:
             return
         t = max(self.mask.shape[1], other.mask.shape[1])
         pad = lambda m: torch.nn.functional.pad(m, (t - m.shape[1], 0))  # noqa: E731  [n, T] -> [n, t]
-        self.cache = concat_rows([self.cache, other.cache])
-        self.mask = torch.cat([pad(self.mask), pad(other.mask)], 0)
-        self.last = torch.cat([self.last, other.last], 0)
-        self.logits = torch.cat([self.logits, other.logits], 0)
+        merged = (concat_rows([self.cache, other.cache]), torch.cat([pad(self.mask), pad(other.mask)], 0),
+                  torch.cat([self.last, other.last], 0), torch.cat([self.logits, other.logits], 0))
+        self.cache, self.mask, self.last, self.logits = merged  # all or nothing: a failure above changes nothing
         for name in ("tokens", "tags", "max_new", "stops"):
             getattr(self, name).extend(getattr(other, name))
 

@@ -191,12 +191,16 @@ class ModelRunner:
                     return
                 batch = self._take(wait=self._decoding is None) if self._queue else []
                 self._busy = True
-            if batch and batch[0].kind == "recommend" and self._stepwise(batch[0].key):
-                self._admit(batch)
-            elif batch:
-                self._run(batch)
-            if self._decoding is not None:
-                self._step()
+            try:
+                if batch and batch[0].kind == "recommend" and self._stepwise(batch[0].key):
+                    self._admit(batch)
+                elif batch:
+                    self._run(batch)
+                if self._decoding is not None:
+                    self._step()
+            except Exception as e:  # never let the model thread die: fail what it holds, serve the rest
+                log.exception("the model thread failed; failing the calls it held")
+                self._fail_all(batch, e)
             with self._cond:
                 self._busy = self._decoding is not None
 
@@ -311,10 +315,15 @@ class ModelRunner:
         for job in jobs:
             job.picks = picks[at: at + len(job.texts)]
             at += len(job.texts)
-        if self._decoding is None:
-            self._decoding = batch
-        else:
-            self._decoding.merge(batch)
+        try:
+            if self._decoding is None:
+                self._decoding = batch
+            else:
+                self._decoding.merge(batch)  # builds the merged cache before changing anything
+        except Exception as e:
+            for c in calls:
+                c.future.set_exception(e)
+            return
         self._observe("recommend", len(requests), time.perf_counter() - t0)
 
     def _step(self) -> None:
@@ -324,10 +333,7 @@ class ModelRunner:
             finished = lm.step(self._decoding)
         except Exception as e:  # the step is shared: every call in it fails
             log.exception("a decoding step of %d rows failed", self._decoding.rows)
-            jobs = {job for job, _ in self._decoding.tags}
-            self._decoding = None
-            for job in jobs:
-                job.call.future.set_exception(e)
+            self._fail_all([], e)
             return
         if not self._decoding.rows:
             self._decoding = None
@@ -342,6 +348,14 @@ class ModelRunner:
             by_rec.setdefault(id(job.recommender), []).append(job)
         for jobs in by_rec.values():  # one grounding call per recommender for the calls done now
             self._finish(jobs)
+
+    def _fail_all(self, calls: list[_Call], e: Exception) -> None:
+        """Fail the given calls and every call in the decoding batch (those not answered yet)."""
+        held = list(calls) + ([job.call for job, _ in self._decoding.tags] if self._decoding is not None else [])
+        self._decoding = None
+        for c in dict.fromkeys(held):
+            if not c.future.done():
+                c.future.set_exception(e)
 
     def _finish(self, jobs: list[_Job]) -> None:
         rec = jobs[0].recommender

@@ -133,6 +133,25 @@ async def test_requests_join_a_decoding_batch_and_get_their_own_answers(pipe, ru
     assert runner._decoding is None and runner.queue_depth() == 0
 
 
+async def test_a_failing_decoding_step_fails_its_calls_and_the_runner_goes_on(pipe, runners, monkeypatch):
+    rec = pipe.recommender("none", max_new_tokens=MAX_NEW)
+    req, k = _requests(pipe)[2]
+    want = rec.recommend([req], topk=k)[0]
+    step, failures = pipe.lm.step, [RuntimeError("out of memory in a step")]
+
+    def flaky(batch):
+        if failures:
+            raise failures.pop()
+        return step(batch)
+
+    monkeypatch.setattr(pipe.lm, "step", flaky, raising=False)
+    runner = runners(pipe, {"none": rec}, max_batch=4, max_wait_ms=0)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        await runner.recommend("none", [req], topk=k)
+    got = (await runner.recommend("none", [req], topk=k))[0]  # the model thread is still serving
+    assert got.items == want.items and runner._decoding is None
+
+
 @pytest.mark.parametrize("key", ["learned", "semantic", "random", "none", "full-history"])
 async def test_batched_recommend_equals_one_at_a_time(pipe, runners, key):
     policy = "none" if key == "full-history" else key
