@@ -27,6 +27,7 @@ from .embedded import EmbeddedRedis
 from .errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
+EXIT_GRACE_S = 0.25  # how long a server whose connection broke may take to finish dying
 
 
 def is_timeout(exc: BaseException) -> bool:
@@ -132,6 +133,18 @@ class EmbeddedSupervisor:
         """After a failed call begun at ``generation``: True when a restart has happened since (retry
         the call), False when the server is alive (not a crash), stopped, or could not be restarted
         within ``wait_s``."""
+        with self._lock:
+            if self.generation != generation:
+                return True
+            if self.closed or self.server.stopped:
+                return False
+            idle = self._thread is None
+        if idle and self.server.running():
+            # a killed server resets its clients' connections while it is still exiting (not yet a
+            # zombie): give it a moment to be gone before calling it alive (hung, not crashed)
+            deadline = time.monotonic() + EXIT_GRACE_S
+            while self.server.running() and time.monotonic() < deadline:
+                time.sleep(0.01)
         with self._lock:
             if self.generation != generation:
                 return True
