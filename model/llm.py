@@ -541,7 +541,7 @@ class SplitLM:
         line (``StopAfterFirstLine``); the text up to there is the same as without it.
         ``reuse_head``: prefill only what follows the template head the prompts share
         (``PromptIds.n_shared``), its KV cache computed once and kept (``_head_cache``).
-        ``compact`` (greedy without ``prefix_allowed_tokens_fn``): decode with ``_greedy``, which drops
+        ``compact`` (greedy without ``prefix_allowed_tokens_fn``): decode with ``start``/``step``, which drop
         finished rows; ``False`` runs HF ``generate`` (same tokens, tested).
         """
         if num_return_sequences > max(num_beams, 1):
