@@ -290,7 +290,7 @@ class DecodeBatch:
     tokens: list[list[int]]
     tags: list[Any]
     max_new: list[int]
-    stops: list["StopAfterFirstLine | None"]
+    stop_lines: list[bool]  # the row ends with its answer line (``StopAfterFirstLine``)
 
     @property
     def rows(self) -> int:
@@ -301,7 +301,7 @@ class DecodeBatch:
         idx = torch.tensor(list(keep), dtype=torch.long)
         self.cache.batch_select_indices(idx.to(self.mask.device))
         self.mask, self.last, self.logits = self.mask[idx.to(self.mask.device)], self.last[idx], self.logits[idx]
-        for name in ("tokens", "tags", "max_new", "stops"):
+        for name in ("tokens", "tags", "max_new", "stop_lines"):
             old = getattr(self, name)
             setattr(self, name, [old[j] for j in keep])
 
@@ -316,7 +316,7 @@ class DecodeBatch:
         merged = (concat_rows([self.cache, other.cache]), torch.cat([pad(self.mask), pad(other.mask)], 0),
                   torch.cat([self.last, other.last], 0), torch.cat([self.logits, other.logits], 0))
         self.cache, self.mask, self.last, self.logits = merged  # all or nothing: a failure above changes nothing
-        for name in ("tokens", "tags", "max_new", "stops"):
+        for name in ("tokens", "tags", "max_new", "stop_lines"):
             getattr(self, name).extend(getattr(other, name))
 
 
@@ -548,8 +548,6 @@ class SplitLM:
             raise ValueError(f"num_return_sequences={num_return_sequences} needs num_beams >= it, got {num_beams}")
         if not prompts:
             return []
-        if slot_vectors is not None and slot_select is not None:
-            raise ValueError("give slot_vectors or slot_select, not both")
         b = len(prompts)
         if compact and num_beams == 1 and prefix_allowed_tokens_fn is None:
             batch = self.start(prompts, slot_vectors=slot_vectors, slot_select=slot_select, n_slots=n_slots,
@@ -589,6 +587,8 @@ class SplitLM:
                         slot_select: SlotSelect | None, n_slots: int, reuse_head: bool, rows: int):
         """ids, mask [B, T], the cached head length, the slot filler (or None) and the cache (the head's
         KV for ``rows`` rows, or None) of a prefill of ``prompts``."""
+        if slot_vectors is not None and slot_select is not None:
+            raise ValueError("give slot_vectors or slot_select, not both")
         head = self._shared_head(prompts) if reuse_head else 0
         ids, mask = self._pad_after_head(prompts, head)
         b, t = ids.shape
@@ -611,8 +611,6 @@ class SplitLM:
               max_new_tokens: int = 32, stop_at_newline: bool = True, reuse_head: bool = True) -> "DecodeBatch":
         """Prefill ``prompts`` (with their slots filled as in ``generate``) for greedy decoding with
         ``step``. ``tags``: each row's name in what ``step`` returns (default: its index)."""
-        if slot_vectors is not None and slot_select is not None:
-            raise ValueError("give slot_vectors or slot_select, not both")
         b = len(prompts)
         tags = list(range(b)) if tags is None else list(tags)
         if len(tags) != b:
@@ -625,10 +623,9 @@ class SplitLM:
                              past_key_values=cache, use_cache=True, logits_to_keep=1)
         if fill is not None and not fill.applied:
             raise RuntimeError("the slot replacement hook did not run during the prefill")
-        stop = StopAfterFirstLine(*self.line_tables(), start=0) if stop_at_newline else None
         return DecodeBatch(cache=cache, mask=mask, last=pos[:, -1], logits=out.logits[:, -1].float(),
                            tokens=[[] for _ in range(b)], tags=tags, max_new=[max_new_tokens] * b,
-                           stops=[stop] * b)
+                           stop_lines=[stop_at_newline] * b)
 
     @torch.no_grad()
     def step(self, batch: "DecodeBatch") -> list[tuple[Any, list[int]]]:
@@ -641,13 +638,13 @@ class SplitLM:
         can join between steps (``DecodeBatch.merge``). The same tokens as HF ``generate`` greedy with
         ``StopAfterFirstLine`` (tested)."""
         nxt = batch.logits.argmax(-1).cpu()  # [n]
+        stop = StopAfterFirstLine(*self.line_tables(), start=0) if any(batch.stop_lines) else None
         done = []
         for j, tok in enumerate(nxt.tolist()):
             toks = batch.tokens[j]
             toks.append(tok)
-            stop = batch.stops[j]
             done.append(tok == self.eos_id or len(toks) >= batch.max_new[j]
-                        or (stop is not None and bool(stop.done(torch.tensor([toks]))[0])))
+                        or (batch.stop_lines[j] and bool(stop.done(torch.tensor([toks]))[0])))
         finished = [(batch.tags[j], batch.tokens[j]) for j in range(len(done)) if done[j]]
         if finished:
             keep = [j for j in range(len(done)) if not done[j]]

@@ -227,7 +227,7 @@ class Recommender:
         """Can generation run as ``start`` + ``SplitLM.step`` (greedy, unconstrained)?"""
         return self.config.num_beams == 1 and not self.config.constrained
 
-    def start(self, requests: Sequence[RecommendRequest], tags: Sequence) -> tuple[DecodeBatch, list[tuple[list[int], list[float]]]]:
+    def start(self, requests: Sequence[RecommendRequest], tags: Sequence) -> tuple[DecodeBatch, list]:
         """``recommend`` up to its generation: the prompts, the memory picks and the prefill, as a
         ``DecodeBatch`` whose rows are named by ``tags``; decode it with ``self.lm.step`` (it can be
         merged with other batches of the same model) and pass the texts to ``finish``."""
@@ -239,7 +239,7 @@ class Recommender:
         select = self._slot_select(requests, range(len(requests)), picks)
         batch = self.lm.start(prompts, tags, slot_select=select, n_slots=cfg.n_slots,
                               max_new_tokens=cfg.max_new_tokens, reuse_head=cfg.head_cache)
-        return batch, [p if p is not None else ([], []) for p in picks]
+        return batch, picks  # the prefill made the lazy picks (``_slot_select``)
 
     def finish(self, requests: Sequence[RecommendRequest], texts: Sequence[str], beams: Sequence[list[int]] | None,
                picks: Sequence[tuple[list[int], list[float]] | None], topk: int | None = None) -> list[Recommendation]:

@@ -105,9 +105,14 @@ class _Job:
     call: _Call
     recommender: Recommender
     picks: list = field(default_factory=list)
-    texts: list = field(default_factory=list)
-    left: int = 0  # rows still decoding
     started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.texts: list[str | None] = [None] * len(self.call.items)  # None: the row is still decoding
+
+    @property
+    def done(self) -> bool:
+        return all(t is not None for t in self.texts)
 
 
 class ModelRunner:
@@ -296,7 +301,7 @@ class ModelRunner:
         """Prefill the calls' requests and add their rows to the decoding batch; a failing call fails
         alone (the calls are retried one by one)."""
         rec = self.recommenders[calls[0].key]
-        jobs = [_Job(c, rec, texts=[None] * len(c.items), left=len(c.items)) for c in calls]
+        jobs = [_Job(c, rec) for c in calls]
         requests = [r for c in calls for r in c.items]
         tags = [(job, j) for job in jobs for j in range(len(job.call.items))]
         t0 = time.perf_counter()
@@ -337,15 +342,12 @@ class ModelRunner:
             return
         if not self._decoding.rows:
             self._decoding = None
-        done: dict[_Job, None] = {}
         for (job, j), tokens in finished:
             job.texts[j] = lm.text(tokens)
-            job.left -= 1
-            if job.left == 0:
-                done[job] = None
         by_rec: dict[int, list[_Job]] = {}
-        for job in done:
-            by_rec.setdefault(id(job.recommender), []).append(job)
+        for job in dict.fromkeys(job for (job, _), _ in finished):
+            if job.done:
+                by_rec.setdefault(id(job.recommender), []).append(job)
         for jobs in by_rec.values():  # one grounding call per recommender for the calls done now
             self._finish(jobs)
 

@@ -81,7 +81,7 @@ class Settings(BaseSettings):
 
     # ---- production serving (issue 6) ----
     # dynamic batching of concurrent /recommend calls into one LLM pass
-    batch_max_size: int = Field(default=16, ge=1)  # requests per model call (= llm_batch_size: one generate call)
+    batch_max_size: int = Field(default=16, ge=1)  # rows decoded together (continuous batching), requests per whole call
     batch_max_wait_ms: float = Field(default=5.0, ge=0)  # how long the first request waits for company
     max_queue: int = Field(default=64, ge=1)  # requests waiting for the model; more -> 429 + Retry-After
     # security and limits
