@@ -19,6 +19,10 @@ counted, never retried, and never crash the bench.
     python bench/bench_load.py --url http://127.0.0.1:8000 --data runs/ml-100k --requests 50 --json load.json
 
 The API key comes from ``--api-key`` or ``AUTOMR_API_KEY``; it is never written to the JSON.
+
+The client is aiohttp, not httpx: at concurrency 16 on the 2-core machine, httpx's connection pool
+spent so much CPU that it measured itself (GET /healthz, which touches nothing: p99 150-200 ms and
+~450 req/s with httpx against 6 ms and ~4,800 req/s with aiohttp; docs/BENCHMARKS.md §6c).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import httpx
+import aiohttp
 
 MIN_INTERACTIONS = 10  # users with more than this many stored interactions (memory beyond K=10)
 MODES = ("automr", "bigrec", "full-history")
@@ -165,12 +169,67 @@ Request = tuple[str, str, dict | None]  # method, path, JSON body
 Check = Callable[[dict], str | None]  # a 200's body -> an anomaly name, or None
 
 
-async def _send(client: httpx.AsyncClient, req: Request) -> httpx.Response:
+@dataclass
+class Reply:
+    """A whole HTTP answer (read before the connection goes back to the pool)."""
+
+    status_code: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+
+# what a request can raise instead of answering: counted per cell by type name, never fatal
+CLIENT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+class HttpClient:
+    """The bench's HTTP client: one aiohttp session (keep-alive pool of ``connections``), created on
+    the first request inside the running event loop."""
+
+    def __init__(self, base_url: str, headers: dict[str, str] | None = None, timeout_s: float = 300.0,
+                 connections: int = 20):
+        self.base_url = base_url.rstrip("/")
+        self.headers = dict(headers or {})
+        self.timeout_s = timeout_s
+        self.connections = connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def request(self, method: str, path: str, json: Any = None) -> Reply:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                headers=self.headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                connector=aiohttp.TCPConnector(limit=self.connections))
+        async with self._session.request(method, self.base_url + path, json=json) as r:
+            return Reply(r.status, dict(r.headers), await r.read())
+
+    async def get(self, path: str) -> Reply:
+        return await self.request("GET", path)
+
+    async def post(self, path: str, json: Any = None) -> Reply:
+        return await self.request("POST", path, json)
+
+    async def delete(self, path: str) -> Reply:
+        return await self.request("DELETE", path)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+async def _send(client: HttpClient, req: Request) -> Reply:
     method, path, body = req
     return await client.request(method, path, json=body)
 
 
-async def run_cell(client: httpx.AsyncClient, concurrency: int, n: int, make: Callable[[int], Request],
+async def run_cell(client: HttpClient, concurrency: int, n: int, make: Callable[[int], Request],
                    warmup: int = 0, check: Check | None = None, max_429_sleep_s: float = 1.0) -> Cell:
     """``warmup`` untimed then ``n`` timed requests ``make(0..n-1)``, ``concurrency`` workers in a closed loop."""
     cell = Cell(concurrency=concurrency, requests=n)
@@ -180,7 +239,7 @@ async def run_cell(client: httpx.AsyncClient, concurrency: int, n: int, make: Ca
             t0 = time.perf_counter()
             try:
                 r = await _send(client, make(i))
-            except httpx.HTTPError as e:  # timeouts, refused connections, protocol errors: counted
+            except CLIENT_ERRORS as e:  # timeouts, refused connections, protocol errors: counted
                 if record:
                     cell.exceptions[type(e).__name__] += 1
                 continue
@@ -210,7 +269,7 @@ async def run_cell(client: httpx.AsyncClient, concurrency: int, n: int, make: Ca
     return cell
 
 
-def _retry_after(r: httpx.Response) -> float:
+def _retry_after(r: Reply) -> float:
     try:
         return max(0.0, float(r.headers.get("retry-after", "1")))
     except ValueError:
@@ -219,7 +278,7 @@ def _retry_after(r: httpx.Response) -> float:
 
 # ---- the benchmark ----------------------------------------------------------------------------------
 
-async def wait_ready(client: httpx.AsyncClient, wait_s: float) -> dict:
+async def wait_ready(client: HttpClient, wait_s: float) -> dict:
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -227,14 +286,14 @@ async def wait_ready(client: httpx.AsyncClient, wait_s: float) -> dict:
             if r.status_code == 200:
                 return r.json()
             reason = f"{r.status_code} {r.text[:200]}"
-        except httpx.HTTPError as e:
+        except CLIENT_ERRORS as e:
             reason = f"{type(e).__name__}: {e}"
         if time.monotonic() >= deadline:
             raise SystemExit(f"the server at {client.base_url} is not ready: {reason}")
         await asyncio.sleep(0.5)
 
 
-async def preflight(client: httpx.AsyncClient, user: str) -> None:
+async def preflight(client: HttpClient, user: str) -> None:
     """One request before measuring: a wrong URL or a missing API key must not become a table of errors."""
     r = await client.post("/recommend", json={"user_id": user, "k": 1, "mode": "bigrec"})
     if r.status_code in (401, 403):
@@ -243,7 +302,7 @@ async def preflight(client: httpx.AsyncClient, user: str) -> None:
         raise SystemExit(f"POST /recommend for user {user!r} answered {r.status_code}: {r.text[:300]}")
 
 
-async def items_from_histories(client: httpx.AsyncClient, users: list[str]) -> list[str]:
+async def items_from_histories(client: HttpClient, users: list[str]) -> list[str]:
     items: dict[str, None] = {}
     for u in users[:5]:
         r = await client.get(f"/users/{u}/history")
@@ -266,7 +325,7 @@ def recommend_check(mode: str) -> Check:
     return check
 
 
-async def run_bench(cfg: BenchConfig, client: httpx.AsyncClient | None = None) -> dict[str, Any]:
+async def run_bench(cfg: BenchConfig, client: HttpClient | None = None) -> dict[str, Any]:
     """Run every cell; returns the results (``main`` prints and writes them). ``client``: tests."""
     if not cfg.users:
         raise ValueError("no users to benchmark")
@@ -274,8 +333,7 @@ async def run_bench(cfg: BenchConfig, client: httpx.AsyncClient | None = None) -
     if own:
         headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
         top = max(*cfg.concurrency, *cfg.append_concurrency)
-        client = httpx.AsyncClient(base_url=cfg.url, headers=headers, timeout=cfg.timeout_s,
-                                   limits=httpx.Limits(max_connections=top + 4, max_keepalive_connections=top + 4))
+        client = HttpClient(cfg.url, headers=headers, timeout_s=cfg.timeout_s, connections=top + 4)
     out: dict[str, Any] = {}
     run_id = uuid.uuid4().hex[:8]
     bench_users = [f"{cfg.bench_prefix}{run_id}-{j}" for j in range(cfg.bench_users)]
@@ -328,7 +386,7 @@ async def run_bench(cfg: BenchConfig, client: httpx.AsyncClient | None = None) -
             try:
                 r = await client.delete(f"/users/{u}")
                 deleted += r.status_code == 204
-            except httpx.HTTPError:
+            except CLIENT_ERRORS:
                 pass
         out["cleanup"] = {"bench_users": len(bench_users), "deleted": deleted, "prefix": f"{cfg.bench_prefix}{run_id}-"}
         if own:

@@ -8,8 +8,11 @@ Invariants every script keeps, per user:
 from __future__ import annotations
 
 # KEYS: events, eids, vec, meta
-# ARGV: cap, eid_1, member_1, eid_2, member_2, ...
-# Returns {added, duplicates, trimmed, invalidated, too_old}.
+# ARGV: cap, fingerprint, eid_1, member_1, blob_1, eid_2, member_2, blob_2, ...
+# A non-empty blob is the event's memory vector, stored (with ``fingerprint`` in meta) only when
+# the event is new and still in the window at the end: a vector that depends on the event alone
+# (an item element), never one that depends on the window around it.
+# Returns {added, duplicates, trimmed, invalidated, too_old, vectors stored}.
 APPEND = r"""
 local events, eids, vec, meta = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local cap = tonumber(ARGV[1])
@@ -29,12 +32,13 @@ end
 
 -- 1. insert the events whose id is new; an id repeated in the batch counts as a duplicate
 local added, dups = 0, 0
-local new_members = {}
-for i = 2, #ARGV, 2 do
+local new_members, new_blobs = {}, {}
+for i = 3, #ARGV, 3 do
   if redis.call('SADD', eids, ARGV[i]) == 1 then
     redis.call('ZADD', events, 0, ARGV[i + 1])
     added = added + 1
     new_members[added] = ARGV[i + 1]
+    if ARGV[i + 2] ~= '' then new_blobs[ARGV[i]] = ARGV[i + 2] end
   else
     dups = dups + 1
   end
@@ -81,7 +85,17 @@ if added > 0 then  -- added now counts the new events still in the window
   end
 end
 if added > 0 then redis.call('HINCRBY', meta, 'appended', added) end
-return {added, dups, trimmed, invalidated, too_old}
+
+-- 4. the new events' own vectors, for those still in the window
+local stored = 0
+for eid, blob in pairs(new_blobs) do
+  if redis.call('SISMEMBER', eids, eid) == 1 then
+    redis.call('HSET', vec, eid, blob)
+    stored = stored + 1
+  end
+end
+if stored > 0 then redis.call('HSET', meta, 'fingerprint', ARGV[2]) end
+return {added, dups, trimmed, invalidated, too_old, stored}
 """
 
 # KEYS: vec, eids, meta

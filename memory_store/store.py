@@ -234,31 +234,60 @@ class MemoryStore:
     def _keys(self, user_id: str):
         return user_keys(user_id, self.namespace)
 
-    def _append_call(self, user_id: str, events: Iterable[Event]) -> tuple[Script, list[str], list[Any]]:
+    def _append_call(self, user_id: str, events: Iterable[Event], vectors: Mapping[str, np.ndarray] | None = None,
+                     fingerprint: str | None = None) -> tuple[Script, list[str], list[Any]]:
         k = self._keys(user_id)
-        args: list[Any] = [self.cap]
+        vectors = vectors or {}
+        if vectors and fingerprint is None:
+            raise ValueError("vectors given without the fingerprint of their encoder")
+        header = vector_header(fingerprint) if vectors else b""
+        args: list[Any] = [self.cap, fingerprint or ""]
+        dim = None
         for ev in events:
-            args.extend(event_member(ev))
+            eid, member = event_member(ev)
+            blob = b""
+            if ev.event_id in vectors:
+                v16 = to_float16(ev.event_id, vectors[ev.event_id])
+                if dim is not None and v16.shape[0] != dim:
+                    raise ValueError(f"vector {ev.event_id!r} has {v16.shape[0]} dims, the others in this call have {dim}")
+                dim = v16.shape[0]
+                blob = pack_vector(header, v16)
+            args += (eid, member, blob)
+        unknown = set(vectors) - {ev.event_id for ev in events}
+        if unknown:
+            raise ValueError(f"vectors for events not in this append: {sorted(unknown)[:5]}")
         return self._append, [k.events, k.eids, k.vec, k.meta], args
 
     # --- events ------------------------------------------------------------------------------
     @_guarded
-    def append_events(self, user_id: str, events: Sequence[Event]) -> AppendResult:
+    def append_events(self, user_id: str, events: Sequence[Event], vectors: Mapping[str, np.ndarray] | None = None,
+                      fingerprint: str | None = None) -> AppendResult:
         """Append events to one user's window atomically: ids already in the window are skipped,
-        the rest inserted in (timestamp, item_id, event_id) order, then the window is capped."""
-        script, keys, args = self._append_call(user_id, events)
-        if len(args) == 1:
+        the rest inserted in (timestamp, item_id, event_id) order, then the window is capped.
+
+        ``vectors`` (event id -> float32 [H]) are memory vectors that depend on their event alone
+        (item elements), stored as float16 under ``fingerprint`` in the same script for the events
+        that are new and still in the window (a duplicate id keeps its stored event and vector)."""
+        script, keys, args = self._append_call(user_id, events, vectors, fingerprint)
+        if len(args) == 2:
             return AppendResult(0, 0)
         return AppendResult(*self._call(script, keys, args))
 
     @_guarded
-    def append_many(self, batch: Mapping[str, Sequence[Event]] | Iterable[tuple[str, Event]]) -> dict[str, AppendResult]:
-        """Append events of many users: grouped by user, one script call per user, one pipeline."""
+    def append_many(self, batch: Mapping[str, Sequence[Event]] | Iterable[tuple[str, Event]],
+                    vectors: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+                    fingerprint: str | None = None) -> dict[str, AppendResult]:
+        """Append events of many users: grouped by user, one script call per user, one pipeline.
+        ``vectors``: user -> (event id -> vector), as in ``append_events``."""
         groups: dict[str, list[Event]] = {}
         pairs = ((u, ev) for u, evs in batch.items() for ev in evs) if isinstance(batch, Mapping) else batch
         for user_id, ev in pairs:
             groups.setdefault(user_id, []).append(ev)
-        calls = [self._append_call(u, evs) for u, evs in groups.items()]
+        vectors = vectors or {}
+        stray = set(vectors) - set(groups)
+        if stray:
+            raise ValueError(f"vectors for users without events in this append: {sorted(stray)[:5]}")
+        calls = [self._append_call(u, evs, vectors.get(u), fingerprint) for u, evs in groups.items()]
         results = self._call_pipelined(calls) if calls else []
         return {u: AppendResult(*r) for u, r in zip(groups, results)}
 
@@ -283,7 +312,7 @@ class MemoryStore:
         calls: list[tuple[Script, list[str], list[Any]]] = []
 
         def flush() -> None:
-            for added, dups, trimmed, _, too_old in self._call_pipelined(calls):
+            for added, dups, trimmed, _, too_old, _ in self._call_pipelined(calls):
                 total.added += added
                 total.duplicates += dups
                 total.trimmed += trimmed + too_old
@@ -302,9 +331,9 @@ class MemoryStore:
             total.events += n
             total.duplicates += n - len(pairs)
             total.trimmed += max(0, len(pairs) - self.cap)
-            args: list[Any] = [self.cap]
+            args: list[Any] = [self.cap, ""]
             for eid, member in pairs[-self.cap:]:
-                args += (eid, member)
+                args += (eid, member, b"")
             calls.append((self._append, [k.events, k.eids, k.vec, k.meta], args))
             if len(calls) >= users_per_pipeline:
                 flush()

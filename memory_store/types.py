@@ -37,6 +37,7 @@ class AppendResult:
     invalidated: vectors deleted because an out-of-order event landed before their window's end
     too_old: new events older than the whole (full) window, dropped at once; this is also what a
         retry of an event trimmed long ago gives (the window keeps only its own ids): no change
+    vectors: memory vectors given with the events and stored (new events still in the window)
     """
 
     added: int
@@ -44,6 +45,7 @@ class AppendResult:
     trimmed: int = 0
     invalidated: int = 0
     too_old: int = 0
+    vectors: int = 0
 
 
 @dataclass(slots=True)

@@ -268,13 +268,20 @@ class Engine:
             raise ApiError(413, "batch_too_large",
                            f"{len(events)} events in one request; the limit is {self.max_batch_events} "
                            "(AUTOMR_MAX_BATCH_EVENTS): split the batch")
-        self.item_indices([e.item_id for e in events], "events[{j}].item_id")  # the whole batch or nothing
+        items = self.item_indices([e.item_id for e in events], "events[{j}].item_id")  # the whole batch or nothing
         groups: dict[str, list[Event]] = {}
         for e in events:
             groups.setdefault(e.user_id, []).append(Event(item_id=e.item_id, timestamp=e.timestamp, event_id=e.event_id))
-        results = await self._io(self.store.append_many, groups)
-        if self.encoder_worker is not None:
-            self.encoder_worker.submit([u for u, r in results.items() if r.added or r.invalidated])
+        # item elements depend on the item alone: stored with the events, in the same script (no model call)
+        table = self.runner.item_vectors(items) if self.uses_memory else None
+        vectors: dict[str, dict[str, np.ndarray]] | None = None
+        if table is not None:
+            vectors = {}
+            for e, v in zip(events, table):
+                vectors.setdefault(e.user_id, {}).setdefault(e.event_id, v)  # a repeated id: the first (as stored)
+        results = await self._io(self.store.append_many, groups, vectors, self.fingerprint)
+        if self.encoder_worker is not None:  # new events without a vector, vectors deleted by an out-of-order event
+            self.encoder_worker.submit([u for u, r in results.items() if r.added > r.vectors or r.invalidated])
         return InteractionsOut(
             added=sum(r.added for r in results.values()),
             duplicates=sum(r.duplicates for r in results.values()),

@@ -130,6 +130,7 @@ class ModelRunner:
             except (OSError, ValueError) as e:
                 log.warning("item vectors are not cached on disk (%s): %s", memory_dir, e)
         self.batch_size = batch_size
+        self.item_table: np.ndarray | None = None  # [n_items, H] float16 item elements (warm_items)
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_ms / 1e3, max_queue
         self.calls = 0  # model calls made (tests, metrics): a batch of many callers is one call
         self._queue: deque[_Call] = deque()
@@ -426,20 +427,29 @@ class ModelRunner:
 
     def warm_items(self) -> int:
         """Item elements: encode every catalogue title now (start-up, before the worker takes calls)
-        so that no request waits for its memory vectors. Returns how many were encoded (0: cached)."""
+        so that no request waits for its memory vectors, and keep them as ``item_table`` (float16,
+        as the store keeps them) for appends to store with their events. Returns how many were
+        encoded (0: all cached)."""
         if self.pipeline.element != "item":
             return 0
         keys = [(i,) for i in range(len(self.pipeline.titles))]
         todo = len(self.encoder.cache.missing(keys))
         t0 = time.perf_counter()
         try:
-            self.encoder.encode(keys)
+            vecs = self.encoder.encode(keys)
         except OSError as e:  # a read-only artefact folder: keep them in memory instead
             log.warning("cannot write the item vector cache (%s); keeping it in memory", e)
             self.encoder = self.pipeline.memory_encoder(batch_size=self.batch_size)
-            self.encoder.encode(keys)
+            vecs = self.encoder.encode(keys)
+        self.item_table = vecs.float().numpy().astype(np.float16)  # what _encode gives, rounded as stored
+        self.item_table.flags.writeable = False  # read from the event loop's thread: never changes
         log.info("item memory vectors: %d encoded, %d cached, %.1f s", todo, len(keys) - todo, time.perf_counter() - t0)
         return todo
+
+    def item_vectors(self, items: Sequence[int]) -> np.ndarray | None:
+        """[n, H] float16 memory elements of these catalogue items, without a model call (item
+        elements after ``warm_items``); None when elements depend on the window."""
+        return None if self.item_table is None else self.item_table[list(items)]
 
     # ---- shutdown --------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """bench/bench_load.py end to end: a real uvicorn server on a free port running the real app (tiny
-model, real Redis), and a stub app for the 429/503 accounting."""
+model, real Redis), and a stub app behind a real server for the 429/503/refused accounting."""
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +8,6 @@ import os
 import threading
 import time
 
-import httpx
 import pytest
 import torch
 import uvicorn
@@ -78,7 +77,9 @@ def test_bench_against_a_real_server_every_cell_and_cleanup(tiny, memory_store, 
     assert report["command"][i + 1] == "***"
     assert report["machine"]["cpu_count"] == os.cpu_count() and report["machine"]["platform"]
     assert report["server"]["status"] == "ready" and report["config"]["n_users"] == 6
-    assert report["version"]["settings"]["dtype"] == settings.dtype and "native_bf16" in report["machine"]["cpu"]
+    # the dtype the injected model runs in (not the settings' CPU-dependent default)
+    assert report["version"]["settings"]["dtype"] == str(comps.pipeline.lm.dtype).removeprefix("torch.")
+    assert "native_bf16" in report["machine"]["cpu"]
 
     assert report["prime"]["ok"] == 6 and report["prime"]["anomalies"] == {}  # one automr request per user
     assert set(report["recommend"]) == {"automr", "bigrec", "full-history"}
@@ -138,8 +139,9 @@ def _stub_app() -> FastAPI:
 def test_429s_and_errors_are_counted_not_fatal():
     cfg = BenchConfig(users=["u1", "u429", "u503"], items=["1"], concurrency=(1, 2), requests=6, warmup=0,
                       append_concurrency=(1,), append_requests=3, bench_users=2)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=_stub_app()), base_url="http://stub")
-    res = asyncio.run(run_bench(cfg, client))
+    with ThreadedServer(_stub_app()) as url:
+        cfg.url = url
+        res = asyncio.run(run_bench(cfg))
     assert res["prime"]["ok"] == 1 and res["prime"]["status_429"] == 1 and res["prime"]["errors"] == {"503": 1}
     for mode in ("automr", "bigrec", "full-history"):
         for c in ("1", "2"):
@@ -148,3 +150,18 @@ def test_429s_and_errors_are_counted_not_fatal():
             # wall_s is rounded to the microsecond, so the ratio holds to well under 1% even for a ~2 ms cell
             assert s["throughput_rps"] == pytest.approx(2 / s["wall_s"], rel=0.01)
     assert res["append"]["1"]["ok"] == 3 and res["cleanup"]["deleted"] == 2
+
+
+def test_a_refused_connection_is_counted_as_an_exception():
+    port = free_tcp_port()  # nothing listens there
+
+    async def go():
+        from bench.bench_load import HttpClient, run_cell
+        client = HttpClient(f"http://127.0.0.1:{port}", timeout_s=5)
+        try:
+            return await run_cell(client, 2, 3, lambda i: ("GET", "/healthz", None))
+        finally:
+            await client.aclose()
+
+    cell = asyncio.run(go())
+    assert cell.latencies_s == [] and sum(cell.exceptions.values()) == 3 and not cell.statuses

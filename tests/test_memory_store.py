@@ -109,6 +109,47 @@ def test_cap_trims_oldest_with_their_ids_and_vectors(memory_store):
     assert store.put_vectors("u", FP, rand_vecs(["e20", "e120"])).rejected == ["e20"]
 
 
+def test_append_with_vectors_stores_those_of_new_events_still_in_the_window(memory_store):
+    store = memory_store
+    store.append_events("u", [Event(f"i{t}", t, f"e{t}") for t in range(1, 100)])  # 99 events
+    vecs = rand_vecs(["e50", "n1", "n2", "old"], seed=4)
+    batch = [Event("dup", 50, "e50"),  # an id already stored: its event stays, it gets no vector
+             Event("a", 200, "n1"), Event("b", 201, "n2"),  # new: stored with their vectors
+             Event("c", 202, "n3"),  # new, no vector given
+             Event("z", -5, "old")]  # new but older than the full window: dropped with its vector
+    res = store.append_events("u", batch, vectors=vecs, fingerprint=FP)
+    assert res == AppendResult(added=3, duplicates=1, trimmed=2, invalidated=0, too_old=1, vectors=2)
+    state = store.get_user_state("u", FP)
+    assert sorted(state.vectors) == ["n1", "n2"]
+    for k in ("n1", "n2"):  # float16 on the wire, as put_vectors stores them
+        np.testing.assert_array_equal(state.vectors[k], vecs[k].astype(np.float16).astype(np.float32))
+    assert store.user_meta("u")["fingerprint"] == FP
+    eids, fields = raw_ids(store, "u")
+    assert fields <= eids and "old" not in eids and len(eids) == 100
+    # the same events again: all duplicates, nothing overwritten
+    other = rand_vecs(["n1", "n2"], seed=5)
+    assert store.append_events("u", batch[1:3], vectors=other, fingerprint=FP) == AppendResult(0, 2)
+    np.testing.assert_array_equal(store.get_user_state("u", FP).vectors["n1"], state.vectors["n1"])
+
+
+def test_append_many_with_vectors_per_user_and_bad_vectors_change_nothing(memory_store):
+    store = memory_store
+    vec = rand_vecs(["a1", "b1"], seed=6)
+    res = store.append_many({"a": [Event("x", 1, "a1")], "b": [Event("y", 1, "b1"), Event("y", 2, "b2")]},
+                            vectors={"a": {"a1": vec["a1"]}, "b": {"b1": vec["b1"]}}, fingerprint=FP)
+    assert res == {"a": AppendResult(1, 0, vectors=1), "b": AppendResult(2, 0, vectors=1)}
+    assert set(store.get_user_state("b", FP).vectors) == {"b1"}
+    with pytest.raises(ValueError, match="fingerprint"):
+        store.append_events("c", [Event("x", 1, "c1")], vectors={"c1": vec["a1"]})
+    with pytest.raises(ValueError, match="not in this append"):
+        store.append_events("c", [Event("x", 1, "c1")], vectors={"zz": vec["a1"]}, fingerprint=FP)
+    with pytest.raises(ValueError, match="without events"):
+        store.append_many({"c": [Event("x", 1, "c1")]}, vectors={"d": {"d1": vec["a1"]}}, fingerprint=FP)
+    with pytest.raises(ValueError, match="non-finite"):
+        store.append_events("c", [Event("x", 1, "c1")], vectors={"c1": np.full(16, np.nan)}, fingerprint=FP)
+    assert store.history("c") == []  # bad input is refused before anything is written
+
+
 def test_out_of_order_event_invalidates_later_vectors(memory_store):
     store = memory_store
     events = [Event(f"i{t}", t, f"e{t}") for t in (10, 20, 30, 40, 50)]

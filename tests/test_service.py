@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import json
 import math
 import random
@@ -438,6 +439,46 @@ async def test_background_encoder_stores_vectors_of_new_events(world, comps, mem
         r = (await client.post("/recommend", json={"user_id": "w"})).json()
         assert r["memory"]["used"] is True
         assert state.runner.calls == calls + 1  # nothing left to encode: one model call (the recommendation)
+
+
+def _item_element(p: Pipeline, item: int) -> torch.Tensor:
+    """Layer-L last-token state of an item's bare title (full HF forward): an item element."""
+    ids = p.lm.tokenizer(p.titles[item]).input_ids
+    with torch.no_grad():
+        out = p.lm.model(torch.tensor([ids]), output_hidden_states=True)
+    return out.hidden_states[p.lm.cut][0, -1].float()
+
+
+async def test_item_elements_are_stored_with_their_events_without_a_model_call(world, comps, memory_store,
+                                                                               redis_url, tmp_path):
+    ds = world["ds"]
+    p = dataclasses.replace(comps["learned"].pipeline, element="item")
+    comp = Components.from_dataset(ds, p, model_version="tiny-item")
+    cat = ds.catalogue
+    seq = ["3", "8", "1", "12", "6", "15"]
+    async with serve(_settings(redis_url, tmp_path, encode_on_write=True, seed_store=False), comp) as (client, state):
+        fp = state.engine.fingerprint
+        calls = state.runner.calls
+        r = await client.post("/interactions", json={"events": [
+            {"user_id": "it", "item_id": it, "timestamp": 100 + j, "event_id": f"t{j}"} for j, it in enumerate(seq)]
+            + [{"user_id": "it", "item_id": "2", "timestamp": 300, "event_id": "t0"}]})  # a repeated id
+        assert r.json() == {"added": len(seq), "duplicates": 1, "too_old": 0, "users": 1}
+        st = memory_store.get_user_state("it", fp)  # at once: written with the events, not by the worker
+        assert set(st.vectors) == {f"t{j}" for j in range(len(seq))}
+        for j, it in enumerate(seq):  # t0 keeps the vector of its first item ("3"), as the store keeps its event
+            np.testing.assert_allclose(st.vectors[f"t{j}"], _item_element(p, cat.index_of(it)).numpy(),
+                                       rtol=2e-3, atol=2e-3)
+        # an out-of-order event: its own vector comes with it, the later ones it invalidated are re-encoded
+        r = await client.post("/interactions", json={"events": [
+            {"user_id": "it", "item_id": "9", "timestamp": 102, "event_id": "late"}]})
+        assert r.json()["added"] == 1
+        await asyncio.wait_for(state.encoder.idle(), 20)
+        st = memory_store.get_user_state("it", fp)
+        assert set(st.vectors) == {"late", *(f"t{j}" for j in range(len(seq)))}
+        np.testing.assert_allclose(st.vectors["t5"], _item_element(p, cat.index_of("15")).numpy(), rtol=2e-3, atol=2e-3)
+        assert state.runner.calls == calls + 1  # one encode call, for the invalidated vectors only
+        r = (await client.post("/recommend", json={"user_id": "it"})).json()
+        assert r["memory"]["used"] is True and state.runner.calls == calls + 2
 
 
 async def test_erasure(world, comps, memory_store, redis_url, tmp_path):
