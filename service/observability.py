@@ -171,7 +171,7 @@ class Metrics:
         self.in_flight = Gauge("automr_http_requests_in_flight", "HTTP requests being answered", registry=r)
         self.redis_errors = Counter("automr_redis_errors", "Requests that failed because Redis was unavailable "
                                     "(503 store_unavailable)", registry=r)
-        self.batch_size = Histogram("automr_model_batch_size", "Requests (recommend) or windows (encode) per model call",
+        self.batch_size = Histogram("automr_model_batch_size", "Requests (recommend: per prefill or whole call; ground: per grounding pass) or windows (encode) per model call",
                                     ["kind"], buckets=BATCH_BUCKETS, registry=r)
         self.model_seconds = Histogram("automr_model_call_seconds", "Wall time of one model call",
                                        ["kind"], buckets=LATENCY_BUCKETS, registry=r)
@@ -350,7 +350,8 @@ def version_info(state: Any) -> dict:
         "settings": {
             **model,
             "max_new_tokens": s.max_new_tokens, "num_beams": s.num_beams,
-            "batch_max_size": s.batch_max_size, "batch_max_wait_ms": s.batch_max_wait_ms, "max_queue": s.max_queue,
+            "batch_max_size": s.batch_max_size, "batch_max_wait_ms": s.batch_max_wait_ms,
+            "ground_max_wait_ms": s.ground_max_wait_ms, "max_queue": s.max_queue,
             "max_body_bytes": s.max_body_bytes, "api_key_required": s.api_key is not None,
         },
     }

@@ -11,10 +11,13 @@ thread serves the queue.
   (``model.llm.DecodeBatch``). Between two decoding steps, queued calls join it, up to ``max_batch``
   rows: their prefill (``Recommender.start``) runs and their rows are merged in, whatever their
   recommender (only the prefill differs between them). A row leaves as soon as its answer line is
-  done, and a call is grounded and answered (``Recommender.finish``) as soon as all its rows are
-  done. It does not wait for the longest answer of the batch, and its place is free for the next
-  call. When nothing is decoding, the first call waits up to ``max_wait_ms`` after its arrival for
-  same-recommender calls to prefill with it.
+  done, and its place is free for the next call. A call whose rows are all done is grounded and
+  answered (``Recommender.finish``) together with the other done calls, in one pass: at once when
+  nothing else decodes, else after at most ``ground_wait_ms`` or as soon as the done rows fill a
+  batch (a grounding pass is a whole-model forward: one title costs about a decoding step, 16 cost
+  ~2.4 steps). It never waits for the longest answer of the batch. When nothing is decoding, the
+  first call waits up to ``max_wait_ms`` after its arrival for same-recommender calls to prefill
+  with it.
 - Other recommend calls (beam search, constrained) run whole: up to ``max_batch`` requests of one
   recommender in one ``Recommender.recommend(all, topk=max topk)``, between two decoding steps.
 - ``encode``: up to ``max_batch`` calls whose windows fit in one encoder batch (``batch_size``
@@ -38,8 +41,8 @@ batch) and every queued call still run, for up to ``timeout`` seconds; calls sti
 with ``RunnerClosed``.
 
 ``queue_depth()`` and ``add_listener(fn(kind, size, seconds))`` (called after each model call, on the
-model thread: a prefill that admits ``size`` requests, a whole recommend call or an encode call) are
-for metrics.
+model thread: a prefill that admits ``size`` requests, a whole recommend call, an encode call, or
+"ground": a grounding pass of ``size`` requests) are for metrics.
 """
 from __future__ import annotations
 
@@ -62,7 +65,7 @@ from service.errors import ApiError
 
 log = logging.getLogger(__name__)
 
-Listener = Callable[[str, int, float], None]  # (kind "recommend" | "encode", size, seconds)
+Listener = Callable[[str, int, float], None]  # (kind "recommend" | "encode" | "ground", size, seconds)
 
 
 class QueueFull(Exception):
@@ -109,6 +112,7 @@ class _Job:
 
     def __post_init__(self) -> None:
         self.texts: list[str | None] = [None] * len(self.call.items)  # None: the row is still decoding
+        self.done_at: float | None = None  # monotonic time its last row finished (waiting for grounding)
 
     @property
     def done(self) -> bool:
@@ -117,10 +121,11 @@ class _Job:
 
 class ModelRunner:
     def __init__(self, pipeline: Pipeline, recommenders: dict[str, Recommender], batch_size: int = 16, *,
-                 max_batch: int = 8, max_wait_ms: float = 5.0, max_queue: int = 64, memory_dir=None):
-        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
-            raise ValueError(f"need max_batch >= 1, max_queue >= 1, max_wait_ms >= 0; got {max_batch}, "
-                             f"{max_queue}, {max_wait_ms}")
+                 max_batch: int = 8, max_wait_ms: float = 5.0, max_queue: int = 64, memory_dir=None,
+                 ground_wait_ms: float = 0.0):
+        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or ground_wait_ms < 0:
+            raise ValueError(f"need max_batch >= 1, max_queue >= 1, max_wait_ms >= 0, ground_wait_ms >= 0; got "
+                             f"{max_batch}, {max_queue}, {max_wait_ms}, {ground_wait_ms}")
         self.pipeline = pipeline
         self.recommenders = recommenders
         self.encoder = pipeline.memory_encoder(batch_size=batch_size)  # memoizes item elements in memory
@@ -141,6 +146,8 @@ class ModelRunner:
         self._call_s: float | None = None  # moving average of model-call wall time (Retry-After)
         self._listeners: list[Listener] = []
         self._decoding: DecodeBatch | None = None  # the rows being decoded (continuous batching)
+        self._grounding: list[_Job] = []  # calls whose rows are all done, waiting to be grounded together
+        self.ground_wait_s = ground_wait_ms / 1e3
         self._thread = threading.Thread(target=self._work, name="automr-model", daemon=True)
         self._thread.start()
 
@@ -191,9 +198,9 @@ class ModelRunner:
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and self._decoding is None and not self._closing:
+                while not self._queue and self._decoding is None and not self._grounding and not self._closing:
                     self._cond.wait()
-                if not self._queue and self._decoding is None:  # closing and drained
+                if not self._queue and self._decoding is None and not self._grounding:  # closing and drained
                     return
                 batch = self._take(wait=self._decoding is None) if self._queue else []
                 self._busy = True
@@ -204,11 +211,12 @@ class ModelRunner:
                     self._run(batch)
                 if self._decoding is not None:
                     self._step()
+                self._ground()
             except Exception as e:  # never let the model thread die: fail what it holds, serve the rest
                 log.exception("the model thread failed; failing the calls it held")
                 self._fail_all(batch, e)
             with self._cond:
-                self._busy = self._decoding is not None
+                self._busy = self._decoding is not None or bool(self._grounding)
 
     def _room(self) -> int:
         """Rows that can still join the decoding batch."""
@@ -345,15 +353,37 @@ class ModelRunner:
             self._decoding = None
         for (job, j), tokens in finished:
             job.texts[j] = lm.text(tokens)
-        by_rec: dict[int, list[_Job]] = {}
+        now = time.monotonic()
         for job in dict.fromkeys(job for (job, _), _ in finished):
             if job.done:
-                by_rec.setdefault(id(job.recommender), []).append(job)
-        for jobs in by_rec.values():  # one grounding call per recommender for the calls done now
-            self._finish(jobs)
+                job.done_at = now
+                self._grounding.append(job)
+
+    def _ground(self) -> None:
+        """Ground and answer the calls whose rows are all done, together (one pass per recommender).
+
+        A grounding pass embeds the generated titles with the whole base model: at batch 1 it costs
+        about one decoding step, and 16 titles cost ~2.4x one (BENCHMARKS §6c). So while other rows are
+        still decoding, a done call waits up to ``ground_wait_s`` for company; it is grounded at once
+        when nothing else decodes (a lone request never waits) or the done calls fill a batch."""
+        if not self._grounding:
+            return
+        rows = sum(len(job.texts) for job in self._grounding)
+        waited = time.monotonic() - self._grounding[0].done_at
+        if self._decoding is not None and rows < self.max_batch and waited < self.ground_wait_s:
+            return
+        jobs, self._grounding = self._grounding, []
+        by_rec: dict[int, list[_Job]] = {}
+        for job in jobs:
+            by_rec.setdefault(id(job.recommender), []).append(job)
+        for group in by_rec.values():
+            t0 = time.perf_counter()
+            self._finish(group)
+            self._tell("ground", sum(len(job.texts) for job in group), time.perf_counter() - t0)
 
     def _fail_all(self, calls: list[_Call], e: Exception) -> None:
-        """Fail the given calls and every call in the decoding batch (those not answered yet)."""
+        """Fail the given calls and every call in the decoding batch (those not answered yet). Calls
+        done decoding are still grounded and answered."""
         held = list(calls) + ([job.call for job, _ in self._decoding.tags] if self._decoding is not None else [])
         self._decoding = None
         for c in dict.fromkeys(held):
@@ -389,6 +419,9 @@ class ModelRunner:
     def _observe(self, kind: str, size: int, seconds: float) -> None:
         """Count a model call and tell the listeners."""
         self.calls += 1
+        self._tell(kind, size, seconds)
+
+    def _tell(self, kind: str, size: int, seconds: float) -> None:
         for fn in list(self._listeners):
             try:
                 fn(kind, size, seconds)

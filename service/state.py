@@ -16,6 +16,7 @@ A failure in 1 or 4 leaves the process up with ``/readyz`` 503 and the reason in
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import threading
@@ -142,7 +143,7 @@ class AppState:
             recommenders["full-history"] = p.recommender("none", full_history=True, **cfg)
             self.runner = ModelRunner(p, recommenders, batch_size=s.llm_batch_size, max_batch=s.batch_max_size,
                                       max_wait_ms=s.batch_max_wait_ms, max_queue=s.max_queue,
-                                      memory_dir=self._memory_dir(comp))
+                                      memory_dir=self._memory_dir(comp), ground_wait_ms=s.ground_max_wait_ms)
             engine = Engine(comp, self.store, self.runner, slot_policy=s.slot_policy,
                             max_batch_events=s.max_batch_events)
             self.phase = "warming up"
@@ -168,6 +169,9 @@ class AppState:
             self.encoder.start()
             engine.encoder_worker = self.encoder
         self.engine = engine
+        if s.gc_freeze:
+            gc.collect()
+            gc.freeze()  # the loaded model and catalogue are never garbage: full collections skip them
         self.phase = "ready"
         self.ready_at = time.time()
         log.info("ready in %.1fs: %s", self.ready_at - self.started_at, self.status())

@@ -7,8 +7,13 @@ tied embeddings like SmolLM2) in float32, seeded. ``tiny_split``: ``SplitLM`` ov
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# gc.freeze() at ready is process-wide: many apps in one test process must not freeze each other's garbage
+os.environ.setdefault("AUTOMR_GC_FREEZE", "false")
 
 TINY_TITLES = [
     "Toy Story (1995)", "GoldenEye (1995)", "Four Rooms (1995)", "Get Shorty (1995)", "Copycat (1995)",

@@ -59,9 +59,10 @@ def runners():
         r.close(5)
 
 
-def _record(runner: ModelRunner) -> list[tuple[str, int]]:
+def _record(runner: ModelRunner, kinds: tuple[str, ...] = ("recommend", "encode")) -> list[tuple[str, int]]:
+    """(kind, size) of the runner's model calls of these kinds ("ground": grounding passes), in order."""
     seen: list[tuple[str, int]] = []
-    runner.add_listener(lambda kind, size, seconds: seen.append((kind, size)))
+    runner.add_listener(lambda kind, size, seconds: seen.append((kind, size)) if kind in kinds else None)
     return seen
 
 
@@ -175,6 +176,96 @@ async def test_batched_recommend_equals_one_at_a_time(pipe, runners, key):
     assert len({tuple(w.items) for w in alone}) == len(reqs)
     if key in ("learned", "semantic", "random"):
         assert [bool(w.memory_indices) for w in alone] == [True, True, False, True, True, True]
+
+
+async def _six_answers(pipe, runners, monkeypatch, **kw):
+    """The six requests as six calls, answered by a runner made with ``kw``: the first is admitted
+    alone and its first step waits until the other five are queued, so they join one step later and
+    end one step after it. Returns (answers, the same requests answered alone, the grounding passes)."""
+    rec = pipe.recommender("learned", max_new_tokens=MAX_NEW)
+    reqs = _requests(pipe)
+    alone = [rec.recommend([r], topk=k)[0] for r, k in reqs]
+    go, step = threading.Event(), pipe.lm.step
+
+    def held_step(batch):
+        assert go.wait(10)
+        return step(batch)
+
+    monkeypatch.setattr(pipe.lm, "step", held_step, raising=False)
+    runner = runners(pipe, {"learned": rec}, max_batch=8, max_wait_ms=0, **kw)
+    passes = _record(runner, ("ground",))
+    first = asyncio.ensure_future(runner.recommend("learned", [reqs[0][0]], topk=reqs[0][1]))
+    await _until(lambda: runner.calls == 1)
+    rest = [asyncio.ensure_future(runner.recommend("learned", [r], topk=k)) for r, k in reqs[1:]]
+    await _until(lambda: runner.queue_depth() == len(rest))
+    go.set()
+    got = await asyncio.gather(first, *rest)
+    monkeypatch.undo()
+    return [g[0] for g in got], alone, passes
+
+
+async def test_done_answers_wait_for_company_and_are_grounded_together(pipe, runners, monkeypatch):
+    """With a grounding wait, answers done at different steps are grounded in one pass once nothing
+    else decodes; without one, each step's done answers are grounded right after it. Same answers."""
+    now, alone, passes_now = await _six_answers(pipe, runners, monkeypatch, ground_wait_ms=0)
+    later, _, passes_later = await _six_answers(pipe, runners, monkeypatch, ground_wait_ms=60_000)
+    assert len(passes_now) > 1 and sum(n for _, n in passes_now) == 6  # the rows end at different steps
+    assert passes_later == [("ground", 6)]
+    for a, b, want in zip(now, later, alone):
+        assert a.items == b.items == want.items and a.generated == b.generated == want.generated
+        np.testing.assert_allclose(b.distances, want.distances, rtol=1e-5, atol=1e-6)
+
+
+async def test_a_lone_answer_does_not_wait_for_grounding_company(pipe, runners):
+    rec = pipe.recommender("none", max_new_tokens=MAX_NEW)
+    req, k = _requests(pipe)[2]
+    runner = runners(pipe, {"none": rec}, max_batch=2, max_wait_ms=0, ground_wait_ms=60_000)
+    passes = _record(runner, ("ground",))
+    t0 = time.monotonic()
+    [got] = await runner.recommend("none", [req], topk=k)  # alone: grounded as soon as it is done
+    assert time.monotonic() - t0 < 30 and passes == [("ground", 1)]
+    assert got.items == rec.recommend([req], topk=k)[0].items
+
+
+class _Finisher:
+    """A recommender's ``finish`` alone: one Recommendation per text."""
+
+    config = RecommenderConfig()
+
+    def finish(self, requests, texts, beams, picks, topk=None):
+        return [Recommendation(items=[0], distances=[0.0], generated=t, memory_indices=[], memory_scores=[])
+                for t in texts]
+
+
+def test_grounding_policy_waits_until_a_batch_is_full_the_wait_is_over_or_nothing_decodes(pipe, runners):
+    """``_ground`` on its own (the model thread sleeps: nothing was submitted)."""
+    from service.runner import _Call, _Job
+
+    runner = runners(pipe, {}, max_batch=3, ground_wait_ms=60_000)
+    passes = _record(runner, ("ground",))
+    fin = _Finisher()
+
+    def done_job(rows: int, waited_s: float = 0.0) -> _Job:
+        job = _Job(_Call("recommend", "fake", [_req(j) for j in range(rows)], None), fin)
+        job.texts = [f"t{j}" for j in range(rows)]
+        job.done_at = time.monotonic() - waited_s
+        runner._grounding.append(job)
+        return job
+
+    runner._decoding = object()  # other rows are decoding
+    a = done_job(1)
+    runner._ground()
+    assert passes == [] and not a.call.future.done()  # waits for company
+    b = done_job(2)
+    runner._ground()  # 3 rows = max_batch
+    assert passes == [("ground", 3)] and a.call.future.done() and b.call.future.done()
+    c = done_job(1, waited_s=61)
+    runner._ground()  # waited longer than ground_wait_ms
+    assert passes[-1] == ("ground", 1) and c.call.future.result()[0].generated == "t0"
+    runner._decoding = None
+    d = done_job(1)
+    runner._ground()  # nothing else decodes
+    assert passes[-1] == ("ground", 1) and d.call.future.done() and runner._grounding == []
 
 
 async def test_batched_encode_splits_back(pipe, runners):

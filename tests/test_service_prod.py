@@ -8,6 +8,7 @@ model thread on an event.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.metadata
 import json
 import math
@@ -25,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.components import Components
 from service.errors import retry_after
+from service.settings import Settings
 from tests.conftest import build_tiny_tokenizer
 from tests.redis_fixtures import memory_store, redis_server, redis_url  # noqa: F401
 from tests.test_service import K, USERS, _assert_error, _pipeline, _settings, prepared_world, serve
@@ -402,3 +404,19 @@ async def test_version(world, comp, memory_store, redis_url, tmp_path, monkeypat
         2, "float32", "learned", "window", K)
     assert s["memory_fingerprint"] == comp.pipeline.memory_fingerprint()
     assert s["api_key_required"] is False and s["max_queue"] == 64
+
+
+async def test_gc_freeze_at_ready(world, comp, memory_store, redis_url, tmp_path):
+    """``AUTOMR_GC_FREEZE`` (on for a served process; the tests' conftest turns it off): once ready,
+    the loaded objects leave the collector's generations, so a full collection does not walk them."""
+    assert Settings().gc_freeze is False  # conftest: apps in one test process must not freeze each other
+    gc.unfreeze()
+    try:
+        async with serve(_settings(redis_url, tmp_path, gc_freeze=True), comp) as (client, state):
+            frozen = gc.get_freeze_count()
+            assert (await client.post("/recommend", json={"user_id": "u1"})).status_code == 200
+        assert frozen > 1000
+    finally:
+        gc.unfreeze()
+    async with serve(_settings(redis_url, tmp_path), comp) as (client, state):
+        assert gc.get_freeze_count() == 0
