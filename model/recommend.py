@@ -57,6 +57,18 @@ class Recommendation:
     beam_items: list[int] = field(default_factory=list)  # constrained decoding: the beams' items
 
 
+def prefill_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Row indices in prefill groups: by increasing length, each group as long as its rows x its
+    longest length stays within ``max_tokens`` (a row longer than that forms a group alone)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 @dataclass
 class RecommenderConfig:
     policy: SlotPolicy = "none"
@@ -70,6 +82,11 @@ class RecommenderConfig:
     # reuse the KV cache of the prompt template's head (exact in float32; in bfloat16 its rounding
     # differs from a full prefill's, which can flip near-tied greedy tokens: see BENCHMARKS.md §5)
     head_cache: bool = True
+    # step-wise generation (``start``): rows sorted by prompt length are prefilled in groups of at
+    # most this many padded prompt tokens (rows x longest prompt); a longer prompt is prefilled alone.
+    # Padding wastes compute and a padded batch takes torch's masked attention path: four
+    # full-history prompts of 249-1,188 tokens took 6.5 s together and 3.3 s one by one (BENCHMARKS §6c)
+    prefill_max_tokens: int = 2048
 
     def __post_init__(self) -> None:
         if self.policy not in SLOT_POLICIES:
@@ -80,6 +97,8 @@ class RecommenderConfig:
             raise ValueError(f"n_slots must be >= 1, got {self.n_slots}")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.prefill_max_tokens < 1:
+            raise ValueError(f"prefill_max_tokens must be >= 1, got {self.prefill_max_tokens}")
 
 
 class Recommender:
@@ -236,10 +255,16 @@ class Recommender:
         cfg = self.config
         prompts = self.prompts(requests)
         picks = self.select_memory(requests)
-        select = self._slot_select(requests, range(len(requests)), picks)
-        batch = self.lm.start(prompts, tags, slot_select=select, n_slots=cfg.n_slots,
-                              max_new_tokens=cfg.max_new_tokens, reuse_head=cfg.head_cache)
-        return batch, picks  # the prefill made the lazy picks (``_slot_select``)
+        batch = None
+        for rows in prefill_groups([len(p.input_ids) for p in prompts], cfg.prefill_max_tokens):
+            part = self.lm.start([prompts[i] for i in rows], [tags[i] for i in rows],
+                                 slot_select=self._slot_select(requests, rows, picks), n_slots=cfg.n_slots,
+                                 max_new_tokens=cfg.max_new_tokens, reuse_head=cfg.head_cache)
+            if batch is None:
+                batch = part
+            else:
+                batch.merge(part)
+        return batch, picks  # the prefills made the lazy picks (``_slot_select``)
 
     def finish(self, requests: Sequence[RecommendRequest], texts: Sequence[str], beams: Sequence[list[int]] | None,
                picks: Sequence[tuple[list[int], list[float]] | None], topk: int | None = None) -> list[Recommendation]:

@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     num_beams: int = Field(default=1, ge=1, le=16)
     llm_batch_size: int = Field(default=16, ge=1)
     head_cache: bool = True  # reuse the prompt template head's KV cache (RecommenderConfig.head_cache)
+    # padded prompt tokens per prefill group (RecommenderConfig.prefill_max_tokens; longer prompts alone)
+    prefill_max_tokens: int = Field(default=2048, ge=1)
     torch_threads: int | None = Field(default=None, ge=1)  # intra-op threads of the model (None: torch's default)
     # POST /interactions: events per request (more: 413)
     max_batch_events: int = Field(default=1000, ge=1)

@@ -136,7 +136,7 @@ class AppState:
                 return
             p = comp.pipeline
             cfg = dict(max_new_tokens=s.max_new_tokens, num_beams=s.num_beams, batch_size=s.llm_batch_size,
-                       head_cache=s.head_cache)
+                       head_cache=s.head_cache, prefill_max_tokens=s.prefill_max_tokens)
             recommenders = {pol: p.recommender(pol, **cfg) for pol in ("none", "random", "semantic")}
             if p.retriever is not None:
                 recommenders["learned"] = p.recommender("learned", **cfg)

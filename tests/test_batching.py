@@ -19,7 +19,7 @@ from model.grounding import CatalogueIndex
 from model.llm import SplitLM
 from model.pipeline import Pipeline
 from model.prompts import PromptBuilder
-from model.recommend import Recommendation, RecommenderConfig, RecommendRequest
+from model.recommend import Recommendation, RecommenderConfig, RecommendRequest, prefill_groups
 from model.retriever import Retriever, RetrieverConfig
 from service.runner import ModelRunner, QueueFull, RunnerClosed
 from tests.conftest import TINY_TITLES, build_tiny_lm, build_tiny_tokenizer
@@ -266,6 +266,38 @@ def test_grounding_policy_waits_until_a_batch_is_full_the_wait_is_over_or_nothin
     d = done_job(1)
     runner._ground()  # nothing else decodes
     assert passes[-1] == ("ground", 1) and d.call.future.done() and runner._grounding == []
+
+
+def test_prefill_groups_sorted_within_the_token_budget():
+    lengths = [30, 10, 500, 12, 31, 11, 200]
+    groups = prefill_groups(lengths, 64)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # every row once
+    assert groups == [[1, 5, 3], [0, 4], [6], [2]]  # by length; 3 x 12 <= 64 < 4 x 30; long rows alone
+    assert all(len(g) * max(lengths[i] for i in g) <= 64 or len(g) == 1 for g in groups)
+    assert prefill_groups(lengths, 10_000) == [[1, 5, 3, 0, 4, 6, 2]] and prefill_groups([], 8) == []
+
+
+@pytest.mark.parametrize("budget", [1, 60])
+async def test_prefill_in_groups_equals_one_at_a_time(pipe, runners, monkeypatch, budget):
+    """A prefill split by the token budget (every row alone, or a few groups) merges into one
+    decoding batch whose answers are those of each request alone."""
+    rec = pipe.recommender("learned", max_new_tokens=MAX_NEW, prefill_max_tokens=budget)
+    reqs = _requests(pipe)
+    alone = [pipe.recommender("learned", max_new_tokens=MAX_NEW).recommend([r], topk=k)[0] for r, k in reqs]
+    lengths = [len(p.input_ids) for p in rec.prompts([r for r, _ in reqs])]
+    starts, start = [], pipe.lm.start
+
+    def counted(prompts, *args, **kwargs):
+        starts.append(len(prompts))
+        return start(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.lm, "start", counted, raising=False)
+    runner = runners(pipe, {"learned": rec}, max_batch=len(reqs), max_wait_ms=5000)
+    got = await asyncio.gather(*(runner.recommend("learned", [r], topk=k) for r, k in reqs))
+    assert starts == [len(g) for g in prefill_groups(lengths, budget)] and len(starts) > 1
+    for [g], want in zip(got, alone):
+        assert g.items == want.items and g.generated == want.generated and g.memory_indices == want.memory_indices
+        np.testing.assert_allclose(g.distances, want.distances, rtol=1e-5, atol=1e-6)
 
 
 async def test_batched_encode_splits_back(pipe, runners):
