@@ -85,7 +85,7 @@ class RecommenderConfig:
     # step-wise generation (``start``): rows sorted by prompt length are prefilled in groups of at
     # most this many padded prompt tokens (rows x longest prompt); a longer prompt is prefilled alone.
     # Padding wastes compute and a padded batch takes torch's masked attention path: four
-    # full-history prompts of 249-1,188 tokens took 6.5 s together and 3.3 s one by one (BENCHMARKS §6c)
+    # full-history prompts of 262-1,233 tokens took 7.4 s together and 3.6 s one by one (BENCHMARKS §6c)
     prefill_max_tokens: int = 2048
 
     def __post_init__(self) -> None:

@@ -15,7 +15,7 @@ thread serves the queue.
   answered (``Recommender.finish``) together with the other done calls, in one pass: at once when
   nothing else decodes, else after at most ``ground_wait_ms`` or as soon as the done rows fill a
   batch (a grounding pass is a whole-model forward: one title costs about a decoding step, 16 cost
-  ~2.4 steps). It never waits for the longest answer of the batch. When nothing is decoding, the
+  a few). It never waits for the longest answer of the batch. When nothing is decoding, the
   first call waits up to ``max_wait_ms`` after its arrival for same-recommender calls to prefill
   with it.
 - Other recommend calls (beam search, constrained) run whole: up to ``max_batch`` requests of one
@@ -363,7 +363,7 @@ class ModelRunner:
         """Ground and answer the calls whose rows are all done, together (one pass per recommender).
 
         A grounding pass embeds the generated titles with the whole base model: at batch 1 it costs
-        about one decoding step, and 16 titles cost ~2.4x one (BENCHMARKS §6c). So while other rows are
+        about one decoding step, and 16 titles ~4x one (BENCHMARKS §6c). So while other rows are
         still decoding, a done call waits up to ``ground_wait_s`` for company; it is grounded at once
         when nothing else decodes (a lone request never waits) or the done calls fill a batch."""
         if not self._grounding:

@@ -1,0 +1,97 @@
+"""Model costs behind the service's batching choices, in one process (BENCHMARKS.md §6c).
+
+Prints, for the served recommender (greedy, template head cached), best of ``--repeats``:
+  prefill     ``Recommender.start`` of B 10-title prompts (random catalogue items), ms per row
+  step        one greedy decode step of those B rows (``SplitLM.step``)
+  ground      grounding of B generated titles (base-model embedding + L2 ranking)
+  long        four full-history prompts of unequal length (15-90 titles), prefilled together in one
+              padded batch and one by one (``prefill_max_tokens`` 1 forces one by one)
+
+    python bench/bench_model_costs.py --data runs/ml-100k --artefacts runs/ml-100k/quickstart
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from model.recommend import RecommendRequest
+from service.components import load_components
+from service.settings import Settings
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--artefacts", type=Path, required=True)
+    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    settings = Settings(data_dir=args.data, artefacts_dir=args.artefacts)
+    pipe = load_components(settings).pipeline
+    lm = pipe.lm
+    lm.line_tables()  # as the service does at start-up: not in the first step's time
+    rng = random.Random(args.seed)
+    n_items = len(pipe.titles)
+
+    def requests(n: int, titles: int) -> list[RecommendRequest]:
+        return [RecommendRequest(context=[rng.randrange(n_items) for _ in range(titles)]) for _ in range(n)]
+
+    out: dict = {"dtype": str(lm.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+                 "platform": platform.platform(), "batches": {}}
+    rec = pipe.recommender("none", max_new_tokens=64, prefill_max_tokens=1 << 30)  # one padded batch
+    print(f"dtype {out['dtype']}, {out['threads']} threads")
+    for b in (int(x) for x in args.batches.split(",")):
+        reqs = requests(b, 10)
+        tokens = sum(len(p.input_ids) for p in rec.prompts(reqs)) / b
+        prefill = best_of(lambda: rec.start(reqs, list(range(b))), args.repeats)
+
+        def steps() -> float:
+            batch, _ = rec.start(reqs, list(range(b)))
+            t0, k = time.perf_counter(), 0
+            while batch.rows == b and k < 6:  # while every row is still decoding
+                lm.step(batch)
+                k += 1
+            return (time.perf_counter() - t0) / max(k, 1)
+
+        step = min(steps() for _ in range(args.repeats))
+        titles = [pipe.titles[rng.randrange(n_items)] for _ in range(b)]
+        ground = best_of(lambda: rec.ground(reqs, titles, 20), args.repeats)
+        out["batches"][b] = {"prompt_tokens": tokens, "prefill_ms_per_row": 1e3 * prefill / b,
+                             "step_ms": 1e3 * step, "ground_ms": 1e3 * ground}
+        print(f"B={b:2d}: prompt {tokens:.0f} tokens | prefill {1e3 * prefill / b:6.1f} ms/row | "
+              f"step {1e3 * step:6.1f} ms | ground {1e3 * ground:6.1f} ms")
+
+    long = [RecommendRequest(context=[rng.randrange(n_items) for _ in range(t)]) for t in (90, 30, 60, 15)]
+    full = pipe.recommender("none", full_history=True, max_new_tokens=64, prefill_max_tokens=1 << 30)
+    alone = pipe.recommender("none", full_history=True, max_new_tokens=64, prefill_max_tokens=1)
+    lengths = [len(p.input_ids) for p in full.prompts(long)]
+    together = best_of(lambda: full.start(long, list(range(4))), args.repeats)
+    one_by_one = best_of(lambda: alone.start(long, list(range(4))), args.repeats)
+    out["long"] = {"prompt_tokens": lengths, "together_s": together, "one_by_one_s": one_by_one}
+    print(f"full-history prompts of {lengths} tokens: together {together:.2f} s, one by one {one_by_one:.2f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
