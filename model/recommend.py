@@ -252,6 +252,8 @@ class Recommender:
         merged with other batches of the same model) and pass the texts to ``finish``."""
         if not self.steps_greedy:
             raise ValueError("step-wise generation is greedy and unconstrained (num_beams=1, constrained=false)")
+        if not requests:
+            raise ValueError("start needs at least one request")
         cfg = self.config
         prompts = self.prompts(requests)
         picks = self.select_memory(requests)
