@@ -234,28 +234,37 @@ class MemoryStore:
     def _keys(self, user_id: str):
         return user_keys(user_id, self.namespace)
 
-    def _append_call(self, user_id: str, events: Iterable[Event], vectors: Mapping[str, np.ndarray] | None = None,
+    @staticmethod
+    def _packed(fingerprint: str, vectors: Mapping[str, np.ndarray]) -> dict[str, bytes]:
+        """Key -> stored blob of each float32 [H] vector: checked, float16, behind ``fingerprint``'s
+        header; every vector of one call has the same H."""
+        header = vector_header(fingerprint)
+        out: dict[str, bytes] = {}
+        dim = None
+        for key, vec in vectors.items():
+            check_text(key, "element key", MAX_EVENT_ID_CHARS)
+            v16 = to_float16(key, vec)
+            if dim is None:
+                dim = v16.shape[0]
+            elif v16.shape[0] != dim:
+                raise ValueError(f"vector {key!r} has {v16.shape[0]} dims, the others in this call have {dim}")
+            out[key] = pack_vector(header, v16)
+        return out
+
+    def _append_call(self, user_id: str, events: Sequence[Event], vectors: Mapping[str, np.ndarray] | None = None,
                      fingerprint: str | None = None) -> tuple[Script, list[str], list[Any]]:
         k = self._keys(user_id)
-        vectors = vectors or {}
-        if vectors and fingerprint is None:
-            raise ValueError("vectors given without the fingerprint of their encoder")
-        header = vector_header(fingerprint) if vectors else b""
+        blobs: dict[str, bytes] = {}
+        if vectors:
+            if fingerprint is None:
+                raise ValueError("vectors given without the fingerprint of their encoder")
+            blobs = self._packed(fingerprint, vectors)
+            unknown = set(blobs) - {ev.event_id for ev in events}
+            if unknown:
+                raise ValueError(f"vectors for events not in this append: {sorted(unknown)[:5]}")
         args: list[Any] = [self.cap, fingerprint or ""]
-        dim = None
         for ev in events:
-            eid, member = event_member(ev)
-            blob = b""
-            if ev.event_id in vectors:
-                v16 = to_float16(ev.event_id, vectors[ev.event_id])
-                if dim is not None and v16.shape[0] != dim:
-                    raise ValueError(f"vector {ev.event_id!r} has {v16.shape[0]} dims, the others in this call have {dim}")
-                dim = v16.shape[0]
-                blob = pack_vector(header, v16)
-            args += (eid, member, blob)
-        unknown = set(vectors) - {ev.event_id for ev in events}
-        if unknown:
-            raise ValueError(f"vectors for events not in this append: {sorted(unknown)[:5]}")
+            args += (*event_member(ev), blobs.get(ev.event_id, b""))
         return self._append, [k.events, k.eids, k.vec, k.meta], args
 
     # --- events ------------------------------------------------------------------------------
@@ -347,17 +356,9 @@ class MemoryStore:
         """Store float32 [H] vectors as float16 under ``fingerprint`` (the encoder's: model, L,
         element type). Keys must be event ids in the user's window; others are rejected."""
         k = self._keys(user_id)
-        header = vector_header(fingerprint)
         args: list[Any] = [fingerprint]
-        dim = None
-        for key, vec in vectors.items():
-            check_text(key, "element key", MAX_EVENT_ID_CHARS)
-            v16 = to_float16(key, vec)
-            if dim is None:
-                dim = v16.shape[0]
-            elif v16.shape[0] != dim:
-                raise ValueError(f"vector {key!r} has {v16.shape[0]} dims, the others in this call have {dim}")
-            args += (key, pack_vector(header, v16))
+        for key, blob in self._packed(fingerprint, vectors).items():
+            args += (key, blob)
         if len(args) == 1:
             return PutResult(0, [])
         stored, rejected = self._call(self._put, [k.vec, k.eids, k.meta], args)

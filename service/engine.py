@@ -16,7 +16,8 @@ depend on whether a vector was just encoded or read back.
 
 Missing or stale vectors (another fingerprint: model or L changed) are encoded in the request that
 needs them and stored; the background worker (``EncoderWorker``) encodes those of new events right
-after their append. Before storing, the user's window is read again and only vectors whose window
+after their append. Item elements depend on the item alone: they come from the table the runner
+encodes once at start-up (no model call), and an append stores them with its events. Before storing, the user's window is read again and only vectors whose window
 is unchanged are written (an out-of-order event may have changed it meanwhile).
 """
 from __future__ import annotations
@@ -164,10 +165,18 @@ class Engine:
         state = await self._io(self.store.get_user_state, user_id, self.fingerprint)
         return self.view(state)
 
+    async def _element_vectors(self, windows: Sequence[tuple[int, ...]]) -> np.ndarray:
+        """[n, H] float32, rounded to float16 as stored: the memory element of each window. Item
+        elements come from the runner's table (encoded once at start-up: no model call), window
+        elements from the model."""
+        table = self.runner.item_vectors([w[-1] for w in windows])
+        if table is not None:
+            return table.astype(np.float32)
+        return fp16(await self.runner.encode(windows))
+
     async def _encode(self, view: UserView, positions: Sequence[int]) -> dict[str, np.ndarray]:
-        """Encode the elements of events at ``positions``: event id -> float16-rounded [H] vector."""
-        vecs = await self.runner.encode([view.window(p, self.k) for p in positions])
-        vecs = fp16(vecs)
+        """The elements of events at ``positions``: event id -> float16-rounded [H] vector."""
+        vecs = await self._element_vectors([view.window(p, self.k) for p in positions])
         return {view.events[p].event_id: vecs[j] for j, p in enumerate(positions)}
 
     async def _store_vectors(self, user_id: str, view: UserView, vectors: dict[str, np.ndarray]) -> int:
@@ -273,7 +282,7 @@ class Engine:
         for e in events:
             groups.setdefault(e.user_id, []).append(Event(item_id=e.item_id, timestamp=e.timestamp, event_id=e.event_id))
         # item elements depend on the item alone: stored with the events, in the same script (no model call)
-        table = self.runner.item_vectors(items) if self.uses_memory else None
+        table = self.runner.item_vectors(items)
         vectors: dict[str, dict[str, np.ndarray]] | None = None
         if table is not None:
             vectors = {}
@@ -291,14 +300,14 @@ class Engine:
 
     async def encode_users(self, user_ids: Sequence[str]) -> int:
         """Encode and store every missing vector of these users' windows (the background worker's job).
-        One model call for all of them; returns the number of vectors stored."""
+        At most one model call for all of them; returns the number of vectors stored."""
         views = await asyncio.gather(*(self._state(u) for u in user_ids))
         jobs = [(u, v, [p for p, e in enumerate(v.events) if e.event_id not in v.vectors]) for u, v in zip(user_ids, views)]
         jobs = [j for j in jobs if j[2]]
         if not jobs:
             return 0
         windows = [v.window(p, self.k) for _, v, missing in jobs for p in missing]
-        vecs = fp16(await self.runner.encode(windows))
+        vecs = await self._element_vectors(windows)
         stored, at = 0, 0
         for u, v, missing in jobs:
             fresh = {v.events[p].event_id: vecs[at + j] for j, p in enumerate(missing)}
