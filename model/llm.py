@@ -291,6 +291,11 @@ class DecodeBatch:
     tags: list[Any]
     max_new: list[int]
     stop_lines: list[bool]  # the row ends with its answer line (``StopAfterFirstLine``)
+    # speculative steps (``SplitLM.step``): while the batch has at most ``draft_max_rows`` rows, each
+    # step also checks up to ``draft_tokens`` tokens per row guessed by ``drafter`` (model/draft.py)
+    drafter: Any = None
+    draft_tokens: int = 0
+    draft_max_rows: int = 1
 
     @property
     def rows(self) -> int:
@@ -311,6 +316,8 @@ class DecodeBatch:
         if not self.rows:  # every row has left: the batch becomes ``other``
             self.__dict__.update(other.__dict__)
             return
+        if self.drafter is None:  # the drafting policy is the batch's; it takes the first one offered
+            self.drafter, self.draft_tokens, self.draft_max_rows = other.drafter, other.draft_tokens, other.draft_max_rows
         t = max(self.mask.shape[1], other.mask.shape[1])
         pad = lambda m: torch.nn.functional.pad(m, (t - m.shape[1], 0))  # noqa: E731  [n, T] -> [n, t]
         merged = (concat_rows([self.cache, other.cache]), torch.cat([pad(self.mask), pad(other.mask)], 0),
@@ -636,27 +643,86 @@ class SplitLM:
         A finished row no longer costs a step (a batch is otherwise held until its longest answer:
         one chatty row of 32 tokens made every row of a 16-request batch pay 32 steps), and rows
         can join between steps (``DecodeBatch.merge``). The same tokens as HF ``generate`` greedy with
-        ``StopAfterFirstLine`` (tested)."""
+        ``StopAfterFirstLine`` (tested).
+
+        Speculative steps (``batch.drafter``, while the batch has at most ``draft_max_rows`` rows): the
+        forward also feeds each row's guessed continuation (``_verify``) and the row keeps the guesses
+        that match its own greedy choices, so one forward can add several tokens; the tokens are
+        still the greedy ones."""
         nxt = batch.logits.argmax(-1).cpu()  # [n]
         stop = StopAfterFirstLine(*self.line_tables(), start=0) if any(batch.stop_lines) else None
-        done = []
-        for j, tok in enumerate(nxt.tolist()):
-            toks = batch.tokens[j]
-            toks.append(tok)
-            done.append(tok == self.eos_id or len(toks) >= batch.max_new[j]
-                        or (batch.stop_lines[j] and bool(stop.done(torch.tensor([toks]))[0])))
+        done = [self._take(batch, j, tok, stop) for j, tok in enumerate(nxt.tolist())]
+        finished = self._leave(batch, done)
+        nxt = nxt[[j for j in range(len(done)) if not done[j]]]
+        if not batch.rows:
+            return finished
+        drafts = self._drafts(batch)
+        if any(drafts):
+            return finished + self._verify(batch, nxt, drafts, stop)
+        batch.last = batch.last + 1
+        batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], 1)
+        out = self.model(input_ids=nxt[:, None].to(self.device), attention_mask=batch.mask,
+                         position_ids=batch.last[:, None], past_key_values=batch.cache, use_cache=True)
+        batch.logits = out.logits[:, -1].float()
+        return finished
+
+    def _take(self, batch: "DecodeBatch", j: int, tok: int, stop: StopAfterFirstLine | None) -> bool:
+        """Append ``tok`` to row ``j``'s tokens; is the row finished?"""
+        toks = batch.tokens[j]
+        toks.append(tok)
+        return (tok == self.eos_id or len(toks) >= batch.max_new[j]
+                or (batch.stop_lines[j] and bool(stop.done(torch.tensor([toks]))[0])))
+
+    @staticmethod
+    def _leave(batch: "DecodeBatch", done: Sequence[bool]) -> list[tuple[Any, list[int]]]:
+        """Drop the finished rows from ``batch``; their (tag, tokens)."""
         finished = [(batch.tags[j], batch.tokens[j]) for j in range(len(done)) if done[j]]
         if finished:
-            keep = [j for j in range(len(done)) if not done[j]]
-            batch.select(keep)
-            nxt = nxt[keep]
-        if batch.rows:
-            batch.last = batch.last + 1
-            batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], 1)
-            out = self.model(input_ids=nxt[:, None].to(self.device), attention_mask=batch.mask,
-                             position_ids=batch.last[:, None], past_key_values=batch.cache, use_cache=True)
-            batch.logits = out.logits[:, -1].float()
+            batch.select([j for j in range(len(done)) if not done[j]])
         return finished
+
+    @staticmethod
+    def _drafts(batch: "DecodeBatch") -> list[list[int]]:
+        """Each row's guessed continuation (within its token budget), or none outside the policy."""
+        if batch.drafter is None or batch.draft_tokens < 1 or batch.rows > batch.draft_max_rows:
+            return [[] for _ in range(batch.rows)]
+        return [batch.drafter.draft(toks, min(batch.draft_tokens, budget - len(toks)))
+                for toks, budget in zip(batch.tokens, batch.max_new)]
+
+    def _verify(self, batch: "DecodeBatch", nxt: torch.Tensor, drafts: list[list[int]],
+                stop: StopAfterFirstLine | None) -> list[tuple[Any, list[int]]]:
+        """One forward of each row's pending token ``nxt`` [n] and its draft; row j keeps the longest
+        draft prefix that equals its greedy choices (the logits at each fed position), and its next
+        logits are those after the last kept token. The positions of rejected or padded draft tokens
+        stay in the KV cache as masked holes (mask 0): no cache is rewritten, and later tokens take
+        position ids that skip them, so attention and positions are those of a plain decode."""
+        n, k = batch.rows, max(len(d) for d in drafts)
+        ids = torch.full((n, 1 + k), self.pad_id, dtype=torch.long)  # [n, 1+k]
+        new = torch.zeros(n, 1 + k, dtype=batch.mask.dtype)  # [n, 1+k] 1 = a fed token
+        ids[:, 0], new[:, 0] = nxt, 1
+        for j, d in enumerate(drafts):
+            ids[j, 1:1 + len(d)] = torch.tensor(d, dtype=torch.long)
+            new[j, 1:1 + len(d)] = 1
+        pos = batch.last[:, None] + 1 + torch.arange(1 + k, device=batch.last.device)  # [n, 1+k]
+        mask = torch.cat([batch.mask, new.to(batch.mask.device)], 1)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=pos,
+                         past_key_values=batch.cache, use_cache=True, logits_to_keep=1 + k)
+        logits = out.logits  # [n, 1+k, V]
+        greedy = logits.argmax(-1).cpu()  # [n, 1+k] the model's choice after each fed token
+        kept, done = [], []
+        for j, d in enumerate(drafts):
+            a, fin = 0, False
+            while a < len(d) and d[a] == int(greedy[j, a]) and not fin:
+                fin = self._take(batch, j, d[a], stop)
+                a += 1
+            kept.append(a)
+            done.append(fin)
+        keep = torch.tensor(kept)  # [n] draft tokens kept per row
+        new = new * (torch.arange(1 + k)[None, :] <= keep[:, None]).to(new.dtype)  # holes after the kept ones
+        batch.mask = torch.cat([batch.mask, new.to(batch.mask.device)], 1)
+        batch.last = batch.last + 1 + keep.to(batch.last.device)
+        batch.logits = logits[torch.arange(n), keep.to(logits.device)].float()  # [n, V]
+        return self._leave(batch, done)
 
     # ---- the shared template head's KV cache ----------------------------------------------------
 

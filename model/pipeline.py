@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from model.artefacts import load_lm, load_or_build_index
+from model.draft import NgramDrafter
 from model.grounding import CatalogueIndex, titles_hash
 from model.llm import SplitLM
 from model.memory import ELEMENT_KINDS, MemoryCache, MemoryEncoder
@@ -39,6 +40,7 @@ class Pipeline:
     element: str = "window"  # memory element kind: window | item
     generator_dir: Path | None = None  # where the tuned upper layers came from (None: base model)
     retriever_dir: Path | None = None
+    _drafter: NgramDrafter | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.element not in ELEMENT_KINDS:
@@ -52,12 +54,21 @@ class Pipeline:
     def n_slots(self) -> int:
         return self.builder.n_slots
 
+    @property
+    def drafter(self) -> NgramDrafter:
+        """The catalogue's draft table for speculative steps (model/draft.py), built once and shared
+        by every recommender of this pipeline."""
+        if self._drafter is None:
+            self._drafter = NgramDrafter.from_titles(self.titles, self.builder.response_ids)
+        return self._drafter
+
     def recommender(self, policy: str = "none", full_history: bool = False, **config) -> Recommender:
         """A ``Recommender`` over the shared pieces. ``config``: other ``RecommenderConfig`` fields
-        (max_new_tokens, num_beams, batch_size, topk)."""
+        (max_new_tokens, num_beams, batch_size, topk, draft_tokens...)."""
         cfg = RecommenderConfig(policy=policy, full_history=full_history, n_slots=self.n_slots, **config)
         return Recommender(self.lm, self.builder, self.titles, self.index,
-                           self.retriever if policy == "learned" else None, cfg)
+                           self.retriever if policy == "learned" else None, cfg,
+                           drafter=self.drafter if cfg.draft_tokens else None)
 
     def memory_encoder(self, cache: MemoryCache | None = None, query_cache: MemoryCache | None = None,
                        progress: bool = False, batch_size: int = 16) -> MemoryEncoder:

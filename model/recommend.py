@@ -30,6 +30,7 @@ from model.grounding import CatalogueIndex, clean_generated
 from model.llm import DecodeBatch, SplitLM
 from model.prompts import PromptBuilder, PromptIds
 from model.retriever import Retriever
+from model.draft import NgramDrafter
 from model.title_trie import TitleTrie, beams_to_items
 
 SlotPolicy = Literal["none", "learned", "random", "semantic"]
@@ -87,6 +88,11 @@ class RecommenderConfig:
     # Padding wastes compute and a padded batch takes torch's masked attention path: four
     # full-history prompts of 262-1,233 tokens took 7.4 s together and 3.6 s one by one (BENCHMARKS §6c)
     prefill_max_tokens: int = 2048
+    # speculative steps (step-wise generation only): while the decoding batch has at most
+    # ``draft_max_rows`` rows, a step also checks up to ``draft_tokens`` tokens per row guessed from
+    # the catalogue's titles (model/draft.py); the answers stay the greedy ones. 0 = off
+    draft_tokens: int = 0
+    draft_max_rows: int = 1
 
     def __post_init__(self) -> None:
         if self.policy not in SLOT_POLICIES:
@@ -99,6 +105,9 @@ class RecommenderConfig:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.prefill_max_tokens < 1:
             raise ValueError(f"prefill_max_tokens must be >= 1, got {self.prefill_max_tokens}")
+        if self.draft_tokens < 0 or self.draft_max_rows < 1:
+            raise ValueError(f"draft_tokens must be >= 0 and draft_max_rows >= 1, got {self.draft_tokens} "
+                             f"and {self.draft_max_rows}")
 
 
 class Recommender:
@@ -112,6 +121,7 @@ class Recommender:
         index: CatalogueIndex,
         retriever: Retriever | None = None,
         config: RecommenderConfig | None = None,
+        drafter: NgramDrafter | None = None,
     ):
         self.lm, self.builder, self.titles, self.index = lm, builder, list(titles), index
         self.retriever = retriever
@@ -123,6 +133,7 @@ class Recommender:
         if index.n_items != len(self.titles):
             raise ValueError(f"the index holds {index.n_items} items, the catalogue {len(self.titles)}")
         self._trie: TitleTrie | None = None
+        self._drafter = drafter  # None: built from the catalogue on first use
 
     @property
     def trie(self) -> TitleTrie:
@@ -130,6 +141,13 @@ class Recommender:
         if self._trie is None:
             self._trie = TitleTrie.from_prompt_builder(self.titles, self.builder, progress=False)
         return self._trie
+
+    @property
+    def drafter(self) -> NgramDrafter:
+        """Draft table of the catalogue's response token sequences (built once, on first use)."""
+        if self._drafter is None:
+            self._drafter = NgramDrafter.from_titles(self.titles, self.builder.response_ids)
+        return self._drafter
 
     # ---- steps ---------------------------------------------------------------------------------
 
@@ -266,6 +284,8 @@ class Recommender:
                 batch = part
             else:
                 batch.merge(part)
+        if cfg.draft_tokens:
+            batch.drafter, batch.draft_tokens, batch.draft_max_rows = self.drafter, cfg.draft_tokens, cfg.draft_max_rows
         return batch, picks  # the prefills made the lazy picks (``_slot_select``)
 
     def finish(self, requests: Sequence[RecommendRequest], texts: Sequence[str], beams: Sequence[list[int]] | None,

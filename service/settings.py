@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     head_cache: bool = True  # reuse the prompt template head's KV cache (RecommenderConfig.head_cache)
     # padded prompt tokens per prefill group (RecommenderConfig.prefill_max_tokens; longer prompts alone)
     prefill_max_tokens: int = Field(default=2048, ge=1)
+    # speculative decoding steps (RecommenderConfig.draft_tokens / draft_max_rows): while at most
+    # draft_max_rows rows decode, each step also checks up to draft_tokens tokens guessed from the
+    # catalogue's titles; 0 = off (BENCHMARKS §6d)
+    draft_tokens: int = Field(default=8, ge=0, le=64)
+    draft_max_rows: int = Field(default=4, ge=1)
     torch_threads: int | None = Field(default=None, ge=1)  # intra-op threads of the model (None: torch's default)
     # POST /interactions: events per request (more: 413)
     max_batch_events: int = Field(default=1000, ge=1)

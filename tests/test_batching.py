@@ -153,12 +153,16 @@ async def test_a_failing_decoding_step_fails_its_calls_and_the_runner_goes_on(pi
     assert got.items == want.items and runner._decoding is None
 
 
-@pytest.mark.parametrize("key", ["learned", "semantic", "random", "none", "full-history"])
-async def test_batched_recommend_equals_one_at_a_time(pipe, runners, key):
+@pytest.mark.parametrize("key,draft", [("learned", 0), ("semantic", 0), ("random", 0), ("none", 0),
+                                       ("full-history", 0), ("learned", 8), ("full-history", 8)])
+async def test_batched_recommend_equals_one_at_a_time(pipe, runners, key, draft):
+    """Six requests batched by the runner get the answers each gets alone through ``recommend`` (HF
+    generate), also with speculative steps (``draft``: catalogue-drafted tokens while <= 8 rows decode)."""
     policy = "none" if key == "full-history" else key
-    rec = pipe.recommender(policy, full_history=key == "full-history", max_new_tokens=MAX_NEW)
+    rec = pipe.recommender(policy, full_history=key == "full-history", max_new_tokens=MAX_NEW,
+                           draft_tokens=draft, draft_max_rows=8)
     reqs = _requests(pipe)
-    alone = [rec.recommend([r], topk=k)[0] for r, k in reqs]  # the reference: each request by itself
+    alone = [rec.recommend([r], topk=k)[0] for r, k in reqs]  # the reference: each request by itself (HF generate)
 
     runner = runners(pipe, {key: rec}, max_batch=len(reqs), max_wait_ms=5000)
     seen = _record(runner)
@@ -200,6 +204,8 @@ async def _six_answers(pipe, runners, monkeypatch, **kw):
     await _until(lambda: runner.queue_depth() == len(rest))
     go.set()
     got = await asyncio.gather(first, *rest)
+    # a pass is told to the listeners after it answers its calls: wait for the last one's record
+    await _until(lambda: sum(n for _, n in passes) == len(reqs))
     monkeypatch.undo()
     return [g[0] for g in got], alone, passes
 
