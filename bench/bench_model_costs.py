@@ -6,6 +6,12 @@ Prints, for the served recommender (greedy, template head cached), best of ``--r
   ground      grounding of B generated titles (base-model embedding + L2 ranking)
   long        four full-history prompts of unequal length (15-90 titles), prefilled together in one
               padded batch and one by one (``prefill_max_tokens`` 1 forces one by one)
+  draft       speculative steps (model/draft.py): ``--draft-requests`` validation contexts (the last K
+              items, distinct users), generated step-wise in batches of B, plain and with
+              ``--draft-tokens`` drafted tokens per row, drafted from the catalogue alone and from the
+              catalogue + the answers seen so far in the run (``NgramDrafter.observe``): ms per request
+              (prefill + decode), forwards per answer token, and how many answers equal the plain
+              ones (bf16 rounding differs between a one-token and a multi-token forward)
 
     python bench/bench_model_costs.py --data runs/ml-100k --artefacts runs/ml-100k/quickstart
 """
@@ -20,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from model.draft import NgramDrafter
 from model.recommend import RecommendRequest
 from service.components import load_components
 from service.settings import Settings
@@ -41,6 +48,8 @@ def main() -> dict:
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--draft-requests", type=int, default=48, help="0: skip the speculative-step measurement")
+    ap.add_argument("--draft-tokens", type=int, default=8)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -87,9 +96,53 @@ def main() -> dict:
     one_by_one = best_of(lambda: alone.start(long, list(range(4))), args.repeats)
     out["long"] = {"prompt_tokens": lengths, "together_s": together, "one_by_one_s": one_by_one}
     print(f"full-history prompts of {lengths} tokens: together {together:.2f} s, one by one {one_by_one:.2f} s")
+    if args.draft_requests:
+        out["draft"] = speculative(pipe, args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def speculative(pipe, args) -> dict:
+    """Step-wise generation of validation contexts, plain against drafted (``RecommenderConfig.draft_tokens``)."""
+    from model.data.prepared import PreparedDataset
+
+    ds = PreparedDataset.load(args.data)
+    samples = ds.split("valid")[: args.draft_requests]
+    reqs = [RecommendRequest(context=s.history[-ds.k_short:]) for s in samples]
+    lm = pipe.lm
+    out: dict = {"requests": len(reqs), "draft_tokens": args.draft_tokens, "batches": {}}
+
+    def run(rec, b: int) -> tuple[float, int, list[list[int]]]:
+        answers: dict[int, list[int]] = {}
+        forwards = 0
+        t0 = time.perf_counter()
+        for s in range(0, len(reqs), b):
+            batch, _ = rec.start(reqs[s:s + b], list(range(s, min(s + b, len(reqs)))))
+            while batch.rows:
+                forwards += batch.rows  # row-steps (a batch's last step may run no forward)
+                answers.update(lm.step(batch))
+        return time.perf_counter() - t0, forwards, [answers[i] for i in range(len(reqs))]
+
+    for b in (int(x) for x in args.batches.split(",")):
+        plain_s, plain_f, plain = run(pipe.recommender("none", max_new_tokens=32), b)
+        tokens = sum(len(a) for a in plain)
+        row = {"answer_tokens": tokens, "plain_ms_per_request": 1e3 * plain_s / len(reqs)}
+        for name, learn in (("catalogue", 0), ("learning", 50_000)):
+            # a fresh table per run (built untimed, as at start-up): answers learned in one run would
+            # make the next run's identical requests look free
+            drafter = NgramDrafter.from_titles(pipe.titles, pipe.builder.response_ids)
+            drafter.max_recent = learn
+            rec = pipe.recommender("none", max_new_tokens=32, draft_tokens=args.draft_tokens, draft_max_rows=b)
+            rec._drafter = drafter
+            spec_s, spec_f, spec = run(rec, b)
+            row[name] = {"ms_per_request": 1e3 * spec_s / len(reqs), "forwards_per_token": spec_f / tokens,
+                         "same_answers": sum(x == y for x, y in zip(plain, spec))}
+        out["batches"][b] = row
+        print(f"B={b:2d} speculative: plain {row['plain_ms_per_request']:.0f} ms per request (1 forward per token); "
+              + "; ".join(f"{n} {row[n]['ms_per_request']:.0f} ms, {row[n]['forwards_per_token']:.2f} forwards per "
+                          f"token, {row[n]['same_answers']}/{len(reqs)} answers equal" for n in ("catalogue", "learning")))
     return out
 
 

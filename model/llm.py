@@ -675,10 +675,14 @@ class SplitLM:
 
     @staticmethod
     def _leave(batch: "DecodeBatch", done: Sequence[bool]) -> list[tuple[Any, list[int]]]:
-        """Drop the finished rows from ``batch``; their (tag, tokens)."""
+        """Drop the finished rows from ``batch``; their (tag, tokens). A drafter that learns from
+        answers (``observe``) sees each finished row's tokens."""
         finished = [(batch.tags[j], batch.tokens[j]) for j in range(len(done)) if done[j]]
         if finished:
             batch.select([j for j in range(len(done)) if not done[j]])
+            observe = getattr(batch.drafter, "observe", None)
+            for _, tokens in finished if observe is not None else ():
+                observe(tokens)
         return finished
 
     @staticmethod

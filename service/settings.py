@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     # catalogue's titles; 0 = off (BENCHMARKS §6d)
     draft_tokens: int = Field(default=8, ge=0, le=64)
     draft_max_rows: int = Field(default=4, ge=1)
+    # contexts of recent answers the draft table learns from (NgramDrafter.max_recent); 0 = catalogue only
+    draft_learn: int = Field(default=50_000, ge=0)
     torch_threads: int | None = Field(default=None, ge=1)  # intra-op threads of the model (None: torch's default)
     # POST /interactions: events per request (more: 413)
     max_batch_events: int = Field(default=1000, ge=1)

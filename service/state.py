@@ -150,7 +150,7 @@ class AppState:
             self.phase = "warming up"
             p.lm.line_tables()  # the decoding stop's token tables: once here, not in the first request
             if s.draft_tokens:
-                p.drafter  # noqa: B018  the draft table: built here, not in the first request
+                p.drafter.max_recent = s.draft_learn  # the draft table: built here, not in the first request
             if engine.uses_memory:
                 self.runner.warm_items()  # item elements: every title encoded (no-op for windows)
         except Exception as e:  # keep the process up: /readyz tells why

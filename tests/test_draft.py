@@ -49,6 +49,25 @@ def test_token_range_is_checked():
     assert len(NgramDrafter([])) == 0 and NgramDrafter([]).draft([1], 3) == []
 
 
+def test_observed_answers_draft_before_the_catalogue_latest_first_and_bounded():
+    d = NgramDrafter([[1, 2, 3, 9]], max_recent=1000)
+    assert d.draft([1, 2], 2) == [3, 9]
+    d.observe([1, 2, 5, 6, 9])  # the model answered otherwise: its habit is drafted now
+    assert d.draft([1, 2], 3) == [5, 6, 9] and d.draft([], 1) == [1]
+    d.observe([1, 2, 7])
+    assert d.draft([1, 2], 1) == [7]  # the latest answer wins
+    assert d.draft([4, 4, 9], 1) == []  # an eos-like end has no continuation
+    small = NgramDrafter([[1, 2, 3]], max_recent=3)  # 3 orders x 1 position: one answer token's contexts
+    small.observe([8, 8, 8, 8])
+    assert len(small._recent) == 3
+    assert small.draft([8, 8, 8], 1) == [8]
+    off = NgramDrafter([[1, 2, 3]], max_recent=0)
+    off.observe([1, 2, 5])
+    assert off.draft([1, 2], 1) == [3]
+    with pytest.raises(ValueError, match="max_recent"):
+        NgramDrafter([], max_recent=-1)
+
+
 def test_from_titles_drafts_the_rest_of_a_catalogue_title(tiny_tokenizer, tiny_titles):
     b = PromptBuilder(tiny_tokenizer)
     d = NgramDrafter.from_titles(tiny_titles, b.response_ids)
@@ -163,6 +182,18 @@ def test_budget_and_answer_line_stop_inside_a_draft(setup):
     finally:
         split._lines = None
     assert got == ref and got[row][-1] == stop and len(got[row]) == at + 1
+
+
+def test_finished_rows_are_shown_to_a_learning_drafter(setup):
+    split, prompts, vecs, plain, _ = setup
+    seen = []
+
+    class Learning(FixedDrafter):
+        def observe(self, tokens):
+            seen.append(list(tokens))
+
+    got, _ = _decode(split, _start(split, prompts, list(range(4)), vecs, 12, Learning(), 4, max_rows=1))
+    assert got == plain and sorted(seen) == sorted(plain.values())
 
 
 def test_rows_joining_a_drafting_batch_get_their_own_tokens(setup):
