@@ -94,26 +94,34 @@ def growing_cache(config, spare: int = 64) -> DynamicCache:
     return cache
 
 
-def concat_rows(caches: list[DynamicCache], spare: int = 64) -> DynamicCache:
+def concat_rows(caches: list[DynamicCache], spare: int = 64,
+                columns: list[torch.Tensor | None] | None = None) -> DynamicCache:
     """One cache holding the rows of ``caches`` (in order), each left-padded with zeros to the longest
     sequence: the caller masks the padding (``DecodeBatch.merge`` pads the attention masks alike).
-    Zeros, not garbage: a masked position's value is multiplied by a zero weight, and NaN * 0 is NaN."""
+    Zeros, not garbage: a masked position's value is multiplied by a zero weight, and NaN * 0 is NaN.
+    ``columns[i]``: the sequence positions of cache i to keep, in order (None: all of them)."""
     n_layers = {len(c.layers) for c in caches}
     if len(n_layers) != 1:
         raise ValueError(f"caches with different numbers of layers: {sorted(n_layers)}")
+    columns = columns or [None] * len(caches)
+    if len(columns) != len(caches):
+        raise ValueError(f"{len(columns)} column selections for {len(caches)} caches")
     out = DynamicCache()
     out.layers = []
     for layers in zip(*(c.layers for c in caches)):
-        t = max(layer.get_seq_length() for layer in layers)
-        rows = sum(layer.keys.shape[0] for layer in layers)
+        parts = [(layer.keys, layer.values) if cols is None else
+                 (layer.keys.index_select(2, cols), layer.values.index_select(2, cols))
+                 for layer, cols in zip(layers, columns)]
+        t = max(pk.shape[2] for pk, _ in parts)
+        rows = sum(pk.shape[0] for pk, _ in parts)
         k0, v0 = layers[0].keys, layers[0].values
         k = k0.new_zeros(rows, k0.shape[1], t + spare, k0.shape[3])
         v = v0.new_zeros(rows, v0.shape[1], t + spare, v0.shape[3])
         at = 0
-        for layer in layers:
-            n, s = layer.keys.shape[0], layer.get_seq_length()
-            k[at: at + n, :, t - s: t] = layer.keys
-            v[at: at + n, :, t - s: t] = layer.values
+        for pk, pv in parts:
+            n, s = pk.shape[0], pk.shape[2]
+            k[at: at + n, :, t - s: t] = pk
+            v[at: at + n, :, t - s: t] = pv
             at += n
         merged = GrowingLayer(spare=spare)
         merged.lazy_initialization(k0, v0)

@@ -310,6 +310,11 @@ class DecodeBatch:
             old = getattr(self, name)
             setattr(self, name, [old[j] for j in keep])
 
+    def _live_columns(self) -> torch.Tensor | None:
+        """Positions some row attends to ([t'], CPU), or None when that is all of them."""
+        live = self.mask.bool().any(0).cpu()  # [T]
+        return None if bool(live.all()) else live.nonzero()[:, 0]
+
     def merge(self, other: "DecodeBatch") -> None:
         """Append ``other``'s rows (prefilled, next token pending): the shorter side is left-padded
         (masked) to the longer's length, so both keep their positions and attention."""
@@ -318,9 +323,15 @@ class DecodeBatch:
             return
         if self.drafter is None:  # the drafting policy is the batch's; it takes the first one offered
             self.drafter, self.draft_tokens, self.draft_max_rows = other.drafter, other.draft_tokens, other.draft_max_rows
-        t = max(self.mask.shape[1], other.mask.shape[1])
+        # positions masked for every row of a side (left by finished rows, padding, rejected draft
+        # tokens) are dropped while copying: the batch's sequence axis would otherwise only grow as
+        # long as rows keep joining, and every merge and attention would pay for it. Position ids are
+        # explicit (``last``), so nothing else changes.
+        cols = [self._live_columns(), other._live_columns()]
+        masks = [m if c is None else m[:, c.to(m.device)] for m, c in ((self.mask, cols[0]), (other.mask, cols[1]))]
+        t = max(m.shape[1] for m in masks)
         pad = lambda m: torch.nn.functional.pad(m, (t - m.shape[1], 0))  # noqa: E731  [n, T] -> [n, t]
-        merged = (concat_rows([self.cache, other.cache]), torch.cat([pad(self.mask), pad(other.mask)], 0),
+        merged = (concat_rows([self.cache, other.cache], columns=cols), torch.cat([pad(m) for m in masks], 0),
                   torch.cat([self.last, other.last], 0), torch.cat([self.logits, other.logits], 0))
         self.cache, self.mask, self.last, self.logits = merged  # all or nothing: a failure above changes nothing
         for name in ("tokens", "tags", "max_new", "stop_lines"):

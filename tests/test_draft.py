@@ -209,6 +209,25 @@ def test_rows_joining_a_drafting_batch_get_their_own_tokens(setup):
     assert half.calls > 0
 
 
+def test_merge_drops_positions_no_row_attends_to(setup):
+    """Rejected guesses leave masked holes; a merge copies only the positions some row attends to, so
+    the batch's sequence axis does not keep growing, and the rows' tokens stay the plain ones."""
+    split, prompts, vecs, plain, _ = setup
+    wrong = next(t for t in range(50, 100) if all(t not in toks for toks in plain.values()))
+    batch = _start(split, prompts[:1], [0], vecs[:1], 12, FixedDrafter(wrong=wrong), 5)
+    got = {}
+    for _ in range(3):
+        got.update(split.step(batch))
+    holes = int((batch.mask == 0).all(0).sum())
+    assert holes == 3 * 5  # each step fed 1 + 5 tokens and kept the first
+    before = batch.mask.shape[1]
+    batch.merge(_start(split, prompts[1:2], [1], vecs[1:2], 12))
+    assert batch.mask.shape[1] == max(before - holes, len(prompts[1].input_ids))
+    assert all(layer.get_seq_length() == batch.mask.shape[1] for layer in batch.cache.layers)
+    rest, _ = _decode(split, batch)
+    assert {**got, **rest} == {0: plain[0], 1: plain[1]}
+
+
 def test_recommender_start_sets_the_policy_and_service_answers_are_unchanged(tiny_split, tiny_titles):
     from model.grounding import CatalogueIndex
     from model.recommend import Recommender, RecommenderConfig, RecommendRequest
