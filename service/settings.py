@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     # draft_max_rows rows decode, each step also checks up to draft_tokens tokens guessed from the
     # catalogue's titles; 0 = off (BENCHMARKS §6d)
     draft_tokens: int = Field(default=8, ge=0, le=64)
-    draft_max_rows: int = Field(default=4, ge=1)
+    draft_max_rows: int = Field(default=2, ge=1)
     # contexts of recent answers the draft table learns from (NgramDrafter.max_recent); 0 = catalogue only
     draft_learn: int = Field(default=50_000, ge=0)
     torch_threads: int | None = Field(default=None, ge=1)  # intra-op threads of the model (None: torch's default)

@@ -404,7 +404,7 @@ async def test_version(world, comp, memory_store, redis_url, tmp_path, monkeypat
         2, "float32", "learned", "window", K)
     assert s["memory_fingerprint"] == comp.pipeline.memory_fingerprint()
     assert s["api_key_required"] is False and s["max_queue"] == 64
-    assert (s["draft_tokens"], s["draft_max_rows"], s["draft_learn"]) == (8, 4, 50_000)
+    assert (s["draft_tokens"], s["draft_max_rows"], s["draft_learn"]) == (8, 2, 50_000)
     # the served pipeline's draft table learns from answers, within the configured bound
     assert comp.pipeline.drafter.max_recent == 50_000
 
