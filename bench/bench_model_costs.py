@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from model.draft import NgramDrafter
-from model.recommend import RecommendRequest
+from model.recommend import Recommender, RecommenderConfig, RecommendRequest
 from service.components import load_components
 from service.settings import Settings
 
@@ -132,10 +132,10 @@ def speculative(pipe, args) -> dict:
         for name, learn in (("catalogue", 0), ("learning", 50_000)):
             # a fresh table per run (built untimed, as at start-up): answers learned in one run would
             # make the next run's identical requests look free
-            drafter = NgramDrafter.from_titles(pipe.titles, pipe.builder.response_ids)
-            drafter.max_recent = learn
-            rec = pipe.recommender("none", max_new_tokens=32, draft_tokens=args.draft_tokens, draft_max_rows=b)
-            rec._drafter = drafter
+            drafter = NgramDrafter.from_prompt_builder(pipe.titles, pipe.builder, max_recent=learn)
+            cfg = RecommenderConfig(n_slots=pipe.n_slots, max_new_tokens=32, draft_tokens=args.draft_tokens,
+                                    draft_max_rows=b)
+            rec = Recommender(pipe.lm, pipe.builder, pipe.titles, pipe.index, config=cfg, drafter=drafter)
             spec_s, spec_f, spec = run(rec, b)
             row[name] = {"ms_per_request": 1e3 * spec_s / len(reqs), "forwards_per_token": spec_f / tokens,
                          "same_answers": sum(x == y for x, y in zip(plain, spec))}

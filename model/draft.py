@@ -90,6 +90,12 @@ class NgramDrafter:
         """The table of ``encode(title)`` for every title (``PromptBuilder.response_ids``)."""
         return cls([encode(t) for t in titles])
 
+    @classmethod
+    def from_prompt_builder(cls, titles: Sequence[str], builder, max_recent: int = 50_000) -> "NgramDrafter":
+        """The table of the catalogue's answers as the generator is tuned to emit them
+        (``builder.response_ids``: '"Title"' + eos), like ``TitleTrie.from_prompt_builder``."""
+        return cls([builder.response_ids(t) for t in titles], max_recent=max_recent)
+
     def __len__(self) -> int:
         return len(self.keys)
 

@@ -59,7 +59,7 @@ class Pipeline:
         """The catalogue's draft table for speculative steps (model/draft.py), built once and shared
         by every recommender of this pipeline."""
         if self._drafter is None:
-            self._drafter = NgramDrafter.from_titles(self.titles, self.builder.response_ids)
+            self._drafter = NgramDrafter.from_prompt_builder(self.titles, self.builder)
         return self._drafter
 
     def recommender(self, policy: str = "none", full_history: bool = False, **config) -> Recommender:

@@ -146,7 +146,7 @@ class Recommender:
     def drafter(self) -> NgramDrafter:
         """Draft table of the catalogue's response token sequences (built once, on first use)."""
         if self._drafter is None:
-            self._drafter = NgramDrafter.from_titles(self.titles, self.builder.response_ids)
+            self._drafter = NgramDrafter.from_prompt_builder(self.titles, self.builder)
         return self._drafter
 
     # ---- steps ---------------------------------------------------------------------------------
