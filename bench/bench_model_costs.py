@@ -3,7 +3,9 @@
 Prints, for the served recommender (greedy, template head cached), best of ``--repeats``:
   prefill     ``Recommender.start`` of B 10-title prompts (random catalogue items), ms per row
   step        one greedy decode step of those B rows (``SplitLM.step``)
-  ground      grounding of B generated titles (base-model embedding + L2 ranking)
+  ground      grounding of B catalogue titles without the grounding memo (base-model embedding + L2
+              ranking); with ``--draft-requests``, also the validation answers one by one with a
+              fresh memo and without (model/grounding_memo.py)
   long        four full-history prompts of unequal length (15-90 titles), prefilled together in one
               padded batch and one by one (``prefill_max_tokens`` 1 forces one by one)
   draft       speculative steps (model/draft.py): ``--draft-requests`` validation contexts (the last K
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from model.draft import NgramDrafter
+from model.grounding_memo import GroundingMemo
 from model.recommend import Recommender, RecommenderConfig, RecommendRequest
 from service.components import load_components
 from service.settings import Settings
@@ -66,6 +69,7 @@ def main() -> dict:
     out: dict = {"dtype": str(lm.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
                  "platform": platform.platform(), "batches": {}}
     rec = pipe.recommender("none", max_new_tokens=64, prefill_max_tokens=1 << 30)  # one padded batch
+    cold = pipe.recommender("none", ground_memo=False)
     print(f"dtype {out['dtype']}, {out['threads']} threads")
     for b in (int(x) for x in args.batches.split(",")):
         reqs = requests(b, 10)
@@ -82,7 +86,7 @@ def main() -> dict:
 
         step = min(steps() for _ in range(args.repeats))
         titles = [pipe.titles[rng.randrange(n_items)] for _ in range(b)]
-        ground = best_of(lambda: rec.ground(reqs, titles, 20), args.repeats)
+        ground = best_of(lambda: cold.ground(reqs, titles, 20), args.repeats)  # a forward for every title
         out["batches"][b] = {"prompt_tokens": tokens, "prefill_ms_per_row": 1e3 * prefill / b,
                              "step_ms": 1e3 * step, "ground_ms": 1e3 * ground}
         print(f"B={b:2d}: prompt {tokens:.0f} tokens | prefill {1e3 * prefill / b:6.1f} ms/row | "
@@ -140,9 +144,32 @@ def speculative(pipe, args) -> dict:
             row[name] = {"ms_per_request": 1e3 * spec_s / len(reqs), "forwards_per_token": spec_f / tokens,
                          "same_answers": sum(x == y for x, y in zip(plain, spec))}
         out["batches"][b] = row
+        if "ground_memo" not in out:
+            out["ground_memo"] = ground_memo_effect(pipe, reqs, [lm.text(a) for a in plain])
         print(f"B={b:2d} speculative: plain {row['plain_ms_per_request']:.0f} ms per request (1 forward per token); "
               + "; ".join(f"{n} {row[n]['ms_per_request']:.0f} ms, {row[n]['forwards_per_token']:.2f} forwards per "
                           f"token, {row[n]['same_answers']}/{len(reqs)} answers equal" for n in ("catalogue", "learning")))
+    return out
+
+
+def ground_memo_effect(pipe, reqs: list[RecommendRequest], answers: list[str]) -> dict:
+    """The plain answers of the distinct validation users grounded one at a time (as at c = 1), with
+    a fresh grounding memo and without one: ms per answer, and where the memo's embeddings came from."""
+    cold = pipe.recommender("none", ground_memo=False)
+    warm = pipe.recommender("none", ground_memo=True)
+    warm._ground_memo = GroundingMemo(pipe.titles, pipe.index)  # fresh: nothing remembered yet
+    times = {}
+    for name, rec in (("off", cold), ("memo", warm)):
+        t0 = time.perf_counter()
+        for r, a in zip(reqs, answers):
+            rec.ground([r], [a], 20)
+        times[name] = 1e3 * (time.perf_counter() - t0) / len(answers)
+    m = warm.ground_memo
+    out = {"answers": len(answers), "ms_per_answer_off": times["off"], "ms_per_answer_memo": times["memo"],
+           "catalogue": m.catalogue_hits, "recent": m.recent_hits, "embedded": m.embedded}
+    print(f"grounding {len(answers)} answers one by one: {times['off']:.1f} ms each without the memo, "
+          f"{times['memo']:.1f} ms with a fresh one ({m.catalogue_hits} catalogue titles, {m.recent_hits} "
+          f"repeats, {m.embedded} embedded)")
     return out
 
 

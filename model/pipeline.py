@@ -18,6 +18,7 @@ from typing import Sequence
 from model.artefacts import load_lm, load_or_build_index
 from model.draft import NgramDrafter
 from model.grounding import CatalogueIndex, titles_hash
+from model.grounding_memo import GroundingMemo
 from model.llm import SplitLM
 from model.memory import ELEMENT_KINDS, MemoryCache, MemoryEncoder
 from model.prompts import PromptBuilder
@@ -40,7 +41,12 @@ class Pipeline:
     element: str = "window"  # memory element kind: window | item
     generator_dir: Path | None = None  # where the tuned upper layers came from (None: base model)
     retriever_dir: Path | None = None
+    # sizes of the shared pieces built on first use (set them before): the draft table's pool of recent
+    # answers' contexts (NgramDrafter.max_recent) and the grounding memo's recent answers
+    draft_learn: int = 50_000
+    ground_memo_recent: int = 10_000
     _drafter: NgramDrafter | None = field(default=None, init=False, repr=False)
+    _ground_memo: GroundingMemo | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.element not in ELEMENT_KINDS:
@@ -59,8 +65,16 @@ class Pipeline:
         """The catalogue's draft table for speculative steps (model/draft.py), built once and shared
         by every recommender of this pipeline."""
         if self._drafter is None:
-            self._drafter = NgramDrafter.from_prompt_builder(self.titles, self.builder)
+            self._drafter = NgramDrafter.from_prompt_builder(self.titles, self.builder, max_recent=self.draft_learn)
         return self._drafter
+
+    @property
+    def ground_memo(self) -> GroundingMemo:
+        """Grounding embeddings by text (catalogue titles + recent answers; model/grounding_memo.py),
+        shared by every recommender of this pipeline: they ground with the same base model."""
+        if self._ground_memo is None:
+            self._ground_memo = GroundingMemo(self.titles, self.index, max_recent=self.ground_memo_recent)
+        return self._ground_memo
 
     def recommender(self, policy: str = "none", full_history: bool = False, **config) -> Recommender:
         """A ``Recommender`` over the shared pieces. ``config``: other ``RecommenderConfig`` fields
@@ -68,7 +82,8 @@ class Pipeline:
         cfg = RecommenderConfig(policy=policy, full_history=full_history, n_slots=self.n_slots, **config)
         return Recommender(self.lm, self.builder, self.titles, self.index,
                            self.retriever if policy == "learned" else None, cfg,
-                           drafter=self.drafter if cfg.draft_tokens else None)
+                           drafter=self.drafter if cfg.draft_tokens else None,
+                           ground_memo=self.ground_memo if cfg.ground_memo else None)
 
     def memory_encoder(self, cache: MemoryCache | None = None, query_cache: MemoryCache | None = None,
                        progress: bool = False, batch_size: int = 16) -> MemoryEncoder:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from model.grounding import CatalogueIndex, clean_generated
+from model.grounding_memo import GroundingMemo
 from model.llm import DecodeBatch, SplitLM
 from model.prompts import PromptBuilder, PromptIds
 from model.retriever import Retriever
@@ -93,6 +94,9 @@ class RecommenderConfig:
     # the catalogue's titles (model/draft.py); the answers stay the greedy ones. 0 = off
     draft_tokens: int = 0
     draft_max_rows: int = 1
+    # grounding embeddings by text (model/grounding_memo.py): an answer equal to a catalogue title takes
+    # the index's row, an answer seen recently its remembered vector; only new texts are embedded
+    ground_memo: bool = True
 
     def __post_init__(self) -> None:
         if self.policy not in SLOT_POLICIES:
@@ -122,6 +126,7 @@ class Recommender:
         retriever: Retriever | None = None,
         config: RecommenderConfig | None = None,
         drafter: NgramDrafter | None = None,
+        ground_memo: GroundingMemo | None = None,
     ):
         self.lm, self.builder, self.titles, self.index = lm, builder, list(titles), index
         self.retriever = retriever
@@ -134,6 +139,7 @@ class Recommender:
             raise ValueError(f"the index holds {index.n_items} items, the catalogue {len(self.titles)}")
         self._trie: TitleTrie | None = None
         self._drafter = drafter  # None: built from the catalogue on first use
+        self._ground_memo = ground_memo  # None: built on first use (config.ground_memo)
 
     @property
     def trie(self) -> TitleTrie:
@@ -148,6 +154,13 @@ class Recommender:
         if self._drafter is None:
             self._drafter = NgramDrafter.from_prompt_builder(self.titles, self.builder)
         return self._drafter
+
+    @property
+    def ground_memo(self) -> GroundingMemo:
+        """Grounding embeddings remembered by text (built once, on first use)."""
+        if self._ground_memo is None:
+            self._ground_memo = GroundingMemo(self.titles, self.index)
+        return self._ground_memo
 
     # ---- steps ---------------------------------------------------------------------------------
 
@@ -215,19 +228,26 @@ class Recommender:
     ) -> tuple[list[str], list[list[int]]]:
         """Generated text per request (and, when constrained, the items of its beams, best first).
 
-        One ``generate`` call per ``batch_size`` requests: rows with a full set of slot vectors get
-        them at layer L, rows without memory keep the placeholder state; lazy picks (``None``) are
-        made inside the prefill and written back into ``picks``."""
+        Per ``batch_size`` requests: greedy decoding runs the service's step-wise path (``_prefill`` +
+        ``SplitLM.step``: prefill groups, drafting per the config), beam search one ``generate`` call.
+        Rows with a full set of slot vectors get them at layer L, rows without memory keep the
+        placeholder state; lazy picks (``None``) are made inside the prefill and written back into
+        ``picks``."""
         cfg = self.config
         texts: list[str] = [""] * len(requests)
         beams: list[list[int]] = [[] for _ in requests]
         for s in range(0, len(requests), cfg.batch_size):
             rows = list(range(s, min(s + cfg.batch_size, len(requests))))
+            if self.steps_greedy:  # the service's step-wise path (``start``): a batch at a time here
+                decoding = self._prefill(requests, prompts, picks, rows, rows)
+                while decoding.rows:
+                    for i, tokens in self.lm.step(decoding):
+                        texts[i] = self.lm.text(tokens)
+                continue
             batch = [prompts[i] for i in rows]
-            select = self._slot_select(requests, rows, picks)
-            common = dict(slot_select=select, n_slots=cfg.n_slots, max_new_tokens=cfg.max_new_tokens,
-                          num_beams=cfg.num_beams, reuse_head=cfg.head_cache)
-            if not cfg.constrained:
+            common = dict(slot_select=self._slot_select(requests, rows, picks), n_slots=cfg.n_slots,
+                          max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, reuse_head=cfg.head_cache)
+            if not cfg.constrained:  # beam search: HF generate
                 for i, t in zip(rows, self.lm.generate(batch, **common)):
                     texts[i] = t
                 continue
@@ -241,8 +261,11 @@ class Recommender:
         return texts, beams
 
     def ground(self, requests: Sequence[RecommendRequest], texts: Sequence[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
-        """BIGRec grounding of the generated texts (clean -> base-model embedding -> L2 rank)."""
+        """BIGRec grounding of the generated texts (clean -> base-model embedding -> L2 rank); the
+        embeddings of texts the memo knows are not recomputed."""
         embed = lambda batch: self.lm.embed_final(list(batch), base=True).numpy()  # noqa: E731  [b, H]
+        if self.config.ground_memo:
+            embed = self.ground_memo.wrap(embed)
         return self.index.ground(texts, embed, exclude=[r.exclude for r in requests], topk=topk,
                                  batch_size=max(self.config.batch_size, 16))
 
@@ -272,13 +295,20 @@ class Recommender:
             raise ValueError("step-wise generation is greedy and unconstrained (num_beams=1, constrained=false)")
         if not requests:
             raise ValueError("start needs at least one request")
-        cfg = self.config
-        prompts = self.prompts(requests)
         picks = self.select_memory(requests)
+        batch = self._prefill(requests, self.prompts(requests), picks, range(len(requests)), tags)
+        return batch, picks  # the prefills made the lazy picks (``_slot_select``)
+
+    def _prefill(self, requests: Sequence[RecommendRequest], prompts: Sequence[PromptIds],
+                 picks: list[tuple[list[int], list[float]] | None], rows: Sequence[int], tags: Sequence) -> DecodeBatch:
+        """The decoding batch of ``rows`` (named by ``tags``, one per row): prefilled in groups of
+        similar length (``prefill_max_tokens``), with the drafting policy of the config."""
+        cfg = self.config
         batch = None
-        for rows in prefill_groups([len(p.input_ids) for p in prompts], cfg.prefill_max_tokens):
-            part = self.lm.start([prompts[i] for i in rows], [tags[i] for i in rows],
-                                 slot_select=self._slot_select(requests, rows, picks), n_slots=cfg.n_slots,
+        for group in prefill_groups([len(prompts[i].input_ids) for i in rows], cfg.prefill_max_tokens):
+            at = [rows[g] for g in group]
+            part = self.lm.start([prompts[i] for i in at], [tags[g] for g in group],
+                                 slot_select=self._slot_select(requests, at, picks), n_slots=cfg.n_slots,
                                  max_new_tokens=cfg.max_new_tokens, reuse_head=cfg.head_cache)
             if batch is None:
                 batch = part
@@ -286,7 +316,7 @@ class Recommender:
                 batch.merge(part)
         if cfg.draft_tokens:
             batch.drafter, batch.draft_tokens, batch.draft_max_rows = self.drafter, cfg.draft_tokens, cfg.draft_max_rows
-        return batch, picks  # the prefills made the lazy picks (``_slot_select``)
+        return batch
 
     def finish(self, requests: Sequence[RecommendRequest], texts: Sequence[str], beams: Sequence[list[int]] | None,
                picks: Sequence[tuple[list[int], list[float]] | None], topk: int | None = None) -> list[Recommendation]:

@@ -181,6 +181,11 @@ class Metrics:
               registry=r).set_function(self._encoder_queue)
         Gauge("automr_encoder_lag_seconds", "Age of the oldest user waiting for background memory encoding "
               "(0 when idle)", registry=r).set_function(self._encoder_lag)
+        memo = Gauge("automr_ground_memo_texts", "Answers grounded since start, by where their embedding came "
+                     "from: a catalogue title's index row, a remembered recent answer, or a new forward",
+                     ["source"], registry=r)
+        for source, attr in (("catalogue", "catalogue_hits"), ("recent", "recent_hits"), ("embedded", "embedded")):
+            memo.labels(source).set_function(lambda attr=attr: self._ground_memo(attr))
         Gauge("automr_ready", "1 once the model, index and store are loaded", registry=r).set_function(
             lambda: 1.0 if getattr(self.state, "ready", False) else 0.0)
         self._runner: Any = None
@@ -213,6 +218,11 @@ class Metrics:
     def _encoder_lag(self) -> float:
         lag = getattr(getattr(self.state, "encoder", None), "lag_s", None)
         return float(lag()) if callable(lag) else 0.0
+
+    def _ground_memo(self, attr: str) -> float:
+        pipeline = getattr(getattr(self.state, "runner", None), "pipeline", None)
+        memo = getattr(pipeline, "_ground_memo", None)  # not built (or off): nothing grounded through it
+        return float(getattr(memo, attr, 0))
 
     # ---- requests --------------------------------------------------------------------------------------
 
@@ -353,6 +363,7 @@ def version_info(state: Any) -> dict:
             "batch_max_size": s.batch_max_size, "batch_max_wait_ms": s.batch_max_wait_ms,
             "ground_max_wait_ms": s.ground_max_wait_ms, "max_queue": s.max_queue,
             "draft_tokens": s.draft_tokens, "draft_max_rows": s.draft_max_rows, "draft_learn": s.draft_learn,
+            "ground_memo": s.ground_memo, "ground_memo_recent": s.ground_memo_recent,
             "max_body_bytes": s.max_body_bytes, "api_key_required": s.api_key is not None,
         },
     }

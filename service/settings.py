@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     draft_max_rows: int = Field(default=2, ge=1)
     # contexts of recent answers the draft table learns from (NgramDrafter.max_recent); 0 = catalogue only
     draft_learn: int = Field(default=50_000, ge=0)
+    # grounding embeddings by text (model/grounding_memo.py): catalogue titles from the index, and the
+    # last ground_memo_recent distinct other answers, embedded once; false = embed every answer
+    ground_memo: bool = True
+    ground_memo_recent: int = Field(default=10_000, ge=0)
     torch_threads: int | None = Field(default=None, ge=1)  # intra-op threads of the model (None: torch's default)
     # POST /interactions: events per request (more: 413)
     max_batch_events: int = Field(default=1000, ge=1)

@@ -135,9 +135,11 @@ class AppState:
             if self._stop.is_set():
                 return
             p = comp.pipeline
+            p.draft_learn, p.ground_memo_recent = s.draft_learn, s.ground_memo_recent  # before they are built
             cfg = dict(max_new_tokens=s.max_new_tokens, num_beams=s.num_beams, batch_size=s.llm_batch_size,
                        head_cache=s.head_cache, prefill_max_tokens=s.prefill_max_tokens,
-                       draft_tokens=s.draft_tokens, draft_max_rows=s.draft_max_rows)
+                       draft_tokens=s.draft_tokens, draft_max_rows=s.draft_max_rows, ground_memo=s.ground_memo)
+            # the draft table and the grounding memo are built here with the recommenders, not in a request
             recommenders = {pol: p.recommender(pol, **cfg) for pol in ("none", "random", "semantic")}
             if p.retriever is not None:
                 recommenders["learned"] = p.recommender("learned", **cfg)
@@ -149,8 +151,6 @@ class AppState:
                             max_batch_events=s.max_batch_events)
             self.phase = "warming up"
             p.lm.line_tables()  # the decoding stop's token tables: once here, not in the first request
-            if s.draft_tokens:
-                p.drafter.max_recent = s.draft_learn  # the draft table: built here, not in the first request
             if engine.uses_memory:
                 self.runner.warm_items()  # item elements: every title encoded (no-op for windows)
         except Exception as e:  # keep the process up: /readyz tells why

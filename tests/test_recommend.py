@@ -148,3 +148,31 @@ def test_pick_from_the_prefill_equals_pick_from_a_separate_lower_pass(parts, pol
         assert g.memory_scores == pytest.approx(w.memory_scores, abs=1e-4)
         assert g.generated == w.generated
         assert g.items == w.items
+
+
+@pytest.mark.parametrize("full_history", [False, True])
+def test_recommend_runs_the_step_path_with_its_groups_and_drafts(parts, full_history, monkeypatch):
+    """``recommend`` (the evaluator's call) decodes greedy answers with the service's step-wise path:
+    prefill groups and drafted steps give the answers of one padded prefill and plain steps."""
+    lm, _, _ = parts
+    policy = "none" if full_history else "learned"
+    reqs = [RecommendRequest(context=list(range(i, i + 2 + 2 * i)), memory=_memory(lm, 5, seed=i),
+                             exclude={i}) for i in range(5)]
+    if full_history:
+        reqs = [RecommendRequest(context=r.context, exclude=r.exclude) for r in reqs]
+    plain = _rec(parts, policy=policy, full_history=full_history, prefill_max_tokens=1 << 20, batch_size=4)
+    grouped = _rec(parts, policy=policy, full_history=full_history, prefill_max_tokens=1, batch_size=4,
+                   draft_tokens=4, draft_max_rows=4)
+    starts, observed = [], []
+    start = lm.start
+    monkeypatch.setattr(lm, "start", lambda prompts, *a, **k: starts.append(len(prompts)) or start(prompts, *a, **k))
+    monkeypatch.setattr(grouped.drafter, "observe", lambda tokens: observed.append(list(tokens)))
+    a = plain.recommend(reqs, topk=5)
+    assert starts == [4, 1]  # one padded prefill per batch of 4
+    starts.clear()
+    b = grouped.recommend(reqs, topk=5)
+    assert starts == [1] * 5  # every prompt prefilled alone (prefill_max_tokens=1)
+    assert len(observed) == 5  # every answer was decoded with the draft table in the batch
+    assert [r.generated for r in a] == [r.generated for r in b]
+    assert [r.items for r in a] == [r.items for r in b]
+    assert [r.memory_indices for r in a] == [r.memory_indices for r in b]

@@ -274,6 +274,8 @@ async def test_metrics_request_counts_and_latency(world, comp, memory_store, red
     assert metric(text, "automr_model_batch_size_count", kind="recommend") == 1
     assert metric(text, "automr_model_batch_size_sum", kind="recommend") == 1
     assert metric(text, "automr_model_call_seconds_count", kind="recommend") == 1
+    # its one answer was grounded through the memo, one way or another
+    assert sum(metric(text, "automr_ground_memo_texts", source=src) for src in ("catalogue", "recent", "embedded")) == 1
     assert metric(text, "automr_ready") == 1
     assert metric(text, "automr_http_requests_in_flight") == 1  # the scrape itself
     assert not any(u in text for u in ('"u2"', '"u3"', "ghost"))  # no user ids in labels
@@ -407,6 +409,10 @@ async def test_version(world, comp, memory_store, redis_url, tmp_path, monkeypat
     assert (s["draft_tokens"], s["draft_max_rows"], s["draft_learn"]) == (8, 2, 50_000)
     # the served pipeline's draft table learns from answers, within the configured bound
     assert comp.pipeline.drafter.max_recent == 50_000
+    # every recommender grounds through the pipeline's one memo (catalogue rows + 10,000 recent answers)
+    assert (s["ground_memo"], s["ground_memo_recent"]) == (True, 10_000)
+    assert comp.pipeline.ground_memo.max_recent == 10_000
+    assert all(r._ground_memo is comp.pipeline.ground_memo for r in state.runner.recommenders.values())
 
 
 async def test_gc_freeze_at_ready(world, comp, memory_store, redis_url, tmp_path):

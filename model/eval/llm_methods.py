@@ -15,6 +15,11 @@ slot (``model/recommend.py``). Options (``automr evaluate --option key=value``):
     exclude_history=true   drop the sample's history items from the ranking (false keeps them)
     head_cache=true    reuse the prompt template head's KV cache (false: prefill whole prompts; in
                        bfloat16 the two round differently, see docs/BENCHMARKS.md §5)
+    prefill_max_tokens=2048, draft_tokens=8, draft_max_rows=2, ground_memo=true
+                       as the service's settings of the same names (docs/SERVICE.md): greedy answers
+                       are decoded by the service's step-wise path with its drafting and grounded
+                       through its memo (the same answers in float32; bfloat16 rounds differently
+                       with other shapes, as batching does)
 """
 from __future__ import annotations
 
@@ -63,6 +68,8 @@ class LLMRanker:
             "policy": rec.config.policy, "full_history": rec.config.full_history, "n_slots": rec.config.n_slots,
             "num_beams": rec.config.num_beams, "constrained": rec.config.constrained,
             "max_new_tokens": rec.config.max_new_tokens, "head_cache": rec.config.head_cache,
+            "draft_tokens": rec.config.draft_tokens, "draft_max_rows": rec.config.draft_max_rows,
+            "ground_memo": rec.config.ground_memo,
             "cut": rec.lm.cut, "dtype": str(rec.lm.dtype),
             "element": self.memory.element if self.memory is not None else None,
             "model_version": self.version, "trace": self.trace,
@@ -97,7 +104,11 @@ def _factory(name: str, policy: str, full_history: bool = False):
         rec = pipe.recommender(policy, full_history, max_new_tokens=int(opt.get("max_new_tokens", 32)),
                                num_beams=int(opt.get("num_beams", 1)), batch_size=int(opt.get("batch_size", 16)),
                                constrained=bool(opt.get("constrained", False)),
-                               head_cache=bool(opt.get("head_cache", True)))
+                               head_cache=bool(opt.get("head_cache", True)),
+                               prefill_max_tokens=int(opt.get("prefill_max_tokens", 2048)),
+                               draft_tokens=int(opt.get("draft_tokens", 8)),
+                               draft_max_rows=int(opt.get("draft_max_rows", 2)),
+                               ground_memo=bool(opt.get("ground_memo", True)))
         memory = pipe.cached_memory_encoder(root / "memory", progress=ctx.progress) if policy != "none" else None
         return LLMRanker(name, rec, ds.k_short, memory, seed=ctx.seed,
                          exclude_history=bool(opt.get("exclude_history", True)), version=pipe.version())
