@@ -223,6 +223,14 @@ class StopAfterFirstLine(StoppingCriteria):
         before = (content.cumsum(1) - content.long()) > 0  # non-blank text strictly before position j
         return (self.newline[new] & (self.lead[new] | before)).any(1)  # [B]
 
+    def ends_with_stop(self, new: Sequence[int]) -> bool:
+        """``done`` for one row whose earlier tokens were checked already (none ended the line): does
+        its last new token end the answer line? Constant work per token instead of ``done``'s whole row."""
+        last = new[-1]
+        if not bool(self.newline[last]):
+            return False
+        return bool(self.lead[last]) or bool(self.content[list(new[:-1])].any())
+
 
 def line_tables(tokenizer, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``StopAfterFirstLine``'s per-token tables [V] bool (newline, lead, content) from the token texts."""
@@ -682,7 +690,7 @@ class SplitLM:
         toks = batch.tokens[j]
         toks.append(tok)
         return (tok == self.eos_id or len(toks) >= batch.max_new[j]
-                or (batch.stop_lines[j] and bool(stop.done(torch.tensor([toks]))[0])))
+                or (batch.stop_lines[j] and stop.ends_with_stop(toks)))
 
     @staticmethod
     def _leave(batch: "DecodeBatch", done: Sequence[bool]) -> list[tuple[Any, list[int]]]:

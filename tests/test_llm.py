@@ -580,3 +580,19 @@ def test_stop_after_first_line_cuts_exactly_after_the_newline(tiny_tokenizer, on
     newline[free[0][0]] = True
     content[free[0][0]] = False
     assert tiny_split.generate(prompts[:1], max_new_tokens=10, return_ids=True)[0] == free[0]
+
+
+def test_the_per_token_stop_check_equals_the_whole_row_check():
+    """``ends_with_stop`` (the step path, one token at a time) stops a row at the same token as
+    ``done`` over the row's whole prefix (HF generate's check)."""
+    from model.llm import StopAfterFirstLine
+
+    g = torch.Generator().manual_seed(0)
+    v = 12
+    for _ in range(200):
+        newline, lead, content = (torch.rand(v, generator=g) < p for p in (0.2, 0.3, 0.4))
+        stop = StopAfterFirstLine(newline, lead & newline, content | (lead & newline), start=0)
+        row = torch.randint(0, v, (10,), generator=g).tolist()
+        whole = next((n for n in range(1, 11) if bool(stop.done(torch.tensor([row[:n]]))[0])), None)
+        step = next((n for n in range(1, 11) if stop.ends_with_stop(row[:n])), None)
+        assert step == whole
