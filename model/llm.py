@@ -105,6 +105,7 @@ class _SlotFill:
     seq_len: int  # length of the prefill input; a call of another length is not the prefill
     select: "SlotSelect | None" = None
     done: bool = False
+    tail: int = 0  # drafted answer tokens fed after the prompt (z_t is the prompt's last token's state)
 
 
 _SLOT_FILL: contextvars.ContextVar[_SlotFill | None] = contextvars.ContextVar("automr_slot_fill", default=None)
@@ -127,7 +128,7 @@ def _slot_hook(module: nn.Module, args, output):
     rep = h.shape[0] // rows  # generate() expands each prompt num_beams times with repeat_interleave
     use = None
     if fill.select is not None:
-        z = h[::rep, -1].float()  # [B, H] the last prompt token's layer-L state (left padding: real token)
+        z = h[::rep, -1 - fill.tail].float()  # [B, H] the last prompt token's layer-L state (left padding: real token)
         vectors, use = fill.select(z)
         if not bool(use.any()):
             return None
@@ -152,10 +153,11 @@ class slot_fill:
     """
 
     def __init__(self, split: "SplitLM", positions: torch.Tensor, vectors: torch.Tensor | None, seq_len: int,
-                 select: SlotSelect | None = None):
+                 select: SlotSelect | None = None, tail: int = 0):
         if (vectors is None) == (select is None):
             raise ValueError("give exactly one of vectors and select")
-        self._fill = _SlotFill(split.model.model.layers[split.cut - 1], positions, vectors, seq_len, select)
+        self._fill = _SlotFill(split.model.model.layers[split.cut - 1], positions, vectors, seq_len, select,
+                               tail=tail)
         self._token = None
 
     def __enter__(self) -> "slot_fill":
@@ -610,9 +612,10 @@ class SplitLM:
         return self.tokenizer.decode(self._strip_eos(list(tokens)), skip_special_tokens=True)
 
     def _prefill_inputs(self, prompts: Sequence[PromptIds], slot_vectors: torch.Tensor | None,
-                        slot_select: SlotSelect | None, n_slots: int, reuse_head: bool, rows: int):
+                        slot_select: SlotSelect | None, n_slots: int, reuse_head: bool, rows: int, tail: int = 0):
         """ids, mask [B, T], the cached head length, the slot filler (or None) and the cache (the head's
-        KV for ``rows`` rows, or None) of a prefill of ``prompts``."""
+        KV for ``rows`` rows, or None) of a prefill of ``prompts``; ``tail`` drafted tokens will follow
+        the prompts in the same forward."""
         if slot_vectors is not None and slot_select is not None:
             raise ValueError("give slot_vectors or slot_select, not both")
         head = self._shared_head(prompts) if reuse_head else 0
@@ -621,10 +624,10 @@ class SplitLM:
         fill = None
         if slot_vectors is not None:
             positions = self._padded_slot_positions(prompts, mask, tuple(slot_vectors.shape))
-            fill = slot_fill(self, positions - head, slot_vectors, seq_len=t - head)
+            fill = slot_fill(self, positions - head, slot_vectors, seq_len=t - head + tail)
         elif slot_select is not None:
             positions = self._padded_slot_positions(prompts, mask, (b, n_slots, self.hidden_size))
-            fill = slot_fill(self, positions - head, None, seq_len=t - head, select=slot_select)
+            fill = slot_fill(self, positions - head, None, seq_len=t - head + tail, select=slot_select, tail=tail)
         # the prefill runs over each row's tokens after the shared head only
         cache = self._head_cache(prompts[0].input_ids[:head], rows) if head else None
         return ids, mask, head, fill, cache
@@ -634,24 +637,44 @@ class SplitLM:
     @torch.no_grad()
     def start(self, prompts: Sequence[PromptIds], tags: Sequence | None = None, *,
               slot_vectors: torch.Tensor | None = None, slot_select: SlotSelect | None = None, n_slots: int = 1,
-              max_new_tokens: int = 32, stop_at_newline: bool = True, reuse_head: bool = True) -> "DecodeBatch":
+              max_new_tokens: int = 32, stop_at_newline: bool = True, reuse_head: bool = True,
+              draft: Sequence[int] = ()) -> "DecodeBatch":
         """Prefill ``prompts`` (with their slots filled as in ``generate``) for greedy decoding with
-        ``step``. ``tags``: each row's name in what ``step`` returns (default: its index)."""
+        ``step``. ``tags``: each row's name in what ``step`` returns (default: its index).
+
+        ``draft``: tokens guessed for the start of every row's answer, fed after the prompts in the
+        prefill's own forward. Each row keeps them as far as they equal its greedy choices, as a
+        speculative ``step`` does (``_accept``), so a right guess costs no decoding step; a row is
+        never finished here (the token that would end it is left for the first ``step``)."""
         b = len(prompts)
         tags = list(range(b)) if tags is None else list(tags)
         if len(tags) != b:
             raise ValueError(f"{len(tags)} tags for {b} prompts")
-        ids, mask, head, fill, cache = self._prefill_inputs(prompts, slot_vectors, slot_select, n_slots, reuse_head, b)
-        cache = cache if cache is not None else growing_cache(self.model.config, spare=max_new_tokens)
+        draft = [int(t) for t in draft][: max(max_new_tokens - 1, 0)]
+        k = len(draft)
+        ids, mask, head, fill, cache = self._prefill_inputs(prompts, slot_vectors, slot_select, n_slots, reuse_head, b,
+                                                            tail=k)
+        cache = cache if cache is not None else growing_cache(self.model.config, spare=max_new_tokens + k)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] the left-padded batch's position ids
+        fed_ids, fed_mask, fed_pos = ids, mask, pos
+        if k:  # [B, T + k]: the guesses follow every row's prompt
+            guess = torch.tensor(draft, dtype=torch.long, device=ids.device).expand(b, -1)
+            fed_ids = torch.cat([ids, guess], 1)
+            fed_mask = torch.cat([mask, torch.ones_like(guess, dtype=mask.dtype)], 1)
+            fed_pos = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(k, device=pos.device)], 1)
         with fill if fill is not None else contextlib.nullcontext():
-            out = self.model(input_ids=ids[:, head:], attention_mask=mask, position_ids=pos[:, head:],
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=fed_ids[:, head:], attention_mask=fed_mask, position_ids=fed_pos[:, head:],
+                             past_key_values=cache, use_cache=True, logits_to_keep=1 + k)
         if fill is not None and not fill.applied:
             raise RuntimeError("the slot replacement hook did not run during the prefill")
-        return DecodeBatch(cache=cache, mask=mask, last=pos[:, -1], logits=out.logits[:, -1].float(),
-                           tokens=[[] for _ in range(b)], tags=tags, max_new=[max_new_tokens] * b,
-                           stop_lines=[stop_at_newline] * b)
+        batch = DecodeBatch(cache=cache, mask=mask, last=pos[:, -1], logits=out.logits[:, -1].float(),
+                            tokens=[[] for _ in range(b)], tags=tags, max_new=[max_new_tokens] * b,
+                            stop_lines=[stop_at_newline] * b)
+        if k:
+            stop = StopAfterFirstLine(*self.line_tables(), start=0) if stop_at_newline else None
+            self._accept(batch, out.logits, [draft] * b, torch.ones(b, k, dtype=mask.dtype), lead=0, stop=stop,
+                         finish=False)
+        return batch
 
     @torch.no_grad()
     def step(self, batch: "DecodeBatch") -> list[tuple[Any, list[int]]]:
@@ -730,20 +753,34 @@ class SplitLM:
         mask = torch.cat([batch.mask, new.to(batch.mask.device)], 1)
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=pos,
                          past_key_values=batch.cache, use_cache=True, logits_to_keep=1 + k)
-        logits = out.logits  # [n, 1+k, V]
-        greedy = logits.argmax(-1).cpu()  # [n, 1+k] the model's choice after each fed token
+        return self._accept(batch, out.logits, drafts, new, lead=1, stop=stop)
+
+    def _accept(self, batch: "DecodeBatch", logits: torch.Tensor, drafts: list[list[int]], new: torch.Tensor,
+                lead: int, stop: StopAfterFirstLine | None, finish: bool = True) -> list[tuple[Any, list[int]]]:
+        """Keep each row's drafted tokens as far as they equal its greedy choices; ``logits`` [n, k', V]
+        are those after each fed position (``logits[:, a]`` chooses the token after ``lead`` fed
+        tokens and ``a`` drafted ones), ``new`` [n, lead + k] the mask of the fed columns (1 = a real
+        token). The rejected columns become holes, the row continues from the logits after its last
+        kept token. ``finish=False`` stops before a token that would finish a row (it stays pending)."""
+        n = batch.rows
+        greedy = logits.argmax(-1).cpu()  # [n, k'] the model's choice after each fed token
         kept, done = [], []
         for j, d in enumerate(drafts):
             a, fin = 0, False
             while a < len(d) and d[a] == int(greedy[j, a]) and not fin:
                 fin = self._take(batch, j, d[a], stop)
+                if fin and not finish:
+                    batch.tokens[j].pop()
+                    fin = False
+                    break
                 a += 1
             kept.append(a)
             done.append(fin)
         keep = torch.tensor(kept)  # [n] draft tokens kept per row
-        new = new * (torch.arange(1 + k)[None, :] <= keep[:, None]).to(new.dtype)  # holes after the kept ones
+        cols = torch.arange(new.shape[1])[None, :]
+        new = new * (cols < lead + keep[:, None]).to(new.dtype)  # holes after the kept ones
         batch.mask = torch.cat([batch.mask, new.to(batch.mask.device)], 1)
-        batch.last = batch.last + 1 + keep.to(batch.last.device)
+        batch.last = batch.last + lead + keep.to(batch.last.device)
         batch.logits = logits[torch.arange(n), keep.to(logits.device)].float()  # [n, V]
         return self._leave(batch, done)
 

@@ -302,14 +302,17 @@ class Recommender:
     def _prefill(self, requests: Sequence[RecommendRequest], prompts: Sequence[PromptIds],
                  picks: list[tuple[list[int], list[float]] | None], rows: Sequence[int], tags: Sequence) -> DecodeBatch:
         """The decoding batch of ``rows`` (named by ``tags``, one per row): prefilled in groups of
-        similar length (``prefill_max_tokens``), with the drafting policy of the config."""
+        similar length (``prefill_max_tokens``), with the drafting policy of the config (a group of
+        at most ``draft_max_rows`` rows feeds the drafted start of an answer in its prefill)."""
         cfg = self.config
         batch = None
         for group in prefill_groups([len(prompts[i].input_ids) for i in rows], cfg.prefill_max_tokens):
             at = [rows[g] for g in group]
+            # a group few enough to draft for also guesses its answers' start inside the prefill
+            guess = self.drafter.draft([], cfg.draft_tokens) if cfg.draft_tokens and len(at) <= cfg.draft_max_rows else ()
             part = self.lm.start([prompts[i] for i in at], [tags[g] for g in group],
                                  slot_select=self._slot_select(requests, at, picks), n_slots=cfg.n_slots,
-                                 max_new_tokens=cfg.max_new_tokens, reuse_head=cfg.head_cache)
+                                 max_new_tokens=cfg.max_new_tokens, reuse_head=cfg.head_cache, draft=guess)
             if batch is None:
                 batch = part
             else:

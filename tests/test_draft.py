@@ -242,3 +242,61 @@ def test_recommender_start_sets_the_policy_and_service_answers_are_unchanged(tin
         assert (batch.drafter is not None) == bool(k) and batch.draft_tokens == k
         outs[k], _ = _decode(tiny_split, batch)
     assert outs[0] == outs[6]
+
+
+# ---- drafts inside the prefill ---------------------------------------------------------------------
+
+
+def _forwards(split, fn):
+    seen = []
+    hook = split.model.model.embed_tokens.register_forward_hook(lambda m, a, o: seen.append(a[0].shape))
+    try:
+        return fn(), len(seen)
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("row", [0, 1, 2, 3])
+def test_a_right_start_guess_in_the_prefill_saves_steps(setup, row):
+    """The prefill feeds the guessed answer start after the prompt: a right guess is kept (no step
+    spent on it), the tokens stay the greedy ones, the rows' positions and holes stay consistent for
+    the steps after it, and a guess of the whole answer leaves its last token to the first step."""
+    split, prompts, vecs, plain, plain_forwards = setup
+    for guess in (plain[row][:4], plain[row], plain[row] + [7, 7]):
+        batch, prefill = _forwards(split, lambda: split.start([prompts[row]], [row], slot_vectors=vecs[row:row + 1],
+                                                               max_new_tokens=12, stop_at_newline=False, draft=guess))
+        assert prefill == 1 and batch.rows == 1  # the prefill never finishes a row
+        kept = len(batch.tokens[0])
+        assert batch.tokens[0] == plain[row][:min(len(guess), len(plain[row]) - 1)]
+        got, steps = _decode(split, batch)
+        assert got == {row: plain[row]}
+        alone, alone_steps = _decode(split, _start(split, [prompts[row]], [row], vecs[row:row + 1], 12))
+        assert alone == got and steps == alone_steps - kept  # every kept token saved a step
+
+
+def test_a_wrong_start_guess_changes_nothing_and_rows_guess_alike(setup):
+    split, prompts, vecs, plain, plain_forwards = setup
+    wrong = next(t for t in range(50, 100) if all(t not in toks for toks in plain.values()))
+    for guess in ([wrong] * 5, plain[1][:3]):  # row 1's start: right for row 1 only (or also others that share it)
+        batch = split.start(prompts, list(range(4)), slot_vectors=vecs, max_new_tokens=12, stop_at_newline=False,
+                            draft=guess)
+        got, _ = _decode(split, batch)
+        assert got == plain
+
+
+def test_a_start_guess_keeps_the_memory_pick_of_the_prompt(tiny_split, tiny_titles):
+    """z_t for the retriever is the prompt's last token's layer-L state, not a guessed token's."""
+    prompts = _prompts(tiny_split, tiny_titles, (3, 6))
+    zs = []
+    torch.manual_seed(1)
+    mem = torch.randn(2, 1, H) * 4
+
+    def select(z):
+        zs.append(z.clone())
+        return mem, torch.ones(2, dtype=torch.bool)
+
+    a, _ = _decode(tiny_split, tiny_split.start(prompts, [0, 1], slot_select=select, max_new_tokens=8))
+    plain_z = zs.pop()
+    b, _ = _decode(tiny_split, tiny_split.start(prompts, [0, 1], slot_select=select, max_new_tokens=8, draft=a[0][:3]))
+    torch.testing.assert_close(zs.pop(), plain_z, rtol=1e-5, atol=1e-5)
+    assert a == b
