@@ -144,7 +144,12 @@ def speculative(pipe, args) -> dict:
             rec = Recommender(pipe.lm, pipe.builder, pipe.titles, pipe.index, config=cfg, drafter=drafter)
             start = lm.start
             if not in_prefill:  # the sixth session's drafting: guesses in the decode steps only
-                lm.start = lambda *a, draft=(), **k: start(*a, **k)
+                def start_plain(*a, drafter=None, draft_tokens=0, draft_max_rows=1, **k):
+                    batch = start(*a, **k)  # a prefill without guesses, then the batch's policy
+                    batch.drafter, batch.draft_tokens, batch.draft_max_rows = drafter, draft_tokens, draft_max_rows
+                    return batch
+
+                lm.start = start_plain
             try:
                 spec_s, spec_f, spec = run(rec, b)
             finally:

@@ -86,15 +86,16 @@ class NgramDrafter:
         self.next = t.astype(np.int32)  # [C]
 
     @classmethod
-    def from_titles(cls, titles: Sequence[str], encode: Callable[[str], list[int]]) -> "NgramDrafter":
+    def from_titles(cls, titles: Sequence[str], encode: Callable[[str], list[int]],
+                    max_recent: int = 50_000) -> "NgramDrafter":
         """The table of ``encode(title)`` for every title (``PromptBuilder.response_ids``)."""
-        return cls([encode(t) for t in titles])
+        return cls([encode(t) for t in titles], max_recent=max_recent)
 
     @classmethod
     def from_prompt_builder(cls, titles: Sequence[str], builder, max_recent: int = 50_000) -> "NgramDrafter":
         """The table of the catalogue's answers as the generator is tuned to emit them
         (``builder.response_ids``: '"Title"' + eos), like ``TitleTrie.from_prompt_builder``."""
-        return cls([builder.response_ids(t) for t in titles], max_recent=max_recent)
+        return cls.from_titles(titles, builder.response_ids, max_recent)
 
     def __len__(self) -> int:
         return len(self.keys)

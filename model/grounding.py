@@ -245,6 +245,10 @@ class CatalogueIndex:
         """All item embeddings [N, H] float32 (a copy out of the FAISS index)."""
         return self.index.reconstruct_n(0, self.n_items)
 
+    def vectors(self, items: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The embeddings [n, H] float32 of ``items`` (a copy out of the FAISS index)."""
+        return self.index.reconstruct_batch(np.asarray(items, dtype=np.int64))
+
     # -- ranking -------------------------------------------------------------------------------
 
     def rank(
@@ -311,7 +315,7 @@ class CatalogueIndex:
             cand = np.arange(n, dtype=np.int64)
             cand_d32 = None
         keep = cand[~np.isin(cand, excl)] if len(excl) else cand
-        dist = _exact_sq_l2(self.index.reconstruct_batch(keep), q) if len(keep) else np.empty(0)
+        dist = _exact_sq_l2(self.vectors(keep), q) if len(keep) else np.empty(0)
         order = np.lexsort((keep, dist))  # by distance, then item index
         keep, dist = keep[order], dist[order]
         seen_all = len(cand) >= n

@@ -71,7 +71,7 @@ class GroundingMemo:
                 missing.setdefault(t, []).append(j)
         if rows:
             at = np.fromiter((j for j, _ in rows), dtype=np.int64)
-            out[at] = self.index.index.reconstruct_batch(np.fromiter((r for _, r in rows), dtype=np.int64))
+            out[at] = self.index.vectors([r for _, r in rows])
             self.catalogue_hits += len(rows)
         if missing:
             new = list(missing)

@@ -284,6 +284,11 @@ def _batches(order: list[int], size: int) -> Iterable[list[int]]:
 # --------------------------------------------------------------------------------------------------
 
 
+def _drafts_for(rows: int, drafter: Any, draft_tokens: int, draft_max_rows: int) -> bool:
+    """The speculative-step policy: drafted tokens are fed while at most ``draft_max_rows`` rows decode."""
+    return drafter is not None and draft_tokens >= 1 and rows <= draft_max_rows
+
+
 @dataclass(eq=False)
 class DecodeBatch:
     """Rows being decoded greedily together (``SplitLM.start``, ``SplitLM.step``).
@@ -310,6 +315,11 @@ class DecodeBatch:
     @property
     def rows(self) -> int:
         return len(self.tags)
+
+    @property
+    def drafting(self) -> bool:
+        """Does the next forward feed drafted tokens (the policy: few enough rows decode)?"""
+        return _drafts_for(self.rows, self.drafter, self.draft_tokens, self.draft_max_rows)
 
     def select(self, keep: Sequence[int]) -> None:
         """Keep only rows ``keep`` (in that order)."""
@@ -580,10 +590,8 @@ class SplitLM:
         if compact and num_beams == 1 and prefix_allowed_tokens_fn is None:
             batch = self.start(prompts, slot_vectors=slot_vectors, slot_select=slot_select, n_slots=n_slots,
                                max_new_tokens=max_new_tokens, stop_at_newline=stop_at_newline, reuse_head=reuse_head)
-            new: list = [None] * b
-            while batch.rows:
-                for row, tokens in self.step(batch):
-                    new[row] = tokens
+            done = self.decode(batch)
+            new = [done[i] for i in range(b)]
         else:
             ids, mask, head, fill, cache = self._prefill_inputs(prompts, slot_vectors, slot_select, n_slots,
                                                                 reuse_head, rows=b * num_beams)
@@ -638,19 +646,22 @@ class SplitLM:
     def start(self, prompts: Sequence[PromptIds], tags: Sequence | None = None, *,
               slot_vectors: torch.Tensor | None = None, slot_select: SlotSelect | None = None, n_slots: int = 1,
               max_new_tokens: int = 32, stop_at_newline: bool = True, reuse_head: bool = True,
-              draft: Sequence[int] = ()) -> "DecodeBatch":
+              drafter: Any = None, draft_tokens: int = 0, draft_max_rows: int = 1) -> "DecodeBatch":
         """Prefill ``prompts`` (with their slots filled as in ``generate``) for greedy decoding with
         ``step``. ``tags``: each row's name in what ``step`` returns (default: its index).
 
-        ``draft``: tokens guessed for the start of every row's answer, fed after the prompts in the
-        prefill's own forward. Each row keeps them as far as they equal its greedy choices, as a
-        speculative ``step`` does (``_accept``), so a right guess costs no decoding step; a row is
-        never finished here (the token that would end it is left for the first ``step``)."""
+        ``drafter``, ``draft_tokens``, ``draft_max_rows``: the batch's speculative-step policy
+        (``DecodeBatch``). When it drafts for these rows, the drafted start of an answer
+        (``drafter.draft([], draft_tokens)``) is also fed after the prompts in the prefill's own
+        forward. Each row keeps it as far as it equals its greedy choices, as a speculative ``step``
+        does (``_accept``), so a right guess costs no decoding step; a row is never finished here
+        (the token that would end it is left for the first ``step``)."""
         b = len(prompts)
         tags = list(range(b)) if tags is None else list(tags)
         if len(tags) != b:
             raise ValueError(f"{len(tags)} tags for {b} prompts")
-        draft = [int(t) for t in draft][: max(max_new_tokens - 1, 0)]
+        policy = dict(drafter=drafter, draft_tokens=draft_tokens, draft_max_rows=draft_max_rows)
+        draft = drafter.draft([], min(draft_tokens, max_new_tokens - 1)) if _drafts_for(b, **policy) else []
         k = len(draft)
         ids, mask, head, fill, cache = self._prefill_inputs(prompts, slot_vectors, slot_select, n_slots, reuse_head, b,
                                                             tail=k)
@@ -669,12 +680,19 @@ class SplitLM:
             raise RuntimeError("the slot replacement hook did not run during the prefill")
         batch = DecodeBatch(cache=cache, mask=mask, last=pos[:, -1], logits=out.logits[:, -1].float(),
                             tokens=[[] for _ in range(b)], tags=tags, max_new=[max_new_tokens] * b,
-                            stop_lines=[stop_at_newline] * b)
+                            stop_lines=[stop_at_newline] * b, **policy)
         if k:
             stop = StopAfterFirstLine(*self.line_tables(), start=0) if stop_at_newline else None
             self._accept(batch, out.logits, [draft] * b, torch.ones(b, k, dtype=mask.dtype), lead=0, stop=stop,
                          finish=False)
         return batch
+
+    def decode(self, batch: "DecodeBatch") -> dict[Any, list[int]]:
+        """Step ``batch`` until every row has finished: tag -> new tokens."""
+        out: dict[Any, list[int]] = {}
+        while batch.rows:
+            out.update(self.step(batch))
+        return out
 
     @torch.no_grad()
     def step(self, batch: "DecodeBatch") -> list[tuple[Any, list[int]]]:
@@ -730,7 +748,7 @@ class SplitLM:
     @staticmethod
     def _drafts(batch: "DecodeBatch") -> list[list[int]]:
         """Each row's guessed continuation (within its token budget), or none outside the policy."""
-        if batch.drafter is None or batch.draft_tokens < 1 or batch.rows > batch.draft_max_rows:
+        if not batch.drafting:
             return [[] for _ in range(batch.rows)]
         return [batch.drafter.draft(toks, min(batch.draft_tokens, budget - len(toks)))
                 for toks, budget in zip(batch.tokens, batch.max_new)]

@@ -239,10 +239,8 @@ class Recommender:
         for s in range(0, len(requests), cfg.batch_size):
             rows = list(range(s, min(s + cfg.batch_size, len(requests))))
             if self.steps_greedy:  # the service's step-wise path (``start``): a batch at a time here
-                decoding = self._prefill(requests, prompts, picks, rows, rows)
-                while decoding.rows:
-                    for i, tokens in self.lm.step(decoding):
-                        texts[i] = self.lm.text(tokens)
+                for i, tokens in self.lm.decode(self._prefill(requests, prompts, picks, rows, rows)).items():
+                    texts[i] = self.lm.text(tokens)
                 continue
             batch = [prompts[i] for i in rows]
             common = dict(slot_select=self._slot_select(requests, rows, picks), n_slots=cfg.n_slots,
@@ -306,19 +304,17 @@ class Recommender:
         at most ``draft_max_rows`` rows feeds the drafted start of an answer in its prefill)."""
         cfg = self.config
         batch = None
+        policy = dict(drafter=self.drafter, draft_tokens=cfg.draft_tokens,
+                      draft_max_rows=cfg.draft_max_rows) if cfg.draft_tokens else {}
         for group in prefill_groups([len(prompts[i].input_ids) for i in rows], cfg.prefill_max_tokens):
             at = [rows[g] for g in group]
-            # a group few enough to draft for also guesses its answers' start inside the prefill
-            guess = self.drafter.draft([], cfg.draft_tokens) if cfg.draft_tokens and len(at) <= cfg.draft_max_rows else ()
             part = self.lm.start([prompts[i] for i in at], [tags[g] for g in group],
                                  slot_select=self._slot_select(requests, at, picks), n_slots=cfg.n_slots,
-                                 max_new_tokens=cfg.max_new_tokens, reuse_head=cfg.head_cache, draft=guess)
+                                 max_new_tokens=cfg.max_new_tokens, reuse_head=cfg.head_cache, **policy)
             if batch is None:
                 batch = part
             else:
                 batch.merge(part)
-        if cfg.draft_tokens:
-            batch.drafter, batch.draft_tokens, batch.draft_max_rows = self.drafter, cfg.draft_tokens, cfg.draft_max_rows
         return batch
 
     def finish(self, requests: Sequence[RecommendRequest], texts: Sequence[str], beams: Sequence[list[int]] | None,

@@ -247,6 +247,14 @@ def test_recommender_start_sets_the_policy_and_service_answers_are_unchanged(tin
 # ---- drafts inside the prefill ---------------------------------------------------------------------
 
 
+def _start_guessing(split, prompts, tags, guess, **kw):
+    """``split.start`` whose prefill feeds ``guess`` (a drafter that knows only it); plain steps after."""
+    batch = split.start(prompts, tags, drafter=FixedDrafter([guess]), draft_tokens=len(guess),
+                        draft_max_rows=len(prompts), **kw)
+    batch.drafter = None
+    return batch
+
+
 def _forwards(split, fn):
     seen = []
     hook = split.model.model.embed_tokens.register_forward_hook(lambda m, a, o: seen.append(a[0].shape))
@@ -263,8 +271,9 @@ def test_a_right_start_guess_in_the_prefill_saves_steps(setup, row):
     the steps after it, and a guess of the whole answer leaves its last token to the first step."""
     split, prompts, vecs, plain, plain_forwards = setup
     for guess in (plain[row][:4], plain[row], plain[row] + [7, 7]):
-        batch, prefill = _forwards(split, lambda: split.start([prompts[row]], [row], slot_vectors=vecs[row:row + 1],
-                                                               max_new_tokens=12, stop_at_newline=False, draft=guess))
+        batch, prefill = _forwards(split, lambda: _start_guessing(split, [prompts[row]], [row], guess,
+                                                                  slot_vectors=vecs[row:row + 1], max_new_tokens=12,
+                                                                  stop_at_newline=False))
         assert prefill == 1 and batch.rows == 1  # the prefill never finishes a row
         kept = len(batch.tokens[0])
         assert batch.tokens[0] == plain[row][:min(len(guess), len(plain[row]) - 1)]
@@ -278,8 +287,8 @@ def test_a_wrong_start_guess_changes_nothing_and_rows_guess_alike(setup):
     split, prompts, vecs, plain, plain_forwards = setup
     wrong = next(t for t in range(50, 100) if all(t not in toks for toks in plain.values()))
     for guess in ([wrong] * 5, plain[1][:3]):  # row 1's start: right for row 1 only (or also others that share it)
-        batch = split.start(prompts, list(range(4)), slot_vectors=vecs, max_new_tokens=12, stop_at_newline=False,
-                            draft=guess)
+        batch = _start_guessing(split, prompts, list(range(4)), guess, slot_vectors=vecs, max_new_tokens=12,
+                                stop_at_newline=False)
         got, _ = _decode(split, batch)
         assert got == plain
 
@@ -297,6 +306,7 @@ def test_a_start_guess_keeps_the_memory_pick_of_the_prompt(tiny_split, tiny_titl
 
     a, _ = _decode(tiny_split, tiny_split.start(prompts, [0, 1], slot_select=select, max_new_tokens=8))
     plain_z = zs.pop()
-    b, _ = _decode(tiny_split, tiny_split.start(prompts, [0, 1], slot_select=select, max_new_tokens=8, draft=a[0][:3]))
+    b, _ = _decode(tiny_split, _start_guessing(tiny_split, prompts, [0, 1], a[0][:3], slot_select=select,
+                                               max_new_tokens=8))
     torch.testing.assert_close(zs.pop(), plain_z, rtol=1e-5, atol=1e-5)
     assert a == b
