@@ -279,6 +279,39 @@ def _batches(order: list[int], size: int) -> Iterable[list[int]]:
         yield order[i:i + size]
 
 
+@dataclass(eq=False)
+class Prefill:
+    """A prefill in progress (``SplitLM.begin``), run by ``SplitLM.advance`` whole or chunk by chunk.
+
+    The fed columns are the prompts (left-padded after the shared head, whose KV is in ``cache``
+    already) then the drafted guess; columns before ``at`` are in the cache. The last chunk starts
+    at or before ``final_from``, the first slot column (the prompt length without slots)."""
+
+    ids: torch.Tensor  # [B, T + k] fed token ids: the prompts, then the k drafted guess tokens
+    mask: torch.Tensor  # [B, T + k] attention mask (0 = padding)
+    pos: torch.Tensor  # [B, T + k] position ids
+    prompt_len: int  # T
+    at: int  # the next column to feed
+    final_from: int  # the first slot column (T without slots): chunks before the last end at or before it
+    cache: DynamicCache
+    fill_from: Callable[[int, int], Any]  # (offset, tail) -> the last forward's slot_fill or None
+    draft: list[int]
+    tags: list[Any]
+    max_new_tokens: int
+    stop_at_newline: bool
+    policy: dict  # the batch's drafting policy (DecodeBatch's drafter, draft_tokens, draft_max_rows)
+    batch: "DecodeBatch | None" = None  # the decoding batch, once the last chunk has run
+
+    @property
+    def rows(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def left(self) -> int:
+        """Padded tokens still to feed (rows x columns)."""
+        return self.rows * (int(self.ids.shape[1]) - self.at)
+
+
 # --------------------------------------------------------------------------------------------------
 # SplitLM
 # --------------------------------------------------------------------------------------------------
@@ -593,8 +626,9 @@ class SplitLM:
             done = self.decode(batch)
             new = [done[i] for i in range(b)]
         else:
-            ids, mask, head, fill, cache = self._prefill_inputs(prompts, slot_vectors, slot_select, n_slots,
-                                                                reuse_head, rows=b * num_beams)
+            ids, mask, head, fill_from, cache = self._prefill_inputs(prompts, slot_vectors, slot_select, n_slots,
+                                                                     reuse_head, rows=b * num_beams)
+            fill = fill_from(head)
             t = ids.shape[1]
             stop = StopAfterFirstLine(*self.line_tables(), start=t) if stop_at_newline and num_beams == 1 else None
             gen_cfg = GenerationConfig(
@@ -620,41 +654,60 @@ class SplitLM:
         return self.tokenizer.decode(self._strip_eos(list(tokens)), skip_special_tokens=True)
 
     def _prefill_inputs(self, prompts: Sequence[PromptIds], slot_vectors: torch.Tensor | None,
-                        slot_select: SlotSelect | None, n_slots: int, reuse_head: bool, rows: int, tail: int = 0):
-        """ids, mask [B, T], the cached head length, the slot filler (or None) and the cache (the head's
-        KV for ``rows`` rows, or None) of a prefill of ``prompts``; ``tail`` drafted tokens will follow
-        the prompts in the same forward."""
+                        slot_select: SlotSelect | None, n_slots: int, reuse_head: bool, rows: int, spare: int = 64):
+        """ids, mask [B, T], the cached head length, the slot filler's maker and the cache (the head's KV
+        for ``rows`` rows with room for ``spare`` more positions, or None) of a prefill of ``prompts``.
+
+        ``fill_from(offset, tail)`` is the ``slot_fill`` (or None) of a forward that feeds the columns
+        from ``offset`` on, then ``tail`` drafted tokens."""
         if slot_vectors is not None and slot_select is not None:
             raise ValueError("give slot_vectors or slot_select, not both")
         head = self._shared_head(prompts) if reuse_head else 0
         ids, mask = self._pad_after_head(prompts, head)
         b, t = ids.shape
-        fill = None
+        positions = None
         if slot_vectors is not None:
             positions = self._padded_slot_positions(prompts, mask, tuple(slot_vectors.shape))
-            fill = slot_fill(self, positions - head, slot_vectors, seq_len=t - head + tail)
         elif slot_select is not None:
             positions = self._padded_slot_positions(prompts, mask, (b, n_slots, self.hidden_size))
-            fill = slot_fill(self, positions - head, None, seq_len=t - head + tail, select=slot_select, tail=tail)
+
+        def fill_from(offset: int, tail: int = 0) -> slot_fill | None:
+            if positions is None:
+                return None
+            if slot_vectors is not None:
+                return slot_fill(self, positions - offset, slot_vectors, seq_len=t - offset + tail)
+            return slot_fill(self, positions - offset, None, seq_len=t - offset + tail, select=slot_select, tail=tail)
+
         # the prefill runs over each row's tokens after the shared head only
-        cache = self._head_cache(prompts[0].input_ids[:head], rows) if head else None
-        return ids, mask, head, fill, cache
+        cache = self._head_cache(prompts[0].input_ids[:head], rows, spare) if head else None
+        return ids, mask, head, fill_from, cache
+
+    def _first_slot(self, prompts: Sequence[PromptIds], mask: torch.Tensor) -> int:
+        """The first padded column that holds a slot in some row (the prompt length T when none)."""
+        t = mask.shape[1]
+        pads = (mask == 0).sum(-1).tolist()
+        return min((pads[i] + q for i, p in enumerate(prompts) for q in p.slot_positions), default=t)
 
     # ---- greedy decoding, one step at a time ------------------------------------------------------
 
+    def start(self, prompts: Sequence[PromptIds], tags: Sequence | None = None, **kwargs) -> "DecodeBatch":
+        """Prefill ``prompts`` in one forward (``begin`` + ``advance``) for greedy decoding with ``step``."""
+        return self.advance(self.begin(prompts, tags, **kwargs))
+
     @torch.no_grad()
-    def start(self, prompts: Sequence[PromptIds], tags: Sequence | None = None, *,
+    def begin(self, prompts: Sequence[PromptIds], tags: Sequence | None = None, *,
               slot_vectors: torch.Tensor | None = None, slot_select: SlotSelect | None = None, n_slots: int = 1,
               max_new_tokens: int = 32, stop_at_newline: bool = True, reuse_head: bool = True,
-              drafter: Any = None, draft_tokens: int = 0, draft_max_rows: int = 1) -> "DecodeBatch":
-        """Prefill ``prompts`` (with their slots filled as in ``generate``) for greedy decoding with
-        ``step``. ``tags``: each row's name in what ``step`` returns (default: its index).
+              drafter: Any = None, draft_tokens: int = 0, draft_max_rows: int = 1) -> "Prefill":
+        """A prefill of ``prompts`` (with their slots filled as in ``generate``) for greedy decoding with
+        ``step``, to be run by ``advance`` (whole, or in chunks). ``tags``: each row's name in what
+        ``step`` returns (default: its index). Only the shared template head's cache is made here.
 
         ``drafter``, ``draft_tokens``, ``draft_max_rows``: the batch's speculative-step policy
         (``DecodeBatch``). When it drafts for these rows, the drafted start of an answer
-        (``drafter.draft([], draft_tokens)``) is also fed after the prompts in the prefill's own
+        (``drafter.draft([], draft_tokens)``) is also fed after the prompts in the prefill's last
         forward. Each row keeps it as far as it equals its greedy choices, as a speculative ``step``
-        does (``_accept``), so a right guess costs no decoding step; a row is never finished here
+        does (``_accept``), so a right guess costs no decoding step; a row is never finished there
         (the token that would end it is left for the first ``step``)."""
         b = len(prompts)
         tags = list(range(b)) if tags is None else list(tags)
@@ -663,9 +716,10 @@ class SplitLM:
         policy = dict(drafter=drafter, draft_tokens=draft_tokens, draft_max_rows=draft_max_rows)
         draft = drafter.draft([], min(draft_tokens, max_new_tokens - 1)) if _drafts_for(b, **policy) else []
         k = len(draft)
-        ids, mask, head, fill, cache = self._prefill_inputs(prompts, slot_vectors, slot_select, n_slots, reuse_head, b,
-                                                            tail=k)
-        cache = cache if cache is not None else growing_cache(self.model.config, spare=max_new_tokens + k)
+        spare = max(len(p.input_ids) for p in prompts) + k + max_new_tokens  # room for every fed token
+        ids, mask, head, fill_from, cache = self._prefill_inputs(prompts, slot_vectors, slot_select, n_slots,
+                                                                 reuse_head, b, spare)
+        cache = cache if cache is not None else growing_cache(self.model.config, spare=spare)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] the left-padded batch's position ids
         fed_ids, fed_mask, fed_pos = ids, mask, pos
         if k:  # [B, T + k]: the guesses follow every row's prompt
@@ -673,18 +727,48 @@ class SplitLM:
             fed_ids = torch.cat([ids, guess], 1)
             fed_mask = torch.cat([mask, torch.ones_like(guess, dtype=mask.dtype)], 1)
             fed_pos = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(k, device=pos.device)], 1)
+        return Prefill(ids=fed_ids, mask=fed_mask, pos=fed_pos, prompt_len=ids.shape[1], at=head,
+                       final_from=self._first_slot(prompts, mask), cache=cache, fill_from=fill_from, draft=draft,
+                       tags=tags, max_new_tokens=max_new_tokens, stop_at_newline=stop_at_newline, policy=policy)
+
+    @torch.no_grad()
+    def advance(self, prefill: "Prefill", max_tokens: int | None = None) -> "DecodeBatch | None":
+        """Feed ``prefill``'s next chunk: at most ``max_tokens`` padded tokens (rows x columns; None:
+        everything left); the ``DecodeBatch`` once its last chunk has run, else None.
+
+        Chunked prefill: a long prefill run whole stops every row that is decoding for its whole
+        length (a ~1,200-token full-history prompt takes ~1.2 s); the runner feeds a chunk between two
+        decoding steps instead. Every chunk but the last runs the base model only (its KV goes into
+        the cache, no LM head) and ends before the first slot; the last one feeds the slots, the
+        prompts' last tokens (z_t) and the drafted guess, so the slot fill and the memory pick are
+        those of a whole prefill. Exact: attention and positions are those of one forward."""
+        p, t = prefill, prefill.prompt_len
+        if p.batch is not None:
+            raise ValueError("this prefill has already run")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        end = p.ids.shape[1] if max_tokens is None else p.at + max(1, max_tokens // p.rows)
+        if end < p.final_from:  # a chunk before the slots: its KV only
+            self.model.model(input_ids=p.ids[:, p.at:end], attention_mask=p.mask[:, :end],
+                             position_ids=p.pos[:, p.at:end], past_key_values=p.cache, use_cache=True)
+            p.at = end
+            return None
+        k = len(p.draft)
+        fill = p.fill_from(p.at, k)
         with fill if fill is not None else contextlib.nullcontext():
-            out = self.model(input_ids=fed_ids[:, head:], attention_mask=fed_mask, position_ids=fed_pos[:, head:],
-                             past_key_values=cache, use_cache=True, logits_to_keep=1 + k)
+            out = self.model(input_ids=p.ids[:, p.at:], attention_mask=p.mask, position_ids=p.pos[:, p.at:],
+                             past_key_values=p.cache, use_cache=True, logits_to_keep=1 + k)
         if fill is not None and not fill.applied:
             raise RuntimeError("the slot replacement hook did not run during the prefill")
-        batch = DecodeBatch(cache=cache, mask=mask, last=pos[:, -1], logits=out.logits[:, -1].float(),
-                            tokens=[[] for _ in range(b)], tags=tags, max_new=[max_new_tokens] * b,
-                            stop_lines=[stop_at_newline] * b, **policy)
+        b = p.rows
+        batch = DecodeBatch(cache=p.cache, mask=p.mask[:, :t], last=p.pos[:, t - 1], logits=out.logits[:, -1].float(),
+                            tokens=[[] for _ in range(b)], tags=p.tags, max_new=[p.max_new_tokens] * b,
+                            stop_lines=[p.stop_at_newline] * b, **p.policy)
         if k:
-            stop = StopAfterFirstLine(*self.line_tables(), start=0) if stop_at_newline else None
-            self._accept(batch, out.logits, [draft] * b, torch.ones(b, k, dtype=mask.dtype), lead=0, stop=stop,
+            stop = StopAfterFirstLine(*self.line_tables(), start=0) if p.stop_at_newline else None
+            self._accept(batch, out.logits, [p.draft] * b, torch.ones(b, k, dtype=p.mask.dtype), lead=0, stop=stop,
                          finish=False)
+        p.at, p.batch = p.ids.shape[1], batch
         return batch
 
     def decode(self, batch: "DecodeBatch") -> dict[Any, list[int]]:
@@ -829,8 +913,9 @@ class SplitLM:
         lead = torch.tensor(prompts[0].input_ids[:head], dtype=torch.long, device=self.device).expand(b, -1)
         return torch.cat([lead, rest], 1), torch.cat([torch.ones_like(lead), mask], 1)
 
-    def _head_cache(self, head_ids: Sequence[int], rows: int) -> DynamicCache:
-        """A fresh cache holding the KV of ``head_ids`` (all layers) for ``rows`` rows.
+    def _head_cache(self, head_ids: Sequence[int], rows: int, spare: int = 64) -> DynamicCache:
+        """A fresh cache holding the KV of ``head_ids`` (all layers) for ``rows`` rows, with room for
+        ``spare`` more positions.
 
         The head's KV is computed once per (head, weights) and kept: the key includes every
         parameter's storage and in-place version counter, so tuning or loading weights recomputes it."""
@@ -844,7 +929,7 @@ class SplitLM:
             while len(self._head_kv) >= 4:  # one head per builder in practice
                 self._head_kv.pop(next(iter(self._head_kv)))
             self._head_kv[key] = kv
-        cache = growing_cache(self.model.config)  # decode steps append in place (model/kv_cache.py)
+        cache = growing_cache(self.model.config, spare=spare)  # later tokens append in place (model/kv_cache.py)
         for i, (k, v) in enumerate(kv):  # [1, kv_heads, head, d] -> [rows, ...], copied into the buffers
             cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), i)
         return cache

@@ -21,14 +21,14 @@ items (best first, seen items dropped) followed by the L2 grounding of the best 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 import torch
 
 from model.grounding import CatalogueIndex, clean_generated
 from model.grounding_memo import GroundingMemo
-from model.llm import DecodeBatch, SplitLM
+from model.llm import DecodeBatch, Prefill, SplitLM
 from model.prompts import PromptBuilder, PromptIds
 from model.retriever import Retriever
 from model.draft import NgramDrafter
@@ -228,7 +228,7 @@ class Recommender:
     ) -> tuple[list[str], list[list[int]]]:
         """Generated text per request (and, when constrained, the items of its beams, best first).
 
-        Per ``batch_size`` requests: greedy decoding runs the service's step-wise path (``_prefill`` +
+        Per ``batch_size`` requests: greedy decoding runs the service's step-wise path (``_begin`` +
         ``SplitLM.step``: prefill groups, drafting per the config), beam search one ``generate`` call.
         Rows with a full set of slot vectors get them at layer L, rows without memory keep the
         placeholder state; lazy picks (``None``) are made inside the prefill and written back into
@@ -239,7 +239,8 @@ class Recommender:
         for s in range(0, len(requests), cfg.batch_size):
             rows = list(range(s, min(s + cfg.batch_size, len(requests))))
             if self.steps_greedy:  # the service's step-wise path (``start``): a batch at a time here
-                for i, tokens in self.lm.decode(self._prefill(requests, prompts, picks, rows, rows)).items():
+                batch = self._merged(self.lm.advance(p) for p in self._begin(requests, prompts, picks, rows, rows))
+                for i, tokens in self.lm.decode(batch).items():
                     texts[i] = self.lm.text(tokens)
                 continue
             batch = [prompts[i] for i in rows]
@@ -289,28 +290,40 @@ class Recommender:
         """``recommend`` up to its generation: the prompts, the memory picks and the prefill, as a
         ``DecodeBatch`` whose rows are named by ``tags``; decode it with ``self.lm.step`` (it can be
         merged with other batches of the same model) and pass the texts to ``finish``."""
+        prefills, picks = self.begin(requests, tags)
+        return self._merged(self.lm.advance(p) for p in prefills), picks  # the prefills made the lazy picks
+
+    def begin(self, requests: Sequence[RecommendRequest], tags: Sequence) -> tuple[list[Prefill], list]:
+        """``start`` without running the prefills: one ``Prefill`` per prefill group, for
+        ``self.lm.advance`` (whole or in chunks: the service feeds long prefills between decoding
+        steps), and the memory picks, completed in place by the prefills' last chunks."""
         if not self.steps_greedy:
             raise ValueError("step-wise generation is greedy and unconstrained (num_beams=1, constrained=false)")
         if not requests:
             raise ValueError("start needs at least one request")
         picks = self.select_memory(requests)
-        batch = self._prefill(requests, self.prompts(requests), picks, range(len(requests)), tags)
-        return batch, picks  # the prefills made the lazy picks (``_slot_select``)
+        return self._begin(requests, self.prompts(requests), picks, range(len(requests)), tags), picks
 
-    def _prefill(self, requests: Sequence[RecommendRequest], prompts: Sequence[PromptIds],
-                 picks: list[tuple[list[int], list[float]] | None], rows: Sequence[int], tags: Sequence) -> DecodeBatch:
-        """The decoding batch of ``rows`` (named by ``tags``, one per row): prefilled in groups of
-        similar length (``prefill_max_tokens``), with the drafting policy of the config (a group of
-        at most ``draft_max_rows`` rows feeds the drafted start of an answer in its prefill)."""
+    def _begin(self, requests: Sequence[RecommendRequest], prompts: Sequence[PromptIds],
+               picks: list[tuple[list[int], list[float]] | None], rows: Sequence[int], tags: Sequence) -> list[Prefill]:
+        """The prefills of ``rows`` (named by ``tags``, one per row): in groups of similar length
+        (``prefill_max_tokens``), with the drafting policy of the config (a group of at most
+        ``draft_max_rows`` rows feeds the drafted start of an answer in its prefill)."""
         cfg = self.config
-        batch = None
         policy = dict(drafter=self.drafter, draft_tokens=cfg.draft_tokens,
                       draft_max_rows=cfg.draft_max_rows) if cfg.draft_tokens else {}
+        out = []
         for group in prefill_groups([len(prompts[i].input_ids) for i in rows], cfg.prefill_max_tokens):
             at = [rows[g] for g in group]
-            part = self.lm.start([prompts[i] for i in at], [tags[g] for g in group],
-                                 slot_select=self._slot_select(requests, at, picks), n_slots=cfg.n_slots,
-                                 max_new_tokens=cfg.max_new_tokens, reuse_head=cfg.head_cache, **policy)
+            out.append(self.lm.begin([prompts[i] for i in at], [tags[g] for g in group],
+                                     slot_select=self._slot_select(requests, at, picks), n_slots=cfg.n_slots,
+                                     max_new_tokens=cfg.max_new_tokens, reuse_head=cfg.head_cache, **policy))
+        return out
+
+    @staticmethod
+    def _merged(batches: Iterable[DecodeBatch]) -> DecodeBatch:
+        batch = None
+        for part in batches:
             if batch is None:
                 batch = part
             else:

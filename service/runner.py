@@ -107,25 +107,48 @@ class _Job:
 
     call: _Call
     recommender: Recommender
-    picks: list = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
         self.texts: list[str | None] = [None] * len(self.call.items)  # None: the row is still decoding
         self.done_at: float | None = None  # monotonic time its last row finished (waiting for grounding)
+        self._picks: list = []  # its admission's memory picks (completed by the prefills), from _at on
+        self._at = 0
 
     @property
     def done(self) -> bool:
         return all(t is not None for t in self.texts)
 
+    @property
+    def picks(self) -> list:
+        """Its rows' memory picks: complete once its rows are prefilled (``Recommender.begin``)."""
+        return self._picks[self._at: self._at + len(self.texts)]
+
+
+@dataclass(eq=False)
+class _Admission:
+    """Step-wise calls admitted together: their prefills (one per prefill group), run whole or chunk
+    by chunk between decoding steps; each group's rows join the decoding batch when it is done."""
+
+    calls: list[_Call]
+    jobs: list[_Job]
+    prefills: deque  # of model.llm.Prefill, the oldest first
+    seconds: float = 0.0  # model time spent on its prefills so far
+
+    @property
+    def rows(self) -> int:
+        """Rows not yet in the decoding batch."""
+        return sum(p.rows for p in self.prefills)
+
 
 class ModelRunner:
     def __init__(self, pipeline: Pipeline, recommenders: dict[str, Recommender], batch_size: int = 16, *,
                  max_batch: int = 8, max_wait_ms: float = 5.0, max_queue: int = 64, memory_dir=None,
-                 ground_wait_ms: float = 0.0):
-        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or ground_wait_ms < 0:
-            raise ValueError(f"need max_batch >= 1, max_queue >= 1, max_wait_ms >= 0, ground_wait_ms >= 0; got "
-                             f"{max_batch}, {max_queue}, {max_wait_ms}, {ground_wait_ms}")
+                 ground_wait_ms: float = 0.0, prefill_chunk_tokens: int = 0):
+        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or ground_wait_ms < 0 or prefill_chunk_tokens < 0:
+            raise ValueError(f"need max_batch >= 1, max_queue >= 1, max_wait_ms >= 0, ground_wait_ms >= 0, "
+                             f"prefill_chunk_tokens >= 0; got {max_batch}, {max_queue}, {max_wait_ms}, "
+                             f"{ground_wait_ms}, {prefill_chunk_tokens}")
         self.pipeline = pipeline
         self.recommenders = recommenders
         self.encoder = pipeline.memory_encoder(batch_size=batch_size)  # memoizes item elements in memory
@@ -146,6 +169,8 @@ class ModelRunner:
         self._call_s: float | None = None  # moving average of model-call wall time (Retry-After)
         self._listeners: list[Listener] = []
         self._decoding: DecodeBatch | None = None  # the rows being decoded (continuous batching)
+        self._admitting: deque[_Admission] = deque()  # admitted calls whose prefills are not all done
+        self.prefill_chunk_tokens = prefill_chunk_tokens  # 0: a prefill group runs whole
         self._grounding: list[_Job] = []  # calls whose rows are all done, waiting to be grounded together
         self.ground_wait_s = ground_wait_ms / 1e3
         self._thread = threading.Thread(target=self._work, name="automr-model", daemon=True)
@@ -198,17 +223,19 @@ class ModelRunner:
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and self._decoding is None and not self._grounding and not self._closing:
+                while not self._queue and not self._holding and not self._closing:
                     self._cond.wait()
-                if not self._queue and self._decoding is None and not self._grounding:  # closing and drained
+                if not self._queue and not self._holding:  # closing and drained
                     return
-                batch = self._take(wait=self._decoding is None) if self._queue else []
+                batch = self._take(wait=not self._generating) if self._queue else []
                 self._busy = True
             try:
                 if batch and batch[0].kind == "recommend" and self._stepwise(batch[0].key):
                     self._admit(batch)
                 elif batch:
                     self._run(batch)
+                if self._admitting:
+                    self._prefill()
                 if self._decoding is not None:
                     self._step()
                 self._ground()
@@ -216,16 +243,27 @@ class ModelRunner:
                 log.exception("the model thread failed; failing the calls it held")
                 self._fail_all(batch, e)
             with self._cond:
-                self._busy = self._decoding is not None or bool(self._grounding)
+                self._busy = self._holding
+
+    @property
+    def _generating(self) -> bool:
+        """Are rows being prefilled or decoded (continuous batching)?"""
+        return self._decoding is not None or bool(self._admitting)
+
+    @property
+    def _holding(self) -> bool:
+        """Does the model thread hold calls it has taken (prefilling, decoding or to be grounded)?"""
+        return self._generating or bool(self._grounding)
 
     def _room(self) -> int:
-        """Rows that can still join the decoding batch."""
-        return self.max_batch - (self._decoding.rows if self._decoding is not None else 0)
+        """Rows that can still join the decoding batch (rows being prefilled count as in it)."""
+        rows = (self._decoding.rows if self._decoding is not None else 0) + sum(a.rows for a in self._admitting)
+        return self.max_batch - rows
 
     def _takeable(self, c: _Call) -> bool:
         """(Lock held.) Can ``c`` run now? While a batch is decoding, a step-wise recommend call joins
         it only if its requests fit; other calls run between two steps."""
-        if self._decoding is None or c.kind != "recommend" or not self._stepwise(c.key):
+        if not self._generating or c.kind != "recommend" or not self._stepwise(c.key):
             return True
         return len(c.items) <= self._room()
 
@@ -306,39 +344,78 @@ class ModelRunner:
         rec = self.recommenders.get(key)  # any object with ``recommend`` serves; step-wise is optional
         return bool(getattr(rec, "steps_greedy", False)) and getattr(rec, "lm", None) is self.pipeline.lm
 
-    def _admit(self, calls: list[_Call]) -> None:
-        """Prefill the calls' requests and add their rows to the decoding batch; a failing call fails
+    def _admit(self, calls: list[_Call], first: bool = False) -> None:
+        """Take the calls' requests into generation: their prompts, memory picks and prefills, which
+        ``_prefill`` runs (``first``: before the admissions already waiting). A failing call fails
         alone (the calls are retried one by one)."""
         rec = self.recommenders[calls[0].key]
         jobs = [_Job(c, rec) for c in calls]
         requests = [r for c in calls for r in c.items]
         tags = [(job, j) for job in jobs for j in range(len(job.call.items))]
-        t0 = time.perf_counter()
         try:
-            batch, picks = rec.start(requests, tags)
+            prefills, picks = rec.begin(requests, tags)
         except Exception as e:
-            if len(calls) == 1:
-                calls[0].future.set_exception(e)
-                return
-            log.warning("a batched prefill of %d callers failed (%s: %s); admitting them one by one",
-                        len(calls), type(e).__name__, e)
-            for c in calls:
-                self._admit([c])
+            self._retry_alone(calls, e, "prompts")
             return
         at = 0
         for job in jobs:
-            job.picks = picks[at: at + len(job.texts)]
+            job._picks, job._at = picks, at
             at += len(job.texts)
-        try:
-            if self._decoding is None:
-                self._decoding = batch
-            else:
-                self._decoding.merge(batch)  # builds the merged cache before changing anything
-        except Exception as e:
-            for c in calls:
-                c.future.set_exception(e)
+        admission = _Admission(calls, jobs, deque(prefills))
+        if first:
+            self._admitting.appendleft(admission)
+        else:
+            self._admitting.append(admission)
+
+    def _retry_alone(self, calls: list[_Call], e: Exception, what: str) -> None:
+        """After a failure of ``calls``' shared prefill: fail a lone call, else admit each one alone."""
+        if len(calls) == 1:
+            calls[0].future.set_exception(e)
             return
-        self._observe("recommend", len(requests), time.perf_counter() - t0)
+        log.warning("the batched %s of %d callers failed (%s: %s); admitting them one by one",
+                    what, len(calls), type(e).__name__, e)
+        for c in reversed(calls):  # each goes first, in the calls' order
+            self._admit([c], first=True)
+
+    def _prefill(self) -> None:
+        """Run the oldest admission's next prefill: one chunk of ``prefill_chunk_tokens`` padded tokens
+        while rows are decoding (they wait for no more than that between two steps), else the whole
+        group at once. A group done prefilling joins the decoding batch; an admission whose group
+        fails is taken back (its rows leave the decoding batch) and its calls are retried alone."""
+        adm = self._admitting[0]
+        prefill = adm.prefills[0]
+        chunk = self.prefill_chunk_tokens if self._decoding is not None and self.prefill_chunk_tokens else None
+        t0 = time.perf_counter()
+        try:
+            part = self.pipeline.lm.advance(prefill, chunk)
+            if part is not None:
+                if self._decoding is None:
+                    self._decoding = part
+                else:
+                    self._decoding.merge(part)  # builds the merged cache before changing anything
+        except Exception as e:
+            self._admitting.popleft()
+            self._take_back(adm.jobs)
+            self._retry_alone([job.call for job in adm.jobs if not job.done], e, "prefill")
+            return
+        adm.seconds += time.perf_counter() - t0
+        if part is None:
+            return
+        adm.prefills.popleft()
+        if not adm.prefills:
+            self._admitting.popleft()
+            self._observe("recommend", sum(len(c.items) for c in adm.calls), adm.seconds)
+
+    def _take_back(self, jobs: Sequence[_Job]) -> None:
+        """Remove the rows of ``jobs`` that are still decoding from the decoding batch."""
+        if self._decoding is None:
+            return
+        drop = set(map(id, jobs))
+        keep = [j for j, (job, _) in enumerate(self._decoding.tags) if id(job) not in drop]
+        if len(keep) < self._decoding.rows:
+            self._decoding.select(keep)
+        if not self._decoding.rows:
+            self._decoding = None
 
     def _step(self) -> None:
         """One decoding step; the calls whose rows have all finished are grounded and answered."""
@@ -385,7 +462,9 @@ class ModelRunner:
         """Fail the given calls and every call in the decoding batch (those not answered yet). Calls
         done decoding are still grounded and answered."""
         held = list(calls) + ([job.call for job, _ in self._decoding.tags] if self._decoding is not None else [])
+        held += [c for adm in self._admitting for c in adm.calls]
         self._decoding = None
+        self._admitting.clear()
         for c in dict.fromkeys(held):
             if not c.future.done():
                 c.future.set_exception(e)

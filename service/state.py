@@ -146,7 +146,8 @@ class AppState:
             recommenders["full-history"] = p.recommender("none", full_history=True, **cfg)
             self.runner = ModelRunner(p, recommenders, batch_size=s.llm_batch_size, max_batch=s.batch_max_size,
                                       max_wait_ms=s.batch_max_wait_ms, max_queue=s.max_queue,
-                                      memory_dir=self._memory_dir(comp), ground_wait_ms=s.ground_max_wait_ms)
+                                      memory_dir=self._memory_dir(comp), ground_wait_ms=s.ground_max_wait_ms,
+                                      prefill_chunk_tokens=s.prefill_chunk_tokens)
             engine = Engine(comp, self.store, self.runner, slot_policy=s.slot_policy,
                             max_batch_events=s.max_batch_events)
             self.phase = "warming up"

@@ -291,19 +291,95 @@ async def test_prefill_in_groups_equals_one_at_a_time(pipe, runners, monkeypatch
     reqs = _requests(pipe)
     alone = [pipe.recommender("learned", max_new_tokens=MAX_NEW).recommend([r], topk=k)[0] for r, k in reqs]
     lengths = [len(p.input_ids) for p in rec.prompts([r for r, _ in reqs])]
-    starts, start = [], pipe.lm.start
+    starts, begin = [], pipe.lm.begin
 
     def counted(prompts, *args, **kwargs):
         starts.append(len(prompts))
-        return start(prompts, *args, **kwargs)
+        return begin(prompts, *args, **kwargs)
 
-    monkeypatch.setattr(pipe.lm, "start", counted, raising=False)
+    monkeypatch.setattr(pipe.lm, "begin", counted, raising=False)
     runner = runners(pipe, {"learned": rec}, max_batch=len(reqs), max_wait_ms=5000)
     got = await asyncio.gather(*(runner.recommend("learned", [r], topk=k) for r, k in reqs))
     assert starts == [len(g) for g in prefill_groups(lengths, budget)] and len(starts) > 1
     for [g], want in zip(got, alone):
         assert g.items == want.items and g.generated == want.generated and g.memory_indices == want.memory_indices
         np.testing.assert_allclose(g.distances, want.distances, rtol=1e-5, atol=1e-6)
+
+
+def _trace(pipe, monkeypatch) -> tuple[list[str], list[int]]:
+    """What the model thread does, in order: "chunk" (a prefill chunk), "prefill" (a prefill's last
+    forward) and "step" (a decoding step); and the rows of each step."""
+    events, rows, advance, step = [], [], pipe.lm.advance, pipe.lm.step
+
+    def traced_advance(prefill, max_tokens=None):
+        out = advance(prefill, max_tokens)
+        events.append("chunk" if out is None else "prefill")
+        return out
+
+    def traced_step(batch):
+        events.append("step")
+        rows.append(batch.rows)
+        return step(batch)
+
+    monkeypatch.setattr(pipe.lm, "advance", traced_advance, raising=False)
+    monkeypatch.setattr(pipe.lm, "step", traced_step, raising=False)
+    return events, rows
+
+
+async def test_a_long_prefill_runs_in_chunks_between_the_steps_of_decoding_rows(pipe, runners, monkeypatch):
+    """Chunked prefill: a full-history call arriving while a call decodes is prefilled a chunk at a
+    time, with a decoding step after each chunk; both get the answers they get alone."""
+    recs = {"learned": pipe.recommender("learned", max_new_tokens=MAX_NEW),
+            "full-history": pipe.recommender("none", full_history=True, max_new_tokens=MAX_NEW)}
+    reqs = _requests(pipe)
+    short, long_ = reqs[0], (RecommendRequest(context=list(range(18)), exclude={0}, seed=9), 5)
+    want_short = recs["learned"].recommend([short[0]], topk=short[1])[0]
+    want_long = recs["full-history"].recommend([long_[0]], topk=long_[1])[0]
+    n_tokens = len(recs["full-history"].prompts([long_[0]])[0].input_ids)
+    events, _ = _trace(pipe, monkeypatch)
+    go, step = threading.Event(), pipe.lm.step
+
+    def held_step(batch):  # the first step waits until the long call is queued
+        assert go.wait(10)
+        return step(batch)
+
+    monkeypatch.setattr(pipe.lm, "step", held_step, raising=False)
+    runner = runners(pipe, recs, max_batch=4, max_wait_ms=0, prefill_chunk_tokens=8)
+    first = asyncio.ensure_future(runner.recommend("learned", [short[0]], topk=short[1]))
+    await _until(lambda: runner.calls == 1)
+    second = asyncio.ensure_future(runner.recommend("full-history", [long_[0]], topk=long_[1]))
+    await _until(lambda: runner.queue_depth() == 1)
+    go.set()
+    [got_short], [got_long] = await asyncio.gather(first, second)
+    for want, got in ((want_short, got_short), (want_long, got_long)):
+        assert got.items == want.items and got.generated == want.generated
+        assert got.memory_indices == want.memory_indices
+    # the first prefill ran whole (nothing was decoding), the long one in chunks of 8 columns with the
+    # short row's steps between them, as long as it was decoding
+    assert events[0] == "prefill" and n_tokens > 5 * 8
+    chunks = [j for j, e in enumerate(events) if e == "chunk"]
+    assert len(chunks) >= 3 and all(events[j + 1] == "step" for j in chunks[:3])
+    assert runner._decoding is None and not runner._admitting
+
+
+async def test_a_failing_prefill_takes_its_rows_back_and_retries_its_calls_alone(pipe, runners, monkeypatch):
+    """Two calls admitted together, in two prefill groups: the first group joins the decoding batch,
+    the second fails (a memory of the wrong width); the first call's rows are taken back and both calls
+    run alone: the good one is answered as alone, the bad one fails by itself."""
+    rec = pipe.recommender("learned", max_new_tokens=MAX_NEW, prefill_max_tokens=1)  # every row alone
+    good = _requests(pipe)[0]
+    bad = RecommendRequest(context=list(range(9)), memory=torch.zeros(3, pipe.lm.hidden_size + 1), seed=5)
+    want = rec.recommend([good[0]], topk=good[1])[0]
+    events, rows = _trace(pipe, monkeypatch)
+    runner = runners(pipe, {"learned": rec}, max_batch=4, max_wait_ms=5000, prefill_chunk_tokens=1000)
+    got = await asyncio.gather(runner.recommend("learned", [good[0]], topk=good[1]),
+                               runner.recommend("learned", [bad], topk=3), return_exceptions=True)
+    assert isinstance(got[1], RuntimeError) and not isinstance(got[0], BaseException)
+    assert got[0][0].items == want.items and got[0][0].generated == want.generated
+    # the good row prefilled, stepped once, was taken back when the bad group failed, then ran alone
+    assert events[:2] == ["prefill", "step"] and events.count("prefill") == 2
+    assert set(rows) == {1}  # the row taken back never decoded beside its retry
+    assert runner._decoding is None and not runner._admitting and runner.queue_depth() == 0
 
 
 async def test_batched_encode_splits_back(pipe, runners):

@@ -164,8 +164,8 @@ def test_recommend_runs_the_step_path_with_its_groups_and_drafts(parts, full_his
     grouped = _rec(parts, policy=policy, full_history=full_history, prefill_max_tokens=1, batch_size=4,
                    draft_tokens=4, draft_max_rows=4)
     starts, observed = [], []
-    start = lm.start
-    monkeypatch.setattr(lm, "start", lambda prompts, *a, **k: starts.append(len(prompts)) or start(prompts, *a, **k))
+    begin = lm.begin
+    monkeypatch.setattr(lm, "begin", lambda prompts, *a, **k: starts.append(len(prompts)) or begin(prompts, *a, **k))
     monkeypatch.setattr(grouped.drafter, "observe", lambda tokens: observed.append(list(tokens)))
     a = plain.recommend(reqs, topk=5)
     assert starts == [4, 1]  # one padded prefill per batch of 4
