@@ -6,7 +6,11 @@ In one run, against ``--url``:
   /interactions    acknowledgement latency of single-event batches (fresh event ids) at concurrency
                    1 and 16, on users ``<prefix><run id>-<j>`` that are deleted at the end
 and the ratios automr/bigrec p50, automr/full-history p50 (per concurrency) and the throughput of
-the highest over the lowest concurrency per mode.
+the highest over the lowest concurrency per mode. With ``--mixed A,F`` also a mixed cell: A workers
+send automr requests while F workers send full-history ones until the automr requests are done.
+It measures how long prompts' prefills delay the short requests that share the model with them
+(chunked prefill, ``AUTOMR_PREFILL_CHUNK_TOKENS``); ``mixed automr / automr p50`` compares it with
+the automr-only cell at concurrency A, when there is one.
 
 Users: ``--users FILE`` (one id per line) or ``--data DIR`` (a prepared dataset: the users of
 ``interactions.csv`` with more than 10 interactions). Before the cells, every selected user gets one
@@ -67,6 +71,7 @@ class BenchConfig:
     timeout_s: float = 300.0  # per request
     wait_ready_s: float = 0.0  # poll /readyz this long before giving up
     max_429_sleep_s: float = 1.0
+    mixed: tuple[int, ...] = ()  # (automr workers, full-history workers) of the mixed cell; () = none
 
     def __post_init__(self) -> None:
         for name in ("requests", "append_requests", "bench_users", "k"):
@@ -230,8 +235,10 @@ async def _send(client: HttpClient, req: Request) -> Reply:
 
 
 async def run_cell(client: HttpClient, concurrency: int, n: int, make: Callable[[int], Request],
-                   warmup: int = 0, check: Check | None = None, max_429_sleep_s: float = 1.0) -> Cell:
-    """``warmup`` untimed then ``n`` timed requests ``make(0..n-1)``, ``concurrency`` workers in a closed loop."""
+                   warmup: int = 0, check: Check | None = None, max_429_sleep_s: float = 1.0,
+                   stop: asyncio.Event | None = None) -> Cell:
+    """``warmup`` untimed then ``n`` timed requests ``make(0..n-1)``, ``concurrency`` workers in a closed
+    loop; once ``stop`` is set, the workers send no new request (those in flight are still timed)."""
     cell = Cell(concurrency=concurrency, requests=n)
 
     async def work(next_index: Callable[[], int | None], record: bool) -> None:
@@ -255,9 +262,9 @@ async def run_cell(client: HttpClient, concurrency: int, n: int, make: Callable[
             elif r.status_code == 429:
                 await asyncio.sleep(min(max_429_sleep_s, _retry_after(r)))
 
-    def counter(start: int, stop: int) -> Callable[[], int | None]:
-        it = iter(range(start, stop))
-        return lambda: next(it, None)
+    def counter(start: int, end: int) -> Callable[[], int | None]:
+        it = iter(range(start, end))
+        return lambda: None if stop is not None and stop.is_set() else next(it, None)
 
     if warmup:
         nxt = counter(n, n + warmup)  # indices past the timed ones: warm-up requests are not repeated
@@ -365,6 +372,9 @@ async def run_bench(cfg: BenchConfig, client: HttpClient | None = None) -> dict[
                 out["recommend"][mode][str(c)] = cell.summary()
                 _print_row(mode, cell.summary())
 
+        if cfg.mixed:
+            out["mixed"] = await run_mixed(client, cfg, users)
+
         out["append"] = {}
         base_ts = int(time.time())
         for c in cfg.append_concurrency:
@@ -395,6 +405,32 @@ async def run_bench(cfg: BenchConfig, client: HttpClient | None = None) -> dict[
     return out
 
 
+async def run_mixed(client: HttpClient, cfg: BenchConfig, users: list[str]) -> dict[str, Any]:
+    """``cfg.requests`` timed automr requests from ``cfg.mixed[0]`` workers while ``cfg.mixed[1]``
+    workers send full-history requests (from the same users, other ones at a time) until they are done."""
+    n_short, n_long = cfg.mixed
+    done = asyncio.Event()
+
+    def make(mode: str, shift: int) -> Callable[[int], Request]:
+        return lambda i: ("POST", "/recommend", {"user_id": users[(i + shift) % len(users)], "k": cfg.k, "mode": mode})
+
+    longs = asyncio.ensure_future(run_cell(client, n_long, 1 << 30, make("full-history", len(users) // 2),
+                                           check=recommend_check("full-history"),
+                                           max_429_sleep_s=cfg.max_429_sleep_s, stop=done))
+    try:
+        await asyncio.sleep(0)  # the long workers send first
+        short = await run_cell(client, n_short, cfg.requests, make("automr", 0), warmup=cfg.warmup,
+                               check=recommend_check("automr"), max_429_sleep_s=cfg.max_429_sleep_s)
+    finally:
+        done.set()
+    long_cell = await longs
+    long_cell.requests = sum(long_cell.statuses.values()) + sum(long_cell.exceptions.values())
+    res = {"automr": short.summary(), "full-history": long_cell.summary()}
+    _print_row("mixed automr", res["automr"])
+    _print_row("mixed full-h.", res["full-history"])
+    return res
+
+
 def ratios(out: dict, cfg: BenchConfig) -> dict[str, Any]:
     """automr/bigrec and automr/full-history p50 per concurrency; throughput c_max/c_min per mode and for appends."""
     rec = out.get("recommend", {})
@@ -413,6 +449,10 @@ def ratios(out: dict, cfg: BenchConfig) -> dict[str, Any]:
     alo, ahi = str(min(cfg.append_concurrency)), str(max(cfg.append_concurrency))
     if alo in app and ahi in app:
         res[f"append throughput c{ahi}/c{alo}"] = div(app[ahi]["throughput_rps"], app[alo]["throughput_rps"])
+    mixed, alone = out.get("mixed"), rec.get("automr", {}).get(str(cfg.mixed[0]) if cfg.mixed else "")
+    if mixed and alone:
+        res["mixed automr / automr p50"] = div(mixed["automr"]["p50_ms"], alone["p50_ms"])
+        res["mixed automr / automr p99"] = div(mixed["automr"]["p99_ms"], alone["p99_ms"])
     return res
 
 
@@ -495,6 +535,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     ap.add_argument("--wait-ready", type=float, default=0.0, help="seconds to wait for /readyz 200")
     ap.add_argument("--max-429-sleep", type=float, default=1.0)
+    ap.add_argument("--mixed", type=_ints, default=(), metavar="A,F",
+                    help="also a mixed cell: A automr workers while F full-history workers run (default: none)")
     ap.add_argument("--json", type=Path, default=None, help="write every figure here")
     return ap.parse_args(argv)
 
@@ -516,8 +558,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         requests=args.requests, warmup=args.warmup, prime=not args.no_prime, k=args.k,
         append_concurrency=args.append_concurrency, append_requests=args.append_requests,
         bench_prefix=args.bench_prefix, bench_users=args.bench_users, timeout_s=args.timeout,
-        wait_ready_s=args.wait_ready, max_429_sleep_s=args.max_429_sleep,
+        wait_ready_s=args.wait_ready, max_429_sleep_s=args.max_429_sleep, mixed=args.mixed,
     )
+    if cfg.mixed and (len(cfg.mixed) != 2 or min(cfg.mixed) < 1):
+        raise SystemExit(f"--mixed takes two worker counts >= 1 (automr,full-history), got {list(cfg.mixed)}")
     started = time.time()
     print(f"{args.url}: {len(users)} users (of {eligible} eligible), {cfg.requests} requests/cell "
           f"(+{cfg.warmup} warm-up), concurrency {list(cfg.concurrency)}, appends {cfg.append_requests}/cell "

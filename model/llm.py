@@ -810,12 +810,17 @@ class SplitLM:
         batch.logits = out.logits[:, -1].float()
         return finished
 
+    def _finishes(self, batch: "DecodeBatch", j: int, tok: int, stop: StopAfterFirstLine | None) -> bool:
+        """Would ``tok`` finish row ``j`` (eos, its token budget, or the end of its answer line)?"""
+        toks = batch.tokens[j]
+        return (tok == self.eos_id or len(toks) + 1 >= batch.max_new[j]
+                or (batch.stop_lines[j] and stop.ends_with_stop([*toks, tok])))
+
     def _take(self, batch: "DecodeBatch", j: int, tok: int, stop: StopAfterFirstLine | None) -> bool:
         """Append ``tok`` to row ``j``'s tokens; is the row finished?"""
-        toks = batch.tokens[j]
-        toks.append(tok)
-        return (tok == self.eos_id or len(toks) >= batch.max_new[j]
-                or (batch.stop_lines[j] and stop.ends_with_stop(toks)))
+        done = self._finishes(batch, j, tok, stop)
+        batch.tokens[j].append(tok)
+        return done
 
     @staticmethod
     def _leave(batch: "DecodeBatch", done: Sequence[bool]) -> list[tuple[Any, list[int]]]:
@@ -870,11 +875,9 @@ class SplitLM:
         for j, d in enumerate(drafts):
             a, fin = 0, False
             while a < len(d) and d[a] == int(greedy[j, a]) and not fin:
+                if not finish and self._finishes(batch, j, d[a], stop):
+                    break  # left pending: the first step takes it and finishes the row
                 fin = self._take(batch, j, d[a], stop)
-                if fin and not finish:
-                    batch.tokens[j].pop()
-                    fin = False
-                    break
                 a += 1
             kept.append(a)
             done.append(fin)

@@ -76,6 +76,12 @@ class Pipeline:
             self._ground_memo = GroundingMemo(self.titles, self.index, max_recent=self.ground_memo_recent)
         return self._ground_memo
 
+    @property
+    def ground_memo_built(self) -> GroundingMemo | None:
+        """The grounding memo if a recommender has built it, else None (metrics read it without
+        building one)."""
+        return self._ground_memo
+
     def recommender(self, policy: str = "none", full_history: bool = False, **config) -> Recommender:
         """A ``Recommender`` over the shared pieces. ``config``: other ``RecommenderConfig`` fields
         (max_new_tokens, num_beams, batch_size, topk, draft_tokens...)."""

@@ -52,9 +52,11 @@ def cmd_evaluate(args, settings: Settings) -> int:
     from model.eval.evaluator import run_evaluation
 
     options = _parse_options(args.option)
-    if args.method in LLM_METHODS:  # the generator's settings (AUTOMR_CUT_LAYER, ...) as defaults
+    if args.method in LLM_METHODS:  # the generator's and the served generation's settings as defaults
         options.setdefault("cut", settings.cut_layer)
         options.setdefault("dtype", settings.dtype)
+        for key, value in settings.generation().items():
+            options.setdefault(key, value)
         if settings.model_path:
             options.setdefault("model", str(settings.model_path))
     run_evaluation(args.data, args.method, limit=args.limit, seed=args.seed, out=args.out,
@@ -197,7 +199,8 @@ def cmd_reproduce(args, settings: Settings) -> int:
     budget = dict(BUDGETS[args.budget])
     budget.update({k: v for k in budget if (v := getattr(args, k)) is not None})  # flags given win
     cfg = ReproduceConfig(dataset=args.dataset, path=args.path, runs=args.runs, docs=args.docs,
-                          cut=settings.cut_layer, dtype=settings.dtype, head_cache=not args.no_head_cache,
+                          cut=settings.cut_layer, dtype=settings.dtype,
+                          generation={**settings.generation(), **({"head_cache": False} if args.no_head_cache else {})},
                           model=str(settings.model_path) if settings.model_path else None,
                           artefacts=args.artefacts, until=args.until, element=args.element,
                           limit=args.limit, seed=args.seed, methods=methods, **budget)

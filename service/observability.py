@@ -171,7 +171,8 @@ class Metrics:
         self.in_flight = Gauge("automr_http_requests_in_flight", "HTTP requests being answered", registry=r)
         self.redis_errors = Counter("automr_redis_errors", "Requests that failed because Redis was unavailable "
                                     "(503 store_unavailable)", registry=r)
-        self.batch_size = Histogram("automr_model_batch_size", "Requests (recommend: per prefill or whole call; ground: per grounding pass) or windows (encode) per model call",
+        self.batch_size = Histogram("automr_model_batch_size", "Requests (recommend: per admission's prefills or whole call; ground: per grounding pass), rows "
+                                    "(prefill_chunk: per prefill forward, whole or one chunk) or windows (encode) per model call",
                                     ["kind"], buckets=BATCH_BUCKETS, registry=r)
         self.model_seconds = Histogram("automr_model_call_seconds", "Wall time of one model call",
                                        ["kind"], buckets=LATENCY_BUCKETS, registry=r)
@@ -221,7 +222,7 @@ class Metrics:
 
     def _ground_memo(self, attr: str) -> float:
         pipeline = getattr(getattr(self.state, "runner", None), "pipeline", None)
-        memo = getattr(pipeline, "_ground_memo", None)  # not built (or off): nothing grounded through it
+        memo = getattr(pipeline, "ground_memo_built", None)  # None: not built (or off), nothing grounded
         return float(getattr(memo, attr, 0))
 
     # ---- requests --------------------------------------------------------------------------------------

@@ -39,7 +39,9 @@ class ReproduceConfig:
     k_short: int = 10
     cut: int = 20
     dtype: str = "auto"
-    head_cache: bool = True  # generation reuses the template head's KV cache (False: whole prefills)
+    # the LLM methods' generation options (RecommenderConfig fields; the CLI passes the service's,
+    # Settings.generation); absent ones take RecommenderConfig's defaults
+    generation: dict = field(default_factory=dict)
     model: str | None = None
     generator_samples: int = 1024  # BIGRec's budget
     generator_epochs: int = 2
@@ -98,7 +100,7 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     data = cfg.runs / cfg.dataset
     art = cfg.artefacts or data / "artefacts"
     results = data / "results"
-    llm_opts = {"cut": cfg.cut, "dtype": cfg.dtype, "element": cfg.element, "head_cache": cfg.head_cache}
+    llm_opts = {**cfg.generation, "cut": cfg.cut, "dtype": cfg.dtype, "element": cfg.element}
     if cfg.model:
         llm_opts["model"] = cfg.model
     t_all = time.perf_counter()

@@ -9,8 +9,11 @@ thread serves the queue.
 - ``recommend`` of a greedy recommender (the service's: automr, bigrec, full-history) is batched
   continuously. The rows of the requests being generated form one decoding batch
   (``model.llm.DecodeBatch``). Between two decoding steps, queued calls join it, up to ``max_batch``
-  rows: their prefill (``Recommender.start``) runs and their rows are merged in, whatever their
-  recommender (only the prefill differs between them). A row leaves as soon as its answer line is
+  rows: their prefills (``Recommender.begin``, one per prefill group) run and their rows are merged
+  in, whatever their recommender (only the prefill differs between them). While rows decode, a
+  prefill runs ``prefill_chunk_tokens`` padded tokens at a time, with a decoding step after each
+  chunk (chunked prefill: ``SplitLM.advance``), so a long prompt does not stop the decoding rows for
+  its whole length; rows being prefilled count against ``max_batch``. A row leaves as soon as its answer line is
   done, and its place is free for the next call. A call whose rows are all done is grounded and
   answered (``Recommender.finish``) together with the other done calls, in one pass: at once when
   nothing else decodes, else after at most ``ground_wait_ms`` or as soon as the done rows fill a
@@ -41,8 +44,9 @@ batch) and every queued call still run, for up to ``timeout`` seconds; calls sti
 with ``RunnerClosed``.
 
 ``queue_depth()`` and ``add_listener(fn(kind, size, seconds))`` (called after each model call, on the
-model thread: a prefill that admits ``size`` requests, a whole recommend call, an encode call, or
-"ground": a grounding pass of ``size`` requests) are for metrics.
+model thread: "recommend", the prefills that admitted ``size`` requests, or a whole recommend call;
+"prefill_chunk", one prefill forward of ``size`` rows (whole or a chunk); "encode", an encode call;
+"ground", a grounding pass of ``size`` requests) are for metrics.
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ from service.errors import ApiError
 
 log = logging.getLogger(__name__)
 
-Listener = Callable[[str, int, float], None]  # (kind "recommend" | "encode" | "ground", size, seconds)
+Listener = Callable[[str, int, float], None]  # (kind "recommend" | "prefill_chunk" | "encode" | "ground", size, seconds)
 
 
 class QueueFull(Exception):
@@ -398,7 +402,9 @@ class ModelRunner:
             self._take_back(adm.jobs)
             self._retry_alone([job.call for job in adm.jobs if not job.done], e, "prefill")
             return
-        adm.seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        adm.seconds += seconds
+        self._tell("prefill_chunk", prefill.rows, seconds)  # what decoding rows waited for
         if part is None:
             return
         adm.prefills.popleft()

@@ -111,6 +111,13 @@ class Settings(BaseSettings):
     # (gc.freeze): a full collection over them stalls the process ~0.5 s. Process-wide: off in tests
     gc_freeze: bool = True
 
+    def generation(self) -> dict:
+        """How the service generates (``RecommenderConfig`` fields). Also the LLM methods' defaults in
+        ``automr evaluate`` and ``automr reproduce``, so that evaluated figures come from the served path."""
+        return dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, head_cache=self.head_cache,
+                    prefill_max_tokens=self.prefill_max_tokens, draft_tokens=self.draft_tokens,
+                    draft_max_rows=self.draft_max_rows, ground_memo=self.ground_memo)
+
     def resolved_data_dir(self) -> Path:
         return self.data_dir or self.home / "data" / self.dataset
 

@@ -136,9 +136,7 @@ class AppState:
                 return
             p = comp.pipeline
             p.draft_learn, p.ground_memo_recent = s.draft_learn, s.ground_memo_recent  # before they are built
-            cfg = dict(max_new_tokens=s.max_new_tokens, num_beams=s.num_beams, batch_size=s.llm_batch_size,
-                       head_cache=s.head_cache, prefill_max_tokens=s.prefill_max_tokens,
-                       draft_tokens=s.draft_tokens, draft_max_rows=s.draft_max_rows, ground_memo=s.ground_memo)
+            cfg = dict(batch_size=s.llm_batch_size, **s.generation())
             # the draft table and the grounding memo are built here with the recommenders, not in a request
             recommenders = {pol: p.recommender(pol, **cfg) for pol in ("none", "random", "semantic")}
             if p.retriever is not None:

@@ -68,7 +68,8 @@ def test_bench_against_a_real_server_every_cell_and_cleanup(tiny, memory_store, 
     with ThreadedServer(create_app(settings, components=comps)) as url:
         report = main(["--url", url, "--data", str(data_dir), "--concurrency", "1,4", "--requests", "4",
                        "--warmup", "1", "--append-concurrency", "1,4", "--append-requests", "8",
-                       "--bench-users", "3", "--wait-ready", "30", "--api-key", "s3cret", "--json", str(out)])
+                       "--bench-users", "3", "--wait-ready", "30", "--api-key", "s3cret", "--mixed", "1,1",
+                       "--json", str(out)])
         keys_after = set(memory_store.client.keys("*"))
         seeded = {u: memory_store.history(u) for u in users}
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
@@ -93,8 +94,16 @@ def test_bench_against_a_real_server_every_cell_and_cleanup(tiny, memory_store, 
     assert set(report["append"]) == {"1", "4"}
     for s in report["append"].values():
         assert (s["requests"], s["ok"], s["anomalies"], s["errors"]) == (8, 8, {}, {})  # each added exactly 1 event
+    # the mixed cell: 4 automr answers while full-history requests ran beside them (and stopped after)
+    mixed = report["mixed"]
+    assert (mixed["automr"]["ok"], mixed["automr"]["requests"], mixed["automr"]["anomalies"]) == (4, 4, {})
+    assert mixed["full-history"]["ok"] >= 1 and mixed["full-history"]["anomalies"] == {}
+    assert mixed["full-history"]["requests"] == mixed["full-history"]["ok"]
     r = report["ratios"]
-    assert set(r) == {"automr/bigrec p50", "automr/full-history p50", "throughput c4/c1", "append throughput c4/c1"}
+    assert set(r) == {"automr/bigrec p50", "automr/full-history p50", "throughput c4/c1", "append throughput c4/c1",
+                      "mixed automr / automr p50", "mixed automr / automr p99"}
+    assert r["mixed automr / automr p50"] == pytest.approx(
+        mixed["automr"]["p50_ms"] / report["recommend"]["automr"]["1"]["p50_ms"], rel=1e-3)
     for c in ("1", "4"):
         assert r["automr/bigrec p50"][c] == pytest.approx(
             report["recommend"]["automr"][c]["p50_ms"] / report["recommend"]["bigrec"][c]["p50_ms"], rel=1e-3)

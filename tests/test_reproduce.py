@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from service.reproduce import ReproduceConfig, reproduce
+from service.settings import Settings
 from tests.conftest import build_tiny_lm, build_tiny_tokenizer, write_tiny_csv_dataset
 
 
@@ -24,7 +25,8 @@ def test_reproduce_runs_every_stage_and_resumes(tmp_path, one_thread, capsys):
                min_item=1, min_user=1, k_short=3,
                cut=2, dtype="float32", model=str(model_dir), generator_samples=8, generator_epochs=1,
                label_train=4, label_valid=2, per_user=2, limit=6,
-               methods=("popularity", "bigrec", "full-history", "random", "semantic", "automr"))
+               methods=("popularity", "bigrec", "full-history", "random", "semantic", "automr"),
+               generation=Settings(draft_tokens=3, draft_max_rows=4, max_new_tokens=5).generation())
     report = reproduce(ReproduceConfig(**cfg))
     art = tmp_path / "runs" / "csv" / "artefacts"
     assert (art / "generator" / "upper.safetensors").is_file()
@@ -33,6 +35,9 @@ def test_reproduce_runs_every_stage_and_resumes(tmp_path, one_thread, capsys):
     for m in cfg["methods"]:
         res = json.loads((tmp_path / "runs" / "csv" / "results" / f"{m}.json").read_text())
         assert res["n"] == 6 and f"| {m} |" in table
+        if m != "popularity":  # the LLM methods generate as the given service settings say
+            info = res["info"]
+            assert (info["draft_tokens"], info["draft_max_rows"], info["max_new_tokens"]) == (3, 4, 5)
     assert "automr | bigrec" in table and "automr | random" in table
     assert (tmp_path / "docs" / "csv" / "figure2.png").is_file() and (tmp_path / "docs" / "csv" / "figure3.png").is_file()
     assert {"data", "generator", "retriever", "evaluate automr"} <= set(report["timings_s"])

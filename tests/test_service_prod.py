@@ -274,6 +274,7 @@ async def test_metrics_request_counts_and_latency(world, comp, memory_store, red
     assert metric(text, "automr_model_batch_size_count", kind="recommend") == 1
     assert metric(text, "automr_model_batch_size_sum", kind="recommend") == 1
     assert metric(text, "automr_model_call_seconds_count", kind="recommend") == 1
+    assert metric(text, "automr_model_batch_size_sum", kind="prefill_chunk") == 1  # one forward of its one row
     # its one answer was grounded through the memo, one way or another
     assert sum(metric(text, "automr_ground_memo_texts", source=src) for src in ("catalogue", "recent", "embedded")) == 1
     assert metric(text, "automr_ready") == 1

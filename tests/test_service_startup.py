@@ -105,3 +105,18 @@ def test_uvicorn_listens_before_ready_then_serves(on_disk, memory_store, redis_u
         thread.join(30)
         torch.set_num_threads(before)
     assert not thread.is_alive()
+
+
+def test_evaluate_defaults_to_the_served_generation(monkeypatch):
+    """`automr evaluate` of an LLM method generates as the service does (``Settings.generation``);
+    an --option still wins."""
+    import service.cli as cli
+    import model.eval.evaluator as evaluator
+
+    seen = {}
+    monkeypatch.setattr(evaluator, "run_evaluation", lambda *a, **k: seen.update(k["options"]))
+    args = build_parser().parse_args(["evaluate", "--data", "d", "--method", "bigrec", "--option", "draft_tokens=0"])
+    settings = Settings(draft_max_rows=3, prefill_max_tokens=99, ground_memo=False)
+    assert cli.cmd_evaluate(args, settings) == 0
+    assert seen == {**settings.generation(), "draft_tokens": 0, "cut": settings.cut_layer, "dtype": settings.dtype}
+    assert (seen["draft_max_rows"], seen["prefill_max_tokens"], seen["ground_memo"]) == (3, 99, False)

@@ -10,16 +10,17 @@ slot (``model/recommend.py``). Options (``automr evaluate --option key=value``):
     retriever=DIR      default ARTEFACTS/retriever (automr only)
     element=           memory element kind: window | item (default: the retriever's, else window)
     n_slots=1          top-k elements into k slots
-    max_new_tokens=32, num_beams=1, batch_size=16
+    batch_size=16      requests per generation batch
     constrained=false  beam search restricted to real titles (num_beams beams; see model/recommend.py)
     exclude_history=true   drop the sample's history items from the ranking (false keeps them)
-    head_cache=true    reuse the prompt template head's KV cache (false: prefill whole prompts; in
-                       bfloat16 the two round differently, see docs/BENCHMARKS.md §5)
-    prefill_max_tokens=2048, draft_tokens=8, draft_max_rows=2, ground_memo=true
-                       as the service's settings of the same names (docs/SERVICE.md): greedy answers
-                       are decoded by the service's step-wise path with its drafting and grounded
-                       through its memo (the same answers in float32; bfloat16 rounds differently
-                       with other shapes, as batching does)
+    max_new_tokens, num_beams, head_cache, prefill_max_tokens, draft_tokens, draft_max_rows, ground_memo
+                       ``RecommenderConfig`` fields. ``automr evaluate`` and ``automr reproduce`` default
+                       them to the service's settings of the same names (``Settings.generation``,
+                       docs/SERVICE.md): greedy answers are decoded by the service's step-wise path
+                       with its drafting and grounded through its memo (the same answers in float32;
+                       bfloat16 rounds differently with other shapes, as batching does). Called
+                       directly, absent ones take ``RecommenderConfig``'s defaults.
+                       head_cache=false prefills whole prompts (bfloat16 rounds differently, §5)
 """
 from __future__ import annotations
 
@@ -33,6 +34,12 @@ from model.data.types import Sample
 from model.eval.evaluator import MethodContext, register_method
 from model.pipeline import load_pipeline
 from model.recommend import Recommender, RecommendRequest
+
+
+# options that are RecommenderConfig fields (absent: RecommenderConfig's default)
+GENERATION_OPTIONS = {"max_new_tokens": int, "num_beams": int, "batch_size": int, "constrained": bool,
+                      "head_cache": bool, "prefill_max_tokens": int, "draft_tokens": int, "draft_max_rows": int,
+                      "ground_memo": bool}
 
 
 def sample_seed(sample: Sample, seed: int) -> int:
@@ -101,14 +108,8 @@ def _factory(name: str, policy: str, full_history: bool = False):
             retriever_dir=opt.get("retriever"), need_retriever=policy == "learned",
             element=opt.get("element"), n_slots=int(opt.get("n_slots", 1)), progress=ctx.progress,
         )
-        rec = pipe.recommender(policy, full_history, max_new_tokens=int(opt.get("max_new_tokens", 32)),
-                               num_beams=int(opt.get("num_beams", 1)), batch_size=int(opt.get("batch_size", 16)),
-                               constrained=bool(opt.get("constrained", False)),
-                               head_cache=bool(opt.get("head_cache", True)),
-                               prefill_max_tokens=int(opt.get("prefill_max_tokens", 2048)),
-                               draft_tokens=int(opt.get("draft_tokens", 8)),
-                               draft_max_rows=int(opt.get("draft_max_rows", 2)),
-                               ground_memo=bool(opt.get("ground_memo", True)))
+        rec = pipe.recommender(policy, full_history,
+                               **{key: kind(opt[key]) for key, kind in GENERATION_OPTIONS.items() if key in opt})
         memory = pipe.cached_memory_encoder(root / "memory", progress=ctx.progress) if policy != "none" else None
         return LLMRanker(name, rec, ds.k_short, memory, seed=ctx.seed,
                          exclude_history=bool(opt.get("exclude_history", True)), version=pipe.version())
