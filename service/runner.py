@@ -382,13 +382,17 @@ class ModelRunner:
             self._admit([c], first=True)
 
     def _prefill(self) -> None:
-        """Run the oldest admission's next prefill: one chunk of ``prefill_chunk_tokens`` padded tokens
-        while rows are decoding (they wait for no more than that between two steps), else the whole
-        group at once. A group done prefilling joins the decoding batch; an admission whose group
-        fails is taken back (its rows leave the decoding batch) and its calls are retried alone."""
+        """Run the next admission's next prefill: one chunk of ``prefill_chunk_tokens`` padded tokens
+        while rows are decoding or other prefills wait (they wait for no more than that), else the
+        whole group at once. A group done prefilling joins the decoding batch; an admission whose group
+        fails is taken back (its rows leave the decoding batch) and its calls are retried alone.
+
+        Admissions take turns (round robin, a chunk or a group each): a short prompt admitted while a
+        long one is being prefilled in chunks waits for one chunk, not for the rest of the long one."""
         adm = self._admitting[0]
         prefill = adm.prefills[0]
-        chunk = self.prefill_chunk_tokens if self._decoding is not None and self.prefill_chunk_tokens else None
+        waiting = self._decoding is not None or len(self._admitting) > 1  # rows or other prefills wait for it
+        chunk = self.prefill_chunk_tokens if waiting and self.prefill_chunk_tokens else None
         t0 = time.perf_counter()
         try:
             part = self.pipeline.lm.advance(prefill, chunk)
@@ -405,10 +409,11 @@ class ModelRunner:
         seconds = time.perf_counter() - t0
         adm.seconds += seconds
         self._tell("prefill_chunk", prefill.rows, seconds)  # what decoding rows waited for
-        if part is None:
-            return
-        adm.prefills.popleft()
-        if not adm.prefills:
+        if part is not None:
+            adm.prefills.popleft()
+        if adm.prefills:
+            self._admitting.rotate(-1)  # the other admissions' prefills go first
+        else:
             self._admitting.popleft()
             self._observe("recommend", sum(len(c.items) for c in adm.calls), adm.seconds)
 

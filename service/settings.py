@@ -99,9 +99,10 @@ class Settings(BaseSettings):
     # how long an answer done decoding waits for others to be grounded with it, while other rows decode
     ground_max_wait_ms: float = Field(default=100.0, ge=0)
     # chunked prefill: while rows decode, a prefill runs this many padded prompt tokens between two
-    # decoding steps, so a long prompt (full-history: ~1,200 tokens, ~1.2 s) no longer stalls them
-    # for its whole length; 0 = every prefill group runs whole
-    prefill_chunk_tokens: int = Field(default=512, ge=0)
+    # decoding steps, so a long prompt (full-history: ~1,200 tokens, ~1.2 s) does not stop them for
+    # its whole length at once; 0 = every prefill group runs whole (the default: with whole answers
+    # per response, 512 changed no end-to-end latency under load, BENCHMARKS §6f)
+    prefill_chunk_tokens: int = Field(default=0, ge=0)
     max_queue: int = Field(default=64, ge=1)  # requests waiting for the model; more -> 429 + Retry-After
     # security and limits
     api_key: SecretStr | None = None  # when set: `Authorization: Bearer <key>` on every non-health endpoint

@@ -306,14 +306,17 @@ async def test_prefill_in_groups_equals_one_at_a_time(pipe, runners, monkeypatch
         np.testing.assert_allclose(g.distances, want.distances, rtol=1e-5, atol=1e-6)
 
 
-def _trace(pipe, monkeypatch) -> tuple[list[str], list[int]]:
+def _trace(pipe, monkeypatch) -> tuple[list[str], list[int], list[int]]:
     """What the model thread does, in order: "chunk" (a prefill chunk), "prefill" (a prefill's last
-    forward) and "step" (a decoding step); and the rows of each step."""
-    events, rows, advance, step = [], [], pipe.lm.advance, pipe.lm.step
+    forward) and "step" (a decoding step); the rows of each step; the prompt length of each prefill
+    done, in order."""
+    events, rows, done, advance, step = [], [], [], pipe.lm.advance, pipe.lm.step
 
     def traced_advance(prefill, max_tokens=None):
         out = advance(prefill, max_tokens)
         events.append("chunk" if out is None else "prefill")
+        if out is not None:
+            done.append(prefill.prompt_len)
         return out
 
     def traced_step(batch):
@@ -323,20 +326,21 @@ def _trace(pipe, monkeypatch) -> tuple[list[str], list[int]]:
 
     monkeypatch.setattr(pipe.lm, "advance", traced_advance, raising=False)
     monkeypatch.setattr(pipe.lm, "step", traced_step, raising=False)
-    return events, rows
+    return events, rows, done
 
 
 async def test_a_long_prefill_runs_in_chunks_between_the_steps_of_decoding_rows(pipe, runners, monkeypatch):
     """Chunked prefill: a full-history call arriving while a call decodes is prefilled a chunk at a
-    time, with a decoding step after each chunk; both get the answers they get alone."""
+    time, with a decoding step after each chunk; a short call queued after it is prefilled between
+    two of its chunks (round robin); all get the answers they get alone."""
     recs = {"learned": pipe.recommender("learned", max_new_tokens=MAX_NEW),
             "full-history": pipe.recommender("none", full_history=True, max_new_tokens=MAX_NEW)}
     reqs = _requests(pipe)
-    short, long_ = reqs[0], (RecommendRequest(context=list(range(18)), exclude={0}, seed=9), 5)
-    want_short = recs["learned"].recommend([short[0]], topk=short[1])[0]
-    want_long = recs["full-history"].recommend([long_[0]], topk=long_[1])[0]
+    short, long_, later = reqs[0], (RecommendRequest(context=list(range(18)), exclude={0}, seed=9), 5), reqs[1]
+    want = [recs[key].recommend([r], topk=k)[0] for key, (r, k) in
+            (("learned", short), ("full-history", long_), ("learned", later))]
     n_tokens = len(recs["full-history"].prompts([long_[0]])[0].input_ids)
-    events, _ = _trace(pipe, monkeypatch)
+    events, _, done = _trace(pipe, monkeypatch)
     go, step = threading.Event(), pipe.lm.step
 
     def held_step(batch):  # the first step waits until the long call is queued
@@ -349,11 +353,13 @@ async def test_a_long_prefill_runs_in_chunks_between_the_steps_of_decoding_rows(
     await _until(lambda: runner.calls == 1)
     second = asyncio.ensure_future(runner.recommend("full-history", [long_[0]], topk=long_[1]))
     await _until(lambda: runner.queue_depth() == 1)
+    third = asyncio.ensure_future(runner.recommend("learned", [later[0]], topk=later[1]))
+    await _until(lambda: runner.queue_depth() == 2)
     go.set()
-    [got_short], [got_long] = await asyncio.gather(first, second)
-    for want, got in ((want_short, got_short), (want_long, got_long)):
-        assert got.items == want.items and got.generated == want.generated
-        assert got.memory_indices == want.memory_indices
+    got = [x[0] for x in await asyncio.gather(first, second, third)]
+    for w, g in zip(want, got):
+        assert g.items == w.items and g.generated == w.generated and g.memory_indices == w.memory_indices
+    assert done[1] < n_tokens == done[2]  # the later short call's prefill was done before the long one's
     # the first prefill ran whole (nothing was decoding), the long one in chunks of 8 columns with the
     # short row's steps between them, as long as it was decoding
     assert events[0] == "prefill" and n_tokens > 5 * 8
@@ -370,7 +376,7 @@ async def test_a_failing_prefill_takes_its_rows_back_and_retries_its_calls_alone
     good = _requests(pipe)[0]
     bad = RecommendRequest(context=list(range(9)), memory=torch.zeros(3, pipe.lm.hidden_size + 1), seed=5)
     want = rec.recommend([good[0]], topk=good[1])[0]
-    events, rows = _trace(pipe, monkeypatch)
+    events, rows, _ = _trace(pipe, monkeypatch)
     runner = runners(pipe, {"learned": rec}, max_batch=4, max_wait_ms=5000, prefill_chunk_tokens=1000)
     got = await asyncio.gather(runner.recommend("learned", [good[0]], topk=good[1]),
                                runner.recommend("learned", [bad], topk=3), return_exceptions=True)

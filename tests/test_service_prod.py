@@ -412,7 +412,7 @@ async def test_version(world, comp, memory_store, redis_url, tmp_path, monkeypat
     assert comp.pipeline.drafter.max_recent == 50_000
     # every recommender grounds through the pipeline's one memo (catalogue rows + 10,000 recent answers)
     assert (s["ground_memo"], s["ground_memo_recent"]) == (True, 10_000)
-    assert (s["prefill_max_tokens"], s["prefill_chunk_tokens"]) == (2048, 512)
+    assert (s["prefill_max_tokens"], s["prefill_chunk_tokens"]) == (2048, 0)
     assert comp.pipeline.ground_memo.max_recent == 10_000
     assert all(r._ground_memo is comp.pipeline.ground_memo for r in state.runner.recommenders.values())
 
