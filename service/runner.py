@@ -112,12 +112,13 @@ class _Job:
     call: _Call
     recommender: Recommender
     started: float = field(default_factory=time.perf_counter)
+    # the memory picks of its whole admission (the prefills complete them in place), and its first row there
+    admission_picks: list = field(default_factory=list)
+    first_row: int = 0
 
     def __post_init__(self) -> None:
         self.texts: list[str | None] = [None] * len(self.call.items)  # None: the row is still decoding
         self.done_at: float | None = None  # monotonic time its last row finished (waiting for grounding)
-        self._picks: list = []  # its admission's memory picks (completed by the prefills), from _at on
-        self._at = 0
 
     @property
     def done(self) -> bool:
@@ -126,7 +127,7 @@ class _Job:
     @property
     def picks(self) -> list:
         """Its rows' memory picks: complete once its rows are prefilled (``Recommender.begin``)."""
-        return self._picks[self._at: self._at + len(self.texts)]
+        return self.admission_picks[self.first_row: self.first_row + len(self.texts)]
 
 
 @dataclass(eq=False)
@@ -363,7 +364,7 @@ class ModelRunner:
             return
         at = 0
         for job in jobs:
-            job._picks, job._at = picks, at
+            job.admission_picks, job.first_row = picks, at
             at += len(job.texts)
         admission = _Admission(calls, jobs, deque(prefills))
         if first:
