@@ -10,10 +10,11 @@ thread serves the queue.
   continuously. The rows of the requests being generated form one decoding batch
   (``model.llm.DecodeBatch``). Between two decoding steps, queued calls join it, up to ``max_batch``
   rows: their prefills (``Recommender.begin``, one per prefill group) run and their rows are merged
-  in, whatever their recommender (only the prefill differs between them). While rows decode, a
-  prefill runs ``prefill_chunk_tokens`` padded tokens at a time, with a decoding step after each
-  chunk (chunked prefill: ``SplitLM.advance``), so a long prompt does not stop the decoding rows for
-  its whole length; rows being prefilled count against ``max_batch``. A row leaves as soon as its answer line is
+  in, whatever their recommender (only the prefill differs between them). Admissions take turns, a
+  group each, with a decoding step after each turn; rows being prefilled count against ``max_batch``.
+  With ``prefill_chunk_tokens`` (0: off), while rows decode or other prefills wait, a turn runs that
+  many padded tokens of a prefill (chunked prefill: ``SplitLM.advance``), so a long prompt does not
+  stop the decoding rows for its whole length at once. A row leaves as soon as its answer line is
   done, and its place is free for the next call. A call whose rows are all done is grounded and
   answered (``Recommender.finish``) together with the other done calls, in one pass: at once when
   nothing else decodes, else after at most ``ground_wait_ms`` or as soon as the done rows fill a
@@ -471,8 +472,8 @@ class ModelRunner:
             self._tell("ground", sum(len(job.texts) for job in group), time.perf_counter() - t0)
 
     def _fail_all(self, calls: list[_Call], e: Exception) -> None:
-        """Fail the given calls and every call in the decoding batch (those not answered yet). Calls
-        done decoding are still grounded and answered."""
+        """Fail the given calls and every call being prefilled or decoded (those not answered yet).
+        Calls done decoding are still grounded and answered."""
         held = list(calls) + ([job.call for job, _ in self._decoding.tags] if self._decoding is not None else [])
         held += [c for adm in self._admitting for c in adm.calls]
         self._decoding = None
