@@ -306,11 +306,6 @@ class Prefill:
     def rows(self) -> int:
         return int(self.ids.shape[0])
 
-    @property
-    def left(self) -> int:
-        """Padded tokens still to feed (rows x columns)."""
-        return self.rows * (int(self.ids.shape[1]) - self.at)
-
 
 # --------------------------------------------------------------------------------------------------
 # SplitLM
