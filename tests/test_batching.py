@@ -378,7 +378,7 @@ async def test_a_failing_prefill_takes_its_rows_back_and_retries_its_calls_alone
     bad = RecommendRequest(context=list(range(9)), memory=torch.zeros(3, pipe.lm.hidden_size + 1), seed=5)
     want = rec.recommend([good[0]], topk=good[1])[0]
     events, rows, _ = _trace(pipe, monkeypatch)
-    runner = runners(pipe, {"learned": rec}, max_batch=4, max_wait_ms=5000, prefill_chunk_tokens=1000)
+    runner = runners(pipe, {"learned": rec}, max_batch=2, max_wait_ms=5000, prefill_chunk_tokens=1000)  # 2 calls fill it
     got = await asyncio.gather(runner.recommend("learned", [good[0]], topk=good[1]),
                                runner.recommend("learned", [bad], topk=3), return_exceptions=True)
     assert isinstance(got[1], RuntimeError) and not isinstance(got[0], BaseException)
