@@ -677,11 +677,16 @@ class SplitLM:
         cache = self._head_cache(prompts[0].input_ids[:head], rows, spare) if head else None
         return ids, mask, head, fill_from, cache
 
+    @staticmethod
+    def _slot_columns(prompts: Sequence[PromptIds], mask: torch.Tensor) -> list[list[int]]:
+        """Each row's slot positions in the padded batch: shifted by its padding, which comes before
+        the prompt or, with a shared head, right after it (slots always lie after the head)."""
+        pads = (mask == 0).sum(-1).tolist()
+        return [[pads[i] + q for q in p.slot_positions] for i, p in enumerate(prompts)]
+
     def _first_slot(self, prompts: Sequence[PromptIds], mask: torch.Tensor) -> int:
         """The first padded column that holds a slot in some row (the prompt length T when none)."""
-        t = mask.shape[1]
-        pads = (mask == 0).sum(-1).tolist()
-        return min((pads[i] + q for i, p in enumerate(prompts) for q in p.slot_positions), default=t)
+        return min((c for row in self._slot_columns(prompts, mask) for c in row), default=mask.shape[1])
 
     # ---- greedy decoding, one step at a time ------------------------------------------------------
 
@@ -954,13 +959,10 @@ class SplitLM:
         if len(shape) != 3 or shape[0] != b or shape[2] != self.hidden_size:
             raise ValueError(f"slot_vectors must be [B={b}, S, H={self.hidden_size}], got {tuple(shape)}")
         s = shape[1]
-        pads = (mask == 0).sum(-1).tolist()
-        rows = []
         for i, p in enumerate(prompts):
             if len(p.slot_positions) != s:
                 raise ValueError(f"prompt {i} has {len(p.slot_positions)} slots, slot_vectors give {s}")
-            rows.append([pads[i] + q for q in p.slot_positions])
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
+        return torch.tensor(self._slot_columns(prompts, mask), dtype=torch.long, device=self.device)
 
     # ---- LLM^(L:) scores for Eq. 5 --------------------------------------------------------------
 

@@ -21,7 +21,7 @@ items (best first, seen items dropped) followed by the L2 grounding of the best 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -239,7 +239,7 @@ class Recommender:
         for s in range(0, len(requests), cfg.batch_size):
             rows = list(range(s, min(s + cfg.batch_size, len(requests))))
             if self.steps_greedy:  # the service's step-wise path (``start``): a batch at a time here
-                batch = self._merged(self.lm.advance(p) for p in self._begin(requests, prompts, picks, rows, rows))
+                batch = self._prefill(self._begin(requests, prompts, picks, rows, rows))
                 for i, tokens in self.lm.decode(batch).items():
                     texts[i] = self.lm.text(tokens)
                 continue
@@ -291,7 +291,7 @@ class Recommender:
         ``DecodeBatch`` whose rows are named by ``tags``; decode it with ``self.lm.step`` (it can be
         merged with other batches of the same model) and pass the texts to ``finish``."""
         prefills, picks = self.begin(requests, tags)
-        return self._merged(self.lm.advance(p) for p in prefills), picks  # the prefills made the lazy picks
+        return self._prefill(prefills), picks  # the prefills made the lazy picks
 
     def begin(self, requests: Sequence[RecommendRequest], tags: Sequence) -> tuple[list[Prefill], list]:
         """``start`` without running the prefills: one ``Prefill`` per prefill group, for
@@ -320,10 +320,10 @@ class Recommender:
                                      max_new_tokens=cfg.max_new_tokens, reuse_head=cfg.head_cache, **policy))
         return out
 
-    @staticmethod
-    def _merged(batches: Iterable[DecodeBatch]) -> DecodeBatch:
+    def _prefill(self, prefills: Sequence[Prefill]) -> DecodeBatch:
+        """Run ``prefills`` whole, one after the other, into one decoding batch."""
         batch = None
-        for part in batches:
+        for part in (self.lm.advance(p) for p in prefills):
             if batch is None:
                 batch = part
             else:
