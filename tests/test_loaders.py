@@ -123,7 +123,7 @@ def test_amazon_2014_gzip_and_python_literal_meta():
     assert r.rows_read == 5
     assert r.malformed_examples == [
         "reviews_Books_5.json.gz:5: no unixReviewTime/timestamp",
-        "reviews_Books_5.json.gz:6: not a JSON object",
+        "reviews_Books_5.json.gz:6: neither JSON nor a python literal dict",
         "meta_Books.json:5: neither JSON nor a python literal dict",
     ]
     assert (r.items_without_title, r.interactions_without_title) == (1, 1)  # B000NOTITL

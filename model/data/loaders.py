@@ -521,6 +521,18 @@ def _parse_record(line: str) -> dict | None:
     return rec if isinstance(rec, dict) else None
 
 
+def _records(path: Path, report: LoadReport) -> Iterator[tuple[int, dict]]:
+    """(line number, dict) of every non-blank line of a JSON-lines dump; other lines are reported."""
+    for lineno, line in read_lines(path):
+        if not line.strip():
+            continue
+        rec = _parse_record(line)
+        if rec is None:
+            report.skip(path, lineno, "neither JSON nor a python literal dict")
+            continue
+        yield lineno, rec
+
+
 def load_amazon(path: Path, name: str | None = None, domain: str | None = None,
                 category: str | None = None) -> LoadedDataset:
     """Amazon review dumps (2014/2018: reviewerID, asin, unixReviewTime; 2023: user_id, parent_asin,
@@ -528,13 +540,7 @@ def load_amazon(path: Path, name: str | None = None, domain: str | None = None,
     rev_p, meta_p, cat = _amazon_files(Path(path), category)
     report = LoadReport(format="amazon", files=[str(rev_p), str(meta_p)])
     rows = _Rows()
-    for lineno, line in read_lines(rev_p):
-        if not line.strip():
-            continue
-        rec = _parse_record(line)
-        if rec is None:
-            report.skip(rev_p, lineno, "not a JSON object")
-            continue
+    for lineno, rec in _records(rev_p, report):
         user = rec.get("reviewerID", rec.get("user_id"))
         item = rec.get("parent_asin") or rec.get("asin")
         if "unixReviewTime" in rec:
@@ -556,13 +562,7 @@ def load_amazon(path: Path, name: str | None = None, domain: str | None = None,
     wanted = set(rows.items)
     titles: dict[str, str] = {}
     n_meta = 0
-    for lineno, line in read_lines(meta_p):
-        if not line.strip():
-            continue
-        rec = _parse_record(line)
-        if rec is None:
-            report.skip(meta_p, lineno, "neither JSON nor a python literal dict")
-            continue
+    for lineno, rec in _records(meta_p, report):
         n_meta += 1
         item = rec.get("parent_asin") or rec.get("asin")
         if item is None:
