@@ -202,7 +202,7 @@ def cmd_reproduce(args, settings: Settings) -> int:
                           cut=settings.cut_layer, dtype=settings.dtype,
                           generation={**settings.generation(), **({"head_cache": False} if args.no_head_cache else {})},
                           model=str(settings.model_path) if settings.model_path else None,
-                          artefacts=args.artefacts, until=args.until, element=args.element,
+                          artefacts=args.artefacts, until=args.until, element=args.element, titles=args.titles,
                           limit=args.limit, seed=args.seed, methods=methods, **budget)
     reproduce(cfg)
     return 0
@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--runs", type=Path, default=Path("runs"), help="RUNS/<dataset>: data, artefacts, results")
     rp.add_argument("--docs", type=Path, default=Path("docs/results"), help="reports go to DOCS/<dataset>")
     rp.add_argument("--limit", type=int, default=1000, help="seeded test subset, the same for every method")
+    rp.add_argument("--titles", choices=["as-is", "natural"], default="as-is",
+                    help="natural: 'Fugitive, The (1993)' -> 'The Fugitive (1993)' (data prepare --titles)")
     rp.add_argument("--no-head-cache", action="store_true",
                     help="prefill whole prompts instead of reusing the template head's KV cache (BENCHMARKS.md §5)")
     rp.add_argument("--budget", choices=["paper", "quick"], default="paper",

@@ -37,6 +37,7 @@ class ReproduceConfig:
     min_item: int = 5  # the protocol (docs/METHOD.md §1)
     min_user: int = 20
     k_short: int = 10
+    titles: str = "as-is"  # as-is | natural (a trailing article moves to the front: BENCHMARKS §4b)
     cut: int = 20
     dtype: str = "auto"
     # the LLM methods' generation options (RecommenderConfig fields; the CLI passes the service's,
@@ -109,8 +110,12 @@ def reproduce(cfg: ReproduceConfig) -> dict:
         _stage(cfg, "assets", False, lambda: fetch_assets())
     _stage(cfg, "data", (data / "stats.json").is_file(),
            lambda: prepare_cmd(cfg.dataset, str(data), path=cfg.path, min_item=cfg.min_item,
-                               min_user=cfg.min_user, k_short=cfg.k_short))
+                               min_user=cfg.min_user, k_short=cfg.k_short, titles=cfg.titles))
     ds = PreparedDataset.load(data)
+    cached_titles = ds.config.get("titles", "as-is")
+    if cached_titles != cfg.titles:  # every later stage would silently run on the other titles
+        raise ValueError(f"{data} holds data prepared with titles={cached_titles!r}, not {cfg.titles!r}: "
+                         f"give another --runs folder (or delete that one)")
     if cfg.until == "data":
         return {"timings_s": cfg.timings}
 

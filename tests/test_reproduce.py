@@ -71,3 +71,25 @@ def test_reproduce_until_retriever_trains_into_the_given_folder_and_evaluates_no
     assert set(again["timings_s"]) == set()
     out = capsys.readouterr().out
     assert "tuned on 6 samples" in out and "retriever: cached" in out
+
+
+def test_reproduce_natural_titles_reach_the_data_and_a_mismatched_cache_is_refused(tmp_path, one_thread):
+    """`--titles natural` prepares the data with natural titles (what every later stage reads); a runs
+    folder prepared with the other title style is not silently reused."""
+    import pytest
+
+    from model.data.prepared import PreparedDataset
+    from model.data.text import natural_title
+
+    raw = tmp_path / "raw"
+    write_tiny_csv_dataset(raw, n_users=4, per_user=6, seed=1)
+    items = (raw / "items.csv").read_text().splitlines()
+    (raw / "items.csv").write_text("\n".join(items[:1] + ["1,\"Fugitive, The (1993)\""] + items[2:]) + "\n")
+    cfg = dict(dataset="csv", path=str(raw), runs=tmp_path / "runs", docs=tmp_path / "docs", min_item=1,
+               min_user=1, k_short=3, until="data")
+    reproduce(ReproduceConfig(**cfg, titles="natural"))
+    ds = PreparedDataset.load(tmp_path / "runs" / "csv")
+    assert ds.config["titles"] == "natural" and "The Fugitive (1993)" in ds.catalogue.titles
+    assert all(t == natural_title(t) for t in ds.catalogue.titles)
+    with pytest.raises(ValueError, match="titles='natural', not 'as-is'"):
+        reproduce(ReproduceConfig(**cfg))
