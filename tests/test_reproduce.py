@@ -93,3 +93,22 @@ def test_reproduce_natural_titles_reach_the_data_and_a_mismatched_cache_is_refus
     assert all(t == natural_title(t) for t in ds.catalogue.titles)
     with pytest.raises(ValueError, match="titles='natural', not 'as-is'"):
         reproduce(ReproduceConfig(**cfg))
+
+
+def test_single_stage_commands_default_to_what_reproduce_runs():
+    """`automr train generator|retriever` run alone, without flags, train what `automr reproduce` (paper
+    budget) trains: §4d's retriever differed from §4's because the two defaults once differed."""
+    from service.cli import build_parser
+    from service.reproduce import BUDGETS
+
+    paper, rc = BUDGETS["paper"], ReproduceConfig(**BUDGETS["paper"])
+    g = build_parser().parse_args(["train", "generator", "--data", "d"])
+    assert (g.budget, g.valid_budget, g.epochs, g.lr, g.batch_size, g.seed) == (
+        paper["generator_samples"], paper["generator_valid"], paper["generator_epochs"], paper["generator_lr"],
+        paper["generator_batch"], rc.seed)
+    from model.train.generator import GeneratorTrainConfig
+
+    assert GeneratorTrainConfig().warmup_steps == paper["generator_warmup"]  # no flag: the config's default
+    r = build_parser().parse_args(["train", "retriever", "--data", "d"])
+    assert (r.budget, r.valid_budget, r.per_user, r.tau, r.element, r.seed) == (
+        paper["label_train"], paper["label_valid"], rc.per_user, rc.tau, rc.element, rc.seed)
