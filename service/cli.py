@@ -7,12 +7,13 @@ import logging
 import sys
 from pathlib import Path
 
-from service.reproduce import BUDGETS
+from service.reproduce import ReproduceConfig
 from service.settings import Settings
 
-# the single-stage commands (train generator / retriever) default to the budgets `automr reproduce`
-# runs, so a stage run alone gives the artefact the one command gives (BENCHMARKS §4d)
-PAPER = BUDGETS["paper"]
+# the single-stage commands (train generator / retriever) default to what `automr reproduce` runs (its
+# paper budget), so a stage run alone gives the artefact the one command gives (BENCHMARKS §4d)
+PAPER = ReproduceConfig()
+ELEMENT_HELP = "memory element kind (window: the paper's, ~100x costlier to encode on a CPU)"
 
 LLM_METHODS = ("bigrec", "full-history", "automr", "random", "semantic")
 
@@ -263,27 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
     tg = tsub.add_parser("generator", help="BIGRec tuning of layers L+1..N (response-only loss)")
     tg.add_argument("--data", required=True, type=Path)
     tg.add_argument("--artefacts", type=Path, default=None, help="default DATA/artefacts; writes ARTEFACTS/generator")
-    tg.add_argument("--budget", type=int, default=PAPER["generator_samples"],
+    tg.add_argument("--budget", type=int, default=PAPER.generator_samples,
                     help="train samples (seeded subset); BIGRec uses 1,024")
-    tg.add_argument("--valid-budget", type=int, default=PAPER["generator_valid"], help="valid samples for early stopping")
-    tg.add_argument("--epochs", type=int, default=PAPER["generator_epochs"], help="at most; early stopping on valid loss")
-    tg.add_argument("--lr", type=float, default=PAPER["generator_lr"])
-    tg.add_argument("--batch-size", type=int, default=PAPER["generator_batch"])
+    tg.add_argument("--valid-budget", type=int, default=PAPER.generator_valid, help="valid samples for early stopping")
+    tg.add_argument("--epochs", type=int, default=PAPER.generator_epochs, help="at most; early stopping on valid loss")
+    tg.add_argument("--lr", type=float, default=PAPER.generator_lr)
+    tg.add_argument("--batch-size", type=int, default=PAPER.generator_batch)
     tg.add_argument("--mode", choices=["full", "lora"], default="full")
-    tg.add_argument("--seed", type=int, default=0)
+    tg.add_argument("--seed", type=int, default=PAPER.seed)
     tg.set_defaults(func=cmd_train_generator)
 
     tr = tsub.add_parser("retriever", help="Eq. 5 labels on a sample budget, then the Eq. 6 KL-trained retriever")
     tr.add_argument("--data", required=True, type=Path)
     tr.add_argument("--artefacts", type=Path, default=None, help="default DATA/artefacts; writes ARTEFACTS/retriever")
-    tr.add_argument("--element", choices=["window", "item"], default="item",
-                    help="memory element kind (window: the paper's, ~100x costlier to encode on a CPU)")
-    tr.add_argument("--budget", type=int, default=PAPER["label_train"], help="labelled train samples")
-    tr.add_argument("--valid-budget", type=int, default=PAPER["label_valid"], help="labelled valid samples")
-    tr.add_argument("--per-user", type=int, default=8, help="consecutive samples per user (share elements); 0 = any")
-    tr.add_argument("--tau", type=float, default=1.0, help="label temperature: s' = softmax(delta / tau)")
+    tr.add_argument("--element", choices=["window", "item"], default=PAPER.element, help=ELEMENT_HELP)
+    tr.add_argument("--budget", type=int, default=PAPER.label_train, help="labelled train samples")
+    tr.add_argument("--valid-budget", type=int, default=PAPER.label_valid, help="labelled valid samples")
+    tr.add_argument("--per-user", type=int, default=PAPER.per_user, help="consecutive samples per user (share elements); 0 = any")
+    tr.add_argument("--tau", type=float, default=PAPER.tau, help="label temperature: s' = softmax(delta / tau)")
     tr.add_argument("--grid", action="store_true", help="the paper's lr x batch grid")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=int, default=PAPER.seed)
     tr.set_defaults(func=cmd_train_retriever)
 
     rp = sub.add_parser("reproduce", help="every published number: data -> generator -> retriever -> Table 1, figures")
@@ -291,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--path", default=None, help="raw data (ml-100k: the fetched copy)")
     rp.add_argument("--runs", type=Path, default=Path("runs"), help="RUNS/<dataset>: data, artefacts, results")
     rp.add_argument("--docs", type=Path, default=Path("docs/results"), help="reports go to DOCS/<dataset>")
-    rp.add_argument("--limit", type=int, default=1000, help="seeded test subset, the same for every method")
-    rp.add_argument("--titles", choices=["as-is", "natural"], default="as-is",
+    rp.add_argument("--limit", type=int, default=PAPER.limit, help="seeded test subset, the same for every method")
+    rp.add_argument("--titles", choices=["as-is", "natural"], default=PAPER.titles,
                     help="natural: 'Fugitive, The (1993)' -> 'The Fugitive (1993)' (data prepare --titles)")
     rp.add_argument("--no-head-cache", action="store_true",
                     help="prefill whole prompts instead of reusing the template head's KV cache (BENCHMARKS.md §5)")
@@ -304,12 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--generator-batch", type=int, default=None, help="samples per optimizer step")
     rp.add_argument("--generator-lr", type=float, default=None)
     rp.add_argument("--generator-warmup", type=int, default=None, help="warm-up steps")
-    rp.add_argument("--element", choices=["window", "item"], default="item",
-                    help="memory element kind (window: the paper's, ~100x costlier to encode on a CPU)")
+    rp.add_argument("--element", choices=["window", "item"], default=PAPER.element, help=ELEMENT_HELP)
     rp.add_argument("--label-train", type=int, default=None, help="labelled train samples (Eq. 5)")
     rp.add_argument("--label-valid", type=int, default=None)
     rp.add_argument("--methods", default=None, help="comma-separated subset of the methods")
-    rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--seed", type=int, default=PAPER.seed)
     rp.add_argument("--artefacts", type=Path, default=None, help="artefact folder (default RUNS/<dataset>/artefacts)")
     rp.add_argument("--until", choices=["data", "generator", "retriever"], default=None,
                     help="stop after this stage (e.g. the service's quick start: --until retriever)")

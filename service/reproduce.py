@@ -17,15 +17,11 @@ log = logging.getLogger(__name__)
 METHODS = ("popularity", "sasrec", "bigrec", "full-history", "random", "semantic", "automr")
 STAGES = ("data", "generator", "retriever")  # the stages before evaluation (``--until``)
 
-# Budget presets (``automr reproduce --budget``). "paper": the run behind docs/BENCHMARKS.md (BIGRec's
-# 1,024 tuning samples). "quick": the service's quick start and the layer sweep: ~15 min on 2 cores;
-# 16 optimizer steps of 16 samples, so the warm-up is short and the lr higher.
-BUDGETS: dict[str, dict] = {
-    "paper": dict(generator_samples=1024, generator_epochs=2, generator_valid=256, generator_batch=32,
-                  generator_lr=1e-4, generator_warmup=20, label_train=128, label_valid=32),
-    "quick": dict(generator_samples=256, generator_epochs=1, generator_valid=64, generator_batch=16,
-                  generator_lr=2e-4, generator_warmup=2, label_train=48, label_valid=16),
-}
+# The quick budget preset (``automr reproduce --budget quick``): the service's quick start and the layer
+# sweep, ~15 min on 2 cores; 16 optimizer steps of 16 samples, so the warm-up is short and the lr higher.
+# The paper preset is ``ReproduceConfig``'s defaults (``BUDGETS`` below the class).
+QUICK_BUDGET = dict(generator_samples=256, generator_epochs=1, generator_valid=64, generator_batch=16,
+                    generator_lr=2e-4, generator_warmup=2, label_train=48, label_valid=16)
 
 
 @dataclass
@@ -67,6 +63,14 @@ class ReproduceConfig:
             raise ValueError(f"until must be one of {STAGES}, got {self.until!r}")
 
 
+# Budget presets (``automr reproduce --budget``). "paper": the run behind docs/BENCHMARKS.md (BIGRec's
+# 1,024 tuning samples): the config's defaults, which ``automr train generator|retriever`` also use.
+BUDGETS: dict[str, dict] = {
+    "paper": {k: getattr(ReproduceConfig, k) for k in QUICK_BUDGET},
+    "quick": QUICK_BUDGET,
+}
+
+
 def _stage(cfg: ReproduceConfig, name: str, done: bool, fn) -> None:
     if done:
         log.info("stage %s: cached", name)
@@ -77,6 +81,18 @@ def _stage(cfg: ReproduceConfig, name: str, done: bool, fn) -> None:
     fn()
     cfg.timings[name] = round(time.perf_counter() - t0, 1)
     print(f"[reproduce] {name}: {cfg.timings[name]} s", flush=True)
+
+
+def _check_prepared(ds, cfg: ReproduceConfig) -> None:
+    """The cached data stage must be what this config prepares: every later stage would silently run
+    on other data (another title style, other filters)."""
+    wanted = {"min_item": cfg.min_item, "min_user": cfg.min_user, "k_short": cfg.k_short, "titles": cfg.titles}
+    defaults = {"titles": "as-is"}  # prepared before the key existed
+    differ = [f"{k}={ds.config.get(k, defaults.get(k))!r}, not {v!r}" for k, v in wanted.items()
+              if ds.config.get(k, defaults.get(k)) != v]
+    if differ:
+        raise ValueError(f"{ds.root} holds data prepared with {'; '.join(differ)}: give another --runs folder "
+                         f"(or delete that one)")
 
 
 def _warn_budget(generator_dir: Path, cfg: ReproduceConfig) -> None:
@@ -112,10 +128,7 @@ def reproduce(cfg: ReproduceConfig) -> dict:
            lambda: prepare_cmd(cfg.dataset, str(data), path=cfg.path, min_item=cfg.min_item,
                                min_user=cfg.min_user, k_short=cfg.k_short, titles=cfg.titles))
     ds = PreparedDataset.load(data)
-    cached_titles = ds.config.get("titles", "as-is")
-    if cached_titles != cfg.titles:  # every later stage would silently run on the other titles
-        raise ValueError(f"{data} holds data prepared with titles={cached_titles!r}, not {cfg.titles!r}: "
-                         f"give another --runs folder (or delete that one)")
+    _check_prepared(ds, cfg)
     if cfg.until == "data":
         return {"timings_s": cfg.timings}
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import json
 
-from service.reproduce import ReproduceConfig, reproduce
+import pytest
+
+from model.data.prepared import PreparedDataset
+from model.data.text import natural_title
+from model.train.generator import GeneratorTrainConfig
+from service.cli import build_parser
+from service.reproduce import BUDGETS, ReproduceConfig, reproduce
 from service.settings import Settings
 from tests.conftest import build_tiny_lm, build_tiny_tokenizer, write_tiny_csv_dataset
 
@@ -76,11 +82,6 @@ def test_reproduce_until_retriever_trains_into_the_given_folder_and_evaluates_no
 def test_reproduce_natural_titles_reach_the_data_and_a_mismatched_cache_is_refused(tmp_path, one_thread):
     """`--titles natural` prepares the data with natural titles (what every later stage reads); a runs
     folder prepared with the other title style is not silently reused."""
-    import pytest
-
-    from model.data.prepared import PreparedDataset
-    from model.data.text import natural_title
-
     raw = tmp_path / "raw"
     write_tiny_csv_dataset(raw, n_users=4, per_user=6, seed=1)
     items = (raw / "items.csv").read_text().splitlines()
@@ -93,21 +94,20 @@ def test_reproduce_natural_titles_reach_the_data_and_a_mismatched_cache_is_refus
     assert all(t == natural_title(t) for t in ds.catalogue.titles)
     with pytest.raises(ValueError, match="titles='natural', not 'as-is'"):
         reproduce(ReproduceConfig(**cfg))
+    with pytest.raises(ValueError, match="min_user=1, not 2"):  # any preparation setting, not only titles
+        reproduce(ReproduceConfig(**{**cfg, "min_user": 2}, titles="natural"))
 
 
 def test_single_stage_commands_default_to_what_reproduce_runs():
     """`automr train generator|retriever` run alone, without flags, train what `automr reproduce` (paper
     budget) trains: §4d's retriever differed from §4's because the two defaults once differed."""
-    from service.cli import build_parser
-    from service.reproduce import BUDGETS
-
     paper, rc = BUDGETS["paper"], ReproduceConfig(**BUDGETS["paper"])
+    assert paper == dict(generator_samples=1024, generator_epochs=2, generator_valid=256, generator_batch=32,
+                         generator_lr=1e-4, generator_warmup=20, label_train=128, label_valid=32)  # §3, §4d
     g = build_parser().parse_args(["train", "generator", "--data", "d"])
     assert (g.budget, g.valid_budget, g.epochs, g.lr, g.batch_size, g.seed) == (
         paper["generator_samples"], paper["generator_valid"], paper["generator_epochs"], paper["generator_lr"],
         paper["generator_batch"], rc.seed)
-    from model.train.generator import GeneratorTrainConfig
-
     assert GeneratorTrainConfig().warmup_steps == paper["generator_warmup"]  # no flag: the config's default
     r = build_parser().parse_args(["train", "retriever", "--data", "d"])
     assert (r.budget, r.valid_budget, r.per_user, r.tau, r.element, r.seed) == (
