@@ -300,11 +300,15 @@ class Prefill:
     max_new_tokens: int
     stop_at_newline: bool
     policy: dict  # the batch's drafting policy (DecodeBatch's drafter, draft_tokens, draft_max_rows)
-    batch: "DecodeBatch | None" = None  # the decoding batch, once the last chunk has run
 
     @property
     def rows(self) -> int:
         return int(self.ids.shape[0])
+
+    @property
+    def done(self) -> bool:
+        """Has its last chunk run (every column fed)?"""
+        return self.at >= self.ids.shape[1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -743,7 +747,7 @@ class SplitLM:
         prompts' last tokens (z_t) and the drafted guess, so the slot fill and the memory pick are
         those of a whole prefill. Exact: attention and positions are those of one forward."""
         p, t = prefill, prefill.prompt_len
-        if p.batch is not None:
+        if p.done:
             raise ValueError("this prefill has already run")
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -768,7 +772,7 @@ class SplitLM:
             stop = StopAfterFirstLine(*self.line_tables(), start=0) if p.stop_at_newline else None
             self._accept(batch, out.logits, [p.draft] * b, torch.ones(b, k, dtype=p.mask.dtype), lead=0, stop=stop,
                          finish=False)
-        p.at, p.batch = p.ids.shape[1], batch
+        p.at = p.ids.shape[1]
         return batch
 
     def decode(self, batch: "DecodeBatch") -> dict[Any, list[int]]:

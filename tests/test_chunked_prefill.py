@@ -76,7 +76,7 @@ def test_chunks_give_what_one_forward_gives(tiny_split, tiny_titles, reuse_head,
     # every chunk but the last fits the budget and ends before the first slot
     cols = max(1, max_tokens // len(prompts))
     assert all(f == cols for f in fed[:-1]) and len(fed) > 1
-    assert prefill.at == prefill.ids.shape[1] and prefill.batch is batch
+    assert prefill.at == prefill.ids.shape[1] and prefill.done
     first_slot = prefill.final_from
     assert (prefill.ids.shape[1] - fed[-1]) <= first_slot
     head = prompts[0].n_shared if reuse_head else 0
