@@ -55,6 +55,8 @@ from service.schemas import (
 log = logging.getLogger(__name__)
 
 MEMORY_POLICIES = ("learned", "random", "semantic")
+# the runner's recommenders that may serve each request mode (``Engine.choose``)
+MODE_RECOMMENDERS = {"automr": MEMORY_POLICIES, "bigrec": ("none",), "full-history": ("full-history",)}
 
 
 def fp16(x: np.ndarray) -> np.ndarray:

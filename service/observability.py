@@ -364,6 +364,8 @@ def version_info(state: Any) -> dict:
             "batch_max_size": s.batch_max_size, "batch_max_wait_ms": s.batch_max_wait_ms,
             "ground_max_wait_ms": s.ground_max_wait_ms, "max_queue": s.max_queue,
             "prefill_max_tokens": s.prefill_max_tokens, "prefill_chunk_tokens": s.prefill_chunk_tokens,
+            "background_modes": list(s.background_modes), "background_share": s.background_share,
+            "background_chunk_tokens": s.background_chunk_tokens,
             "draft_tokens": s.draft_tokens, "draft_max_rows": s.draft_max_rows, "draft_learn": s.draft_learn,
             "ground_memo": s.ground_memo, "ground_memo_recent": s.ground_memo_recent,
             "max_body_bytes": s.max_body_bytes, "api_key_required": s.api_key is not None,

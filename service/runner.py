@@ -22,6 +22,14 @@ thread serves the queue.
   a few). It never waits for the longest answer of the batch. When nothing is decoding, the
   first call waits up to ``max_wait_ms`` after its arrival for same-recommender calls to prefill
   with it.
+- Background recommenders (``background``: the service's full-history mode by default) yield to
+  the others. A background call is taken only when no other call is queued. Its prefill runs only
+  when no other admission waits. While other rows decode, it runs in chunks of at most
+  ``background_chunk_tokens`` padded tokens, and only while its model time stays within
+  ``background_share`` of the runner's (a credit earned by the other work's seconds and spent by
+  its chunks), so a full-history prompt (~1,200 tokens, ~1.2 s) no longer stops the short modes'
+  rows for its whole length; with nothing else to do it runs as any prefill. Its rows decode in
+  the shared batch like any other. Priority decides order only: the answers are the same.
 - Other recommend calls (beam search, constrained) run whole: up to ``max_batch`` requests of one
   recommender in one ``Recommender.recommend(all, topk=max topk)``, between two decoding steps.
 - ``encode``: up to ``max_batch`` calls whose windows fit in one encoder batch (``batch_size``
@@ -59,7 +67,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 
@@ -139,6 +147,7 @@ class _Admission:
     calls: list[_Call]
     jobs: list[_Job]
     prefills: deque  # of model.llm.Prefill, the oldest first
+    background: bool = False  # of a background recommender: it yields to the others
     seconds: float = 0.0  # model time spent on its prefills so far
 
     @property
@@ -150,11 +159,18 @@ class _Admission:
 class ModelRunner:
     def __init__(self, pipeline: Pipeline, recommenders: dict[str, Recommender], batch_size: int = 16, *,
                  max_batch: int = 8, max_wait_ms: float = 5.0, max_queue: int = 64, memory_dir=None,
-                 ground_wait_ms: float = 0.0, prefill_chunk_tokens: int = 0):
+                 ground_wait_ms: float = 0.0, prefill_chunk_tokens: int = 0, background: Collection[str] = (),
+                 background_share: float = 0.25, background_chunk_tokens: int = 256):
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or ground_wait_ms < 0 or prefill_chunk_tokens < 0:
             raise ValueError(f"need max_batch >= 1, max_queue >= 1, max_wait_ms >= 0, ground_wait_ms >= 0, "
                              f"prefill_chunk_tokens >= 0; got {max_batch}, {max_queue}, {max_wait_ms}, "
                              f"{ground_wait_ms}, {prefill_chunk_tokens}")
+        if not 0 <= background_share < 1 or background_chunk_tokens < 1:
+            raise ValueError(f"need 0 <= background_share < 1 and background_chunk_tokens >= 1; got "
+                             f"{background_share}, {background_chunk_tokens}")
+        unknown = sorted(set(background) - set(recommenders))
+        if unknown:
+            raise ValueError(f"background recommenders {unknown} are not among {sorted(recommenders)}")
         self.pipeline = pipeline
         self.recommenders = recommenders
         self.encoder = pipeline.memory_encoder(batch_size=batch_size)  # memoizes item elements in memory
@@ -179,6 +195,10 @@ class ModelRunner:
         self.prefill_chunk_tokens = prefill_chunk_tokens  # 0: a prefill group runs whole
         self._grounding: list[_Job] = []  # calls whose rows are all done, waiting to be grounded together
         self.ground_wait_s = ground_wait_ms / 1e3
+        self.background = frozenset(background)  # recommender keys that yield to the others
+        self.background_chunk_tokens = background_chunk_tokens
+        self._earn = background_share / (1 - background_share)  # background seconds per second of other work
+        self._credit = 0.0  # seconds a background prefill may still take while other work is live
         self._thread = threading.Thread(target=self._work, name="automr-model", daemon=True)
         self._thread.start()
 
@@ -235,16 +255,21 @@ class ModelRunner:
                     return
                 batch = self._take(wait=not self._generating) if self._queue else []
                 self._busy = True
+            t0 = time.perf_counter()
             try:
                 if batch and batch[0].kind == "recommend" and self._stepwise(batch[0].key):
                     self._admit(batch)
                 elif batch:
                     self._run(batch)
-                if self._admitting:
-                    self._prefill()
+                yielding = self._yielding()
+                spent = self._prefill() if self._admitting else 0.0
                 if self._decoding is not None:
                     self._step()
                 self._ground()
+                if yielding:  # background work waited beside other work: what it earned, less what it took
+                    self._credit += self._earn * (time.perf_counter() - t0 - spent) - spent
+                else:
+                    self._credit = 0.0
             except Exception as e:  # never let the model thread die: fail what it holds, serve the rest
                 log.exception("the model thread failed; failing the calls it held")
                 self._fail_all(batch, e)
@@ -277,7 +302,9 @@ class ModelRunner:
         """(Lock held.) The oldest call, if it can run now, and the same-kind, same-key calls that join
         it; with ``wait`` (nothing decoding) up to max_wait after its arrival for more. Returns []
         when it cannot run yet or every candidate was cancelled."""
-        first = self._queue[0]  # first come, first served: a call that does not fit yet holds the later ones
+        # first come, first served, background calls after the others: a call that does not fit yet
+        # holds the later ones
+        first = next((c for c in self._queue if c.key not in self.background), self._queue[0])
         if not self._takeable(first):
             return []
         deadline = first.arrived + self.max_wait_s
@@ -367,7 +394,7 @@ class ModelRunner:
         for job in jobs:
             job.admission_picks, job.first_row = picks, at
             at += len(job.texts)
-        admission = _Admission(calls, jobs, deque(prefills))
+        admission = _Admission(calls, jobs, deque(prefills), background=calls[0].key in self.background)
         if first:
             self._admitting.appendleft(admission)
         else:
@@ -383,18 +410,25 @@ class ModelRunner:
         for c in reversed(calls):  # each goes first, in the calls' order
             self._admit([c], first=True)
 
-    def _prefill(self) -> None:
+    def _prefill(self) -> float:
         """Run the next admission's next prefill: one chunk of ``prefill_chunk_tokens`` padded tokens
         while rows are decoding or other prefills wait (they wait for no more than that), else the
         whole group at once. A group done prefilling joins the decoding batch; an admission whose group
         fails is taken back (its rows leave the decoding batch) and its calls are retried alone.
 
         Admissions take turns (round robin, a chunk or a group each): a short prompt admitted while a
-        long one is being prefilled in chunks waits for one chunk, not for the rest of the long one."""
-        adm = self._admitting[0]
+        long one is being prefilled in chunks waits for one chunk, not for the rest of the long one.
+        Background admissions go after the others (``_turn``). Returns the seconds a background
+        prefill took while other work was live (0.0 otherwise)."""
+        adm = self._turn()
+        if adm is None:
+            return 0.0
         prefill = adm.prefills[0]
         waiting = self._decoding is not None or len(self._admitting) > 1  # rows or other prefills wait for it
         chunk = self.prefill_chunk_tokens if waiting and self.prefill_chunk_tokens else None
+        yielding = adm.background and self._others_live()
+        if yielding:
+            chunk = min(chunk or self.background_chunk_tokens, self.background_chunk_tokens)
         t0 = time.perf_counter()
         try:
             part = self.pipeline.lm.advance(prefill, chunk)
@@ -404,20 +438,40 @@ class ModelRunner:
                 else:
                     self._decoding.merge(part)  # builds the merged cache before changing anything
         except Exception as e:
-            self._admitting.popleft()
+            self._admitting.remove(adm)
             self._take_back(adm.jobs)
             self._retry_alone([job.call for job in adm.jobs if not job.done], e, "prefill")
-            return
+            return 0.0
         seconds = time.perf_counter() - t0
         adm.seconds += seconds
         self._tell("prefill_chunk", prefill.rows, seconds)  # what decoding rows waited for
         if part is not None:
             adm.prefills.popleft()
+        self._admitting.remove(adm)
         if adm.prefills:
-            self._admitting.rotate(-1)  # the other admissions' prefills go first
+            self._admitting.append(adm)  # the other admissions' prefills go first
         else:
-            self._admitting.popleft()
             self._observe("recommend", sum(len(c.items) for c in adm.calls), adm.seconds)
+        return seconds if yielding else 0.0
+
+    def _turn(self) -> _Admission | None:
+        """The admission whose prefill runs now: the first that is not background; else the first
+        background one, when nothing else is live or its credit allows (None: it waits a turn)."""
+        for adm in self._admitting:
+            if not adm.background:
+                return adm
+        return self._admitting[0] if not self._others_live() or self._credit > 0 else None
+
+    def _others_live(self) -> bool:
+        """Is work of a non-background recommender being prefilled or decoded?"""
+        if any(not adm.background for adm in self._admitting):
+            return True
+        return self._decoding is not None and any(job.call.key not in self.background
+                                                  for job, _ in self._decoding.tags)
+
+    def _yielding(self) -> bool:
+        """Does a background prefill wait beside other live work (the credit is counted)?"""
+        return bool(self.background) and any(adm.background for adm in self._admitting) and self._others_live()
 
     def _take_back(self, jobs: Sequence[_Job]) -> None:
         """Remove the rows of ``jobs`` that are still decoding from the decoding batch."""

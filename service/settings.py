@@ -103,6 +103,13 @@ class Settings(BaseSettings):
     # its whole length at once; 0 = every prefill group runs whole (the default: with whole answers
     # per response, 512 changed no end-to-end latency under load, BENCHMARKS §6f)
     prefill_chunk_tokens: int = Field(default=0, ge=0)
+    # priority between modes (service/runner.py): requests of these modes yield to the others. They
+    # are taken after them; while other rows decode their prefills run in chunks of
+    # background_chunk_tokens padded tokens, within background_share of the model's time. Alone they
+    # run as any request. [] = first come, first served (BENCHMARKS §6h)
+    background_modes: list[Literal["automr", "bigrec", "full-history"]] = ["full-history"]
+    background_share: float = Field(default=0.25, ge=0, lt=1)
+    background_chunk_tokens: int = Field(default=256, ge=1)
     max_queue: int = Field(default=64, ge=1)  # requests waiting for the model; more -> 429 + Retry-After
     # security and limits
     api_key: SecretStr | None = None  # when set: `Authorization: Bearer <key>` on every non-health endpoint

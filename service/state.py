@@ -25,7 +25,7 @@ from typing import Callable
 
 from memory_store import EmbeddedRedis, MemoryStore, StoreUnavailable, open_store
 from service.components import Components, load_components
-from service.engine import EncoderWorker, Engine
+from service.engine import MODE_RECOMMENDERS, EncoderWorker, Engine
 from service.runner import ModelRunner
 from service.settings import Settings
 
@@ -145,7 +145,11 @@ class AppState:
             self.runner = ModelRunner(p, recommenders, batch_size=s.llm_batch_size, max_batch=s.batch_max_size,
                                       max_wait_ms=s.batch_max_wait_ms, max_queue=s.max_queue,
                                       memory_dir=self._memory_dir(comp), ground_wait_ms=s.ground_max_wait_ms,
-                                      prefill_chunk_tokens=s.prefill_chunk_tokens)
+                                      prefill_chunk_tokens=s.prefill_chunk_tokens,
+                                      background=[k for m in s.background_modes for k in MODE_RECOMMENDERS[m]
+                                                  if k in recommenders],
+                                      background_share=s.background_share,
+                                      background_chunk_tokens=s.background_chunk_tokens)
             engine = Engine(comp, self.store, self.runner, slot_policy=s.slot_policy,
                             max_batch_events=s.max_batch_events)
             self.phase = "warming up"

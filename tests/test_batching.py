@@ -369,6 +369,93 @@ async def test_a_long_prefill_runs_in_chunks_between_the_steps_of_decoding_rows(
     assert runner._decoding is None and not runner._admitting
 
 
+def _mixed(pipe, max_new: int = MAX_NEW):
+    """A short mode (automr) and full-history, its long request (every title) and its prompt length."""
+    recs = {"learned": pipe.recommender("learned", max_new_tokens=max_new),
+            "full-history": pipe.recommender("none", full_history=True, max_new_tokens=MAX_NEW)}
+    long_ = (RecommendRequest(context=list(range(18)), exclude={0}, seed=9), 5)
+    return recs, long_, len(recs["full-history"].prompts([long_[0]])[0].input_ids)
+
+
+def _same(got: Recommendation, want: Recommendation) -> None:
+    assert got.items == want.items and got.generated == want.generated and got.memory_indices == want.memory_indices
+
+
+async def test_background_calls_go_after_the_others_and_get_the_same_answers(pipe, runners, monkeypatch):
+    """A full-history call (background) queued before a short call is taken after it, though only
+    one of them fits beside the decoding row: the short call's prefill runs first. Every call gets
+    its answer alone."""
+    recs, long_, n_tokens = _mixed(pipe)
+    reqs = _requests(pipe)
+    plan = [("learned", reqs[0]), ("full-history", long_), ("learned", reqs[1])]
+    want = [recs[key].recommend([r], topk=k)[0] for key, (r, k) in plan]
+    _, _, done = _trace(pipe, monkeypatch)
+    go, step = threading.Event(), pipe.lm.step
+
+    def held_step(batch):  # the first step waits until both later calls are queued
+        assert go.wait(10)
+        return step(batch)
+
+    monkeypatch.setattr(pipe.lm, "step", held_step, raising=False)
+    runner = runners(pipe, recs, max_batch=2, max_wait_ms=0, background=("full-history",),  # room for one of them
+                     background_share=0.5, background_chunk_tokens=10_000)  # once taken, it would prefill at once
+    first = asyncio.ensure_future(runner.recommend("learned", [reqs[0][0]], topk=reqs[0][1]))
+    await _until(lambda: runner.calls == 1)
+    rest = [asyncio.ensure_future(runner.recommend(key, [r], topk=k)) for key, (r, k) in plan[1:]]
+    await _until(lambda: runner.queue_depth() == 2)
+    go.set()
+    got = [x[0] for x in await asyncio.gather(first, *rest)]
+    for g, w in zip(got, want):
+        _same(g, w)
+    assert len(done) == 3 and done[-1] == n_tokens != done[1]  # the later short call was prefilled first
+    assert runner._decoding is None and not runner._admitting
+
+
+@pytest.mark.parametrize("share", [0.0, 0.9])
+async def test_background_prefill_takes_its_share_while_other_rows_decode(pipe, runners, monkeypatch, share):
+    """``background_share`` 0: a full-history prefill waits until no short row decodes; 0.9: its
+    chunks (at most ``background_chunk_tokens``) run between the short rows' steps. Either way both
+    answers are those of each call alone."""
+    recs, long_, n_tokens = _mixed(pipe, max_new=16)
+    short = _requests(pipe)[0]
+    want = [recs["learned"].recommend([short[0]], topk=short[1])[0],
+            recs["full-history"].recommend([long_[0]], topk=long_[1])[0]]
+    go, step, advance, beside = threading.Event(), pipe.lm.step, pipe.lm.advance, []
+
+    def held_step(batch):
+        assert go.wait(10)
+        return step(batch)
+
+    def watched_advance(prefill, max_tokens=None):  # does a long-prompt chunk run beside a short row?
+        if prefill.prompt_len == n_tokens:
+            dec = runner._decoding
+            beside.append((dec is not None and any(job.call.key == "learned" for job, _ in dec.tags), max_tokens))
+        return advance(prefill, max_tokens)
+
+    monkeypatch.setattr(pipe.lm, "step", held_step, raising=False)
+    monkeypatch.setattr(pipe.lm, "advance", watched_advance, raising=False)
+    runner = runners(pipe, recs, max_batch=4, max_wait_ms=0, background=("full-history",),
+                     background_share=share, background_chunk_tokens=4)
+    first = asyncio.ensure_future(runner.recommend("learned", [short[0]], topk=short[1]))
+    await _until(lambda: runner.calls == 1)
+    second = asyncio.ensure_future(runner.recommend("full-history", [long_[0]], topk=long_[1]))
+    await _until(lambda: runner.queue_depth() == 1)
+    go.set()
+    got = [x[0] for x in await asyncio.gather(first, second)]
+    for g, w in zip(got, want):
+        _same(g, w)
+    assert beside and any(b for b, _ in beside) == (share > 0)
+    assert all(m == 4 for b, m in beside if b)  # beside a short row: chunks of 4 padded tokens
+
+
+def test_background_settings_are_checked(pipe, runners):
+    recs = {"learned": pipe.recommender("learned", max_new_tokens=MAX_NEW)}
+    with pytest.raises(ValueError, match="full-history"):
+        runners(pipe, recs, background=("full-history",))
+    with pytest.raises(ValueError, match="background_share"):
+        runners(pipe, recs, background_share=1.0)
+
+
 async def test_a_failing_prefill_takes_its_rows_back_and_retries_its_calls_alone(pipe, runners, monkeypatch):
     """Two calls admitted together, in two prefill groups: the first group joins the decoding batch,
     the second fails (a memory of the wrong width); the first call's rows are taken back and both calls

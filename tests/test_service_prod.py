@@ -415,6 +415,9 @@ async def test_version(world, comp, memory_store, redis_url, tmp_path, monkeypat
     assert (s["prefill_max_tokens"], s["prefill_chunk_tokens"]) == (2048, 0)
     assert comp.pipeline.ground_memo.max_recent == 10_000
     assert all(r._ground_memo is comp.pipeline.ground_memo for r in state.runner.recommenders.values())
+    # full-history requests yield to the others (the runner's priority between modes)
+    assert (s["background_modes"], s["background_share"], s["background_chunk_tokens"]) == (["full-history"], 0.25, 256)
+    assert state.runner.background == {"full-history"}
 
 
 async def test_gc_freeze_at_ready(world, comp, memory_store, redis_url, tmp_path):
