@@ -28,7 +28,8 @@ thread serves the queue.
   ``background_chunk_tokens`` padded tokens, and only while its model time stays within
   ``background_share`` of the runner's (a credit earned by the other work's seconds and spent by
   its chunks), so a full-history prompt (~1,200 tokens, ~1.2 s) no longer stops the short modes'
-  rows for its whole length; with nothing else to do it runs as any prefill. Its rows decode in
+  rows for its whole length. With nothing else live its chunks run back to back, as one whole
+  prefill, but a call arriving meanwhile waits for one chunk, not for the rest. Its rows decode in
   the shared batch like any other. Priority decides order only: the answers are the same.
 - Other recommend calls (beam search, constrained) run whole: up to ``max_batch`` requests of one
   recommender in one ``Recommender.recommend(all, topk=max topk)``, between two decoding steps.
@@ -262,8 +263,8 @@ class ModelRunner:
                 elif batch:
                     self._run(batch)
                 yielding = self._yielding()
-                spent = self._prefill() if self._admitting else 0.0
-                if self._decoding is not None:
+                spent, step = self._prefill() if self._admitting else (0.0, True)
+                if self._decoding is not None and step:
                     self._step()
                 self._ground()
                 if yielding:  # background work waited beside other work: what it earned, less what it took
@@ -410,7 +411,7 @@ class ModelRunner:
         for c in reversed(calls):  # each goes first, in the calls' order
             self._admit([c], first=True)
 
-    def _prefill(self) -> float:
+    def _prefill(self) -> tuple[float, bool]:
         """Run the next admission's next prefill: one chunk of ``prefill_chunk_tokens`` padded tokens
         while rows are decoding or other prefills wait (they wait for no more than that), else the
         whole group at once. A group done prefilling joins the decoding batch; an admission whose group
@@ -418,16 +419,21 @@ class ModelRunner:
 
         Admissions take turns (round robin, a chunk or a group each): a short prompt admitted while a
         long one is being prefilled in chunks waits for one chunk, not for the rest of the long one.
-        Background admissions go after the others (``_turn``). Returns the seconds a background
-        prefill took while other work was live (0.0 otherwise)."""
+        Background admissions go after the others (``_turn``) and always run in chunks of at most
+        ``background_chunk_tokens``, so that a call arriving meanwhile waits for one chunk; with
+        nothing else live their chunks run back to back, as one whole prefill would (no decoding
+        step between them unless ``prefill_chunk_tokens`` asks for it).
+
+        Returns the seconds a background prefill took while other work was live (0.0 otherwise) and
+        whether a decoding step should follow."""
         adm = self._turn()
         if adm is None:
-            return 0.0
+            return 0.0, True
         prefill = adm.prefills[0]
         waiting = self._decoding is not None or len(self._admitting) > 1  # rows or other prefills wait for it
         chunk = self.prefill_chunk_tokens if waiting and self.prefill_chunk_tokens else None
         yielding = adm.background and self._others_live()
-        if yielding:
+        if adm.background:
             chunk = min(chunk or self.background_chunk_tokens, self.background_chunk_tokens)
         t0 = time.perf_counter()
         try:
@@ -441,7 +447,7 @@ class ModelRunner:
             self._admitting.remove(adm)
             self._take_back(adm.jobs)
             self._retry_alone([job.call for job in adm.jobs if not job.done], e, "prefill")
-            return 0.0
+            return 0.0, True
         seconds = time.perf_counter() - t0
         adm.seconds += seconds
         self._tell("prefill_chunk", prefill.rows, seconds)  # what decoding rows waited for
@@ -452,7 +458,8 @@ class ModelRunner:
             self._admitting.append(adm)  # the other admissions' prefills go first
         else:
             self._observe("recommend", sum(len(c.items) for c in adm.calls), adm.seconds)
-        return seconds if yielding else 0.0
+        alone = adm.background and not yielding and part is None and not self.prefill_chunk_tokens
+        return (seconds if yielding else 0.0), not alone
 
     def _turn(self) -> _Admission | None:
         """The admission whose prefill runs now: the first that is not background; else the first

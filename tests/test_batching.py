@@ -448,6 +448,67 @@ async def test_background_prefill_takes_its_share_while_other_rows_decode(pipe, 
     assert all(m == 4 for b, m in beside if b)  # beside a short row: chunks of 4 padded tokens
 
 
+async def test_a_call_arriving_during_a_background_prefill_waits_for_one_chunk(pipe, runners, monkeypatch):
+    """Nothing else live: a full-history prefill runs in chunks of ``background_chunk_tokens``. A short
+    call that arrives during the first chunk is prefilled right after it, before the rest."""
+    recs, long_, n_tokens = _mixed(pipe)
+    short = _requests(pipe)[0]
+    want = [recs["full-history"].recommend([long_[0]], topk=long_[1])[0],
+            recs["learned"].recommend([short[0]], topk=short[1])[0]]
+    events, _, done = _trace(pipe, monkeypatch)
+    started, go, advance = threading.Event(), threading.Event(), pipe.lm.advance
+
+    def held_advance(prefill, max_tokens=None):  # the long prompt's first chunk waits for the short call
+        if prefill.prompt_len == n_tokens and not started.is_set():
+            started.set()
+            assert go.wait(10)
+        return advance(prefill, max_tokens)
+
+    monkeypatch.setattr(pipe.lm, "advance", held_advance, raising=False)
+    runner = runners(pipe, recs, max_batch=4, max_wait_ms=0, background=("full-history",), background_chunk_tokens=8)
+    first = asyncio.ensure_future(runner.recommend("full-history", [long_[0]], topk=long_[1]))
+    await _until(started.is_set)
+    second = asyncio.ensure_future(runner.recommend("learned", [short[0]], topk=short[1]))
+    await _until(lambda: runner.queue_depth() == 1)
+    go.set()
+    got = [x[0] for x in await asyncio.gather(first, second)]
+    for g, w in zip(got, want):
+        _same(g, w)
+    assert events[:2] == ["chunk", "prefill"] and done[0] != n_tokens == done[1]
+
+
+async def test_a_background_prefill_alone_runs_its_chunks_back_to_back(pipe, runners, monkeypatch):
+    """Only full-history rows decode: a second full-history prefill runs its chunks with no decoding
+    step between them, as one whole prefill would; its rows then decode with the first call's."""
+    recs, long_, n_tokens = _mixed(pipe)
+    other = (RecommendRequest(context=list(range(1, 17)), exclude={1}, seed=7), 4)
+    want = [recs["full-history"].recommend([r], topk=k)[0] for r, k in (long_, other)]
+    events, _, done = _trace(pipe, monkeypatch)
+    go, step = threading.Event(), pipe.lm.step
+
+    def held_step(batch):
+        assert go.wait(10)
+        return step(batch)
+
+    monkeypatch.setattr(pipe.lm, "step", held_step, raising=False)
+    runner = runners(pipe, recs, max_batch=4, max_wait_ms=0, background=("full-history",), background_chunk_tokens=8)
+    first = asyncio.ensure_future(runner.recommend("full-history", [long_[0]], topk=long_[1]))
+    await _until(lambda: runner._decoding is not None)
+    second = asyncio.ensure_future(runner.recommend("full-history", [other[0]], topk=other[1]))
+    await _until(lambda: runner.queue_depth() == 1)
+    go.set()
+    got = [x[0] for x in await asyncio.gather(first, second)]
+    for g, w in zip(got, want):
+        _same(g, w)
+    # the first prefill's chunks, one step (held while the second call queued), then the second's
+    # chunks and its last forward with no step between, then steps of both
+    k = events.index("prefill")
+    assert set(events[:k]) == {"chunk"} and events[k + 1] == "step"
+    j = events.index("prefill", k + 1)
+    assert set(events[k + 2: j]) == {"chunk"} and j - k - 2 > 1
+    assert done == [n_tokens, len(recs["full-history"].prompts([other[0]])[0].input_ids)]
+
+
 def test_background_settings_are_checked(pipe, runners):
     recs = {"learned": pipe.recommender("learned", max_new_tokens=MAX_NEW)}
     with pytest.raises(ValueError, match="full-history"):
