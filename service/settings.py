@@ -104,9 +104,9 @@ class Settings(BaseSettings):
     # per response, 512 changed no end-to-end latency under load, BENCHMARKS §6f)
     prefill_chunk_tokens: int = Field(default=0, ge=0)
     # priority between modes (service/runner.py): requests of these modes yield to the others. They
-    # are taken after them; while other rows decode their prefills run in chunks of
-    # background_chunk_tokens padded tokens, within background_share of the model's time. Alone they
-    # run as any request. [] = first come, first served (BENCHMARKS §6h)
+    # are taken after them, their prefills run in chunks of background_chunk_tokens padded tokens
+    # (back to back when nothing else is live) and, while other work is live, only within
+    # background_share of the model's time. [] = first come, first served (BENCHMARKS §6h)
     background_modes: list[Literal["automr", "bigrec", "full-history"]] = ["full-history"]
     background_share: float = Field(default=0.25, ge=0, lt=1)
     background_chunk_tokens: int = Field(default=256, ge=1)
