@@ -73,6 +73,18 @@ async def _until(cond, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.002)
 
 
+def _hold_steps(pipe, monkeypatch) -> threading.Event:
+    """Decoding steps wait until the returned event is set (so that later calls queue meanwhile)."""
+    go, step = threading.Event(), pipe.lm.step
+
+    def held_step(batch):
+        assert go.wait(10)
+        return step(batch)
+
+    monkeypatch.setattr(pipe.lm, "step", held_step, raising=False)
+    return go
+
+
 # ---- batched == one at a time, on the tiny model -----------------------------------------------------
 
 
@@ -189,13 +201,7 @@ async def _six_answers(pipe, runners, monkeypatch, **kw):
     rec = pipe.recommender("learned", max_new_tokens=MAX_NEW)
     reqs = _requests(pipe)
     alone = [rec.recommend([r], topk=k)[0] for r, k in reqs]
-    go, step = threading.Event(), pipe.lm.step
-
-    def held_step(batch):
-        assert go.wait(10)
-        return step(batch)
-
-    monkeypatch.setattr(pipe.lm, "step", held_step, raising=False)
+    go = _hold_steps(pipe, monkeypatch)
     runner = runners(pipe, {"learned": rec}, max_batch=8, max_wait_ms=0, **kw)
     passes = _record(runner, ("ground",))
     first = asyncio.ensure_future(runner.recommend("learned", [reqs[0][0]], topk=reqs[0][1]))
@@ -342,13 +348,7 @@ async def test_a_long_prefill_runs_in_chunks_between_the_steps_of_decoding_rows(
             (("learned", short), ("full-history", long_), ("learned", later))]
     n_tokens = len(recs["full-history"].prompts([long_[0]])[0].input_ids)
     events, _, done = _trace(pipe, monkeypatch)
-    go, step = threading.Event(), pipe.lm.step
-
-    def held_step(batch):  # the first step waits until the long call is queued
-        assert go.wait(10)
-        return step(batch)
-
-    monkeypatch.setattr(pipe.lm, "step", held_step, raising=False)
+    go = _hold_steps(pipe, monkeypatch)  # the first step waits until the long call is queued
     runner = runners(pipe, recs, max_batch=4, max_wait_ms=0, prefill_chunk_tokens=8)
     first = asyncio.ensure_future(runner.recommend("learned", [short[0]], topk=short[1]))
     await _until(lambda: runner.calls == 1)
@@ -381,6 +381,17 @@ def _same(got: Recommendation, want: Recommendation) -> None:
     assert got.items == want.items and got.generated == want.generated and got.memory_indices == want.memory_indices
 
 
+async def _second_while_first_runs(runner, first, second, running, go: threading.Event) -> list[Recommendation]:
+    """Send ``first`` = (key, (request, k)); once ``running()``, send ``second``; once it is queued,
+    set ``go``. The two answers."""
+    calls = []
+    for (key, (r, k)), ready in ((first, running), (second, lambda: runner.queue_depth() == 1)):
+        calls.append(asyncio.ensure_future(runner.recommend(key, [r], topk=k)))
+        await _until(ready)
+    go.set()
+    return [x[0] for x in await asyncio.gather(*calls)]
+
+
 async def test_background_calls_go_after_the_others_and_get_the_same_answers(pipe, runners, monkeypatch):
     """A full-history call (background) queued before a short call is taken after it, though only
     one of them fits beside the decoding row: the short call's prefill runs first. Every call gets
@@ -390,13 +401,7 @@ async def test_background_calls_go_after_the_others_and_get_the_same_answers(pip
     plan = [("learned", reqs[0]), ("full-history", long_), ("learned", reqs[1])]
     want = [recs[key].recommend([r], topk=k)[0] for key, (r, k) in plan]
     _, _, done = _trace(pipe, monkeypatch)
-    go, step = threading.Event(), pipe.lm.step
-
-    def held_step(batch):  # the first step waits until both later calls are queued
-        assert go.wait(10)
-        return step(batch)
-
-    monkeypatch.setattr(pipe.lm, "step", held_step, raising=False)
+    go = _hold_steps(pipe, monkeypatch)  # the first step waits until both later calls are queued
     runner = runners(pipe, recs, max_batch=2, max_wait_ms=0, background=("full-history",),  # room for one of them
                      background_share=0.5, background_chunk_tokens=10_000)  # once taken, it would prefill at once
     first = asyncio.ensure_future(runner.recommend("learned", [reqs[0][0]], topk=reqs[0][1]))
@@ -420,11 +425,7 @@ async def test_background_prefill_takes_its_share_while_other_rows_decode(pipe, 
     short = _requests(pipe)[0]
     want = [recs["learned"].recommend([short[0]], topk=short[1])[0],
             recs["full-history"].recommend([long_[0]], topk=long_[1])[0]]
-    go, step, advance, beside = threading.Event(), pipe.lm.step, pipe.lm.advance, []
-
-    def held_step(batch):
-        assert go.wait(10)
-        return step(batch)
+    go, advance, beside = _hold_steps(pipe, monkeypatch), pipe.lm.advance, []
 
     def watched_advance(prefill, max_tokens=None):  # does a long-prompt chunk run beside a short row?
         if prefill.prompt_len == n_tokens:
@@ -432,16 +433,11 @@ async def test_background_prefill_takes_its_share_while_other_rows_decode(pipe, 
             beside.append((dec is not None and any(job.call.key == "learned" for job, _ in dec.tags), max_tokens))
         return advance(prefill, max_tokens)
 
-    monkeypatch.setattr(pipe.lm, "step", held_step, raising=False)
     monkeypatch.setattr(pipe.lm, "advance", watched_advance, raising=False)
     runner = runners(pipe, recs, max_batch=4, max_wait_ms=0, background=("full-history",),
                      background_share=share, background_chunk_tokens=4)
-    first = asyncio.ensure_future(runner.recommend("learned", [short[0]], topk=short[1]))
-    await _until(lambda: runner.calls == 1)
-    second = asyncio.ensure_future(runner.recommend("full-history", [long_[0]], topk=long_[1]))
-    await _until(lambda: runner.queue_depth() == 1)
-    go.set()
-    got = [x[0] for x in await asyncio.gather(first, second)]
+    got = await _second_while_first_runs(runner, ("learned", short), ("full-history", long_),
+                                         lambda: runner.calls == 1, go)
     for g, w in zip(got, want):
         _same(g, w)
     assert beside and any(b for b, _ in beside) == (share > 0)
@@ -466,12 +462,7 @@ async def test_a_call_arriving_during_a_background_prefill_waits_for_one_chunk(p
 
     monkeypatch.setattr(pipe.lm, "advance", held_advance, raising=False)
     runner = runners(pipe, recs, max_batch=4, max_wait_ms=0, background=("full-history",), background_chunk_tokens=8)
-    first = asyncio.ensure_future(runner.recommend("full-history", [long_[0]], topk=long_[1]))
-    await _until(started.is_set)
-    second = asyncio.ensure_future(runner.recommend("learned", [short[0]], topk=short[1]))
-    await _until(lambda: runner.queue_depth() == 1)
-    go.set()
-    got = [x[0] for x in await asyncio.gather(first, second)]
+    got = await _second_while_first_runs(runner, ("full-history", long_), ("learned", short), started.is_set, go)
     for g, w in zip(got, want):
         _same(g, w)
     assert events[:2] == ["chunk", "prefill"] and done[0] != n_tokens == done[1]
@@ -484,20 +475,10 @@ async def test_a_background_prefill_alone_runs_its_chunks_back_to_back(pipe, run
     other = (RecommendRequest(context=list(range(1, 17)), exclude={1}, seed=7), 4)
     want = [recs["full-history"].recommend([r], topk=k)[0] for r, k in (long_, other)]
     events, _, done = _trace(pipe, monkeypatch)
-    go, step = threading.Event(), pipe.lm.step
-
-    def held_step(batch):
-        assert go.wait(10)
-        return step(batch)
-
-    monkeypatch.setattr(pipe.lm, "step", held_step, raising=False)
+    go = _hold_steps(pipe, monkeypatch)
     runner = runners(pipe, recs, max_batch=4, max_wait_ms=0, background=("full-history",), background_chunk_tokens=8)
-    first = asyncio.ensure_future(runner.recommend("full-history", [long_[0]], topk=long_[1]))
-    await _until(lambda: runner._decoding is not None)
-    second = asyncio.ensure_future(runner.recommend("full-history", [other[0]], topk=other[1]))
-    await _until(lambda: runner.queue_depth() == 1)
-    go.set()
-    got = [x[0] for x in await asyncio.gather(first, second)]
+    got = await _second_while_first_runs(runner, ("full-history", long_), ("full-history", other),
+                                         lambda: runner._decoding is not None, go)
     for g, w in zip(got, want):
         _same(g, w)
     # the first prefill's chunks, one step (held while the second call queued), then the second's
