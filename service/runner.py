@@ -23,8 +23,9 @@ thread serves the queue.
   first call waits up to ``max_wait_ms`` after its arrival for same-recommender calls to prefill
   with it.
 - Background recommenders (``background``: the service's full-history mode by default) yield to
-  the others. A background call is taken only when no other call is queued. Its prefill runs only
-  when no other admission waits. While other rows decode, it runs in chunks of at most
+  the others. A background call is taken when no other call is queued, or when its credit (below)
+  allows, so that it is not starved while the others fill every row. Its prefill runs only when no
+  other admission waits. While other rows decode, it runs in chunks of at most
   ``background_chunk_tokens`` padded tokens, and only while its model time stays within
   ``background_share`` of the runner's (a credit earned by the other work's seconds and spent by
   its chunks), so a full-history prompt (~1,200 tokens, ~1.2 s) no longer stops the short modes'
@@ -255,6 +256,7 @@ class ModelRunner:
                 if not self._queue and not self._holding:  # closing and drained
                     return
                 batch = self._take(wait=not self._generating) if self._queue else []
+                queued_background = any(c.key in self.background for c in self._queue) if self.background else False
                 self._busy = True
             t0 = time.perf_counter()
             try:
@@ -262,7 +264,7 @@ class ModelRunner:
                     self._admit(batch)
                 elif batch:
                     self._run(batch)
-                yielding = self._yielding()
+                yielding = self._yielding(queued_background)
                 spent, step = self._prefill() if self._admitting else (0.0, True)
                 if self._decoding is not None and step:
                     self._step()
@@ -303,9 +305,14 @@ class ModelRunner:
         """(Lock held.) The oldest call, if it can run now, and the same-kind, same-key calls that join
         it; with ``wait`` (nothing decoding) up to max_wait after its arrival for more. Returns []
         when it cannot run yet or every candidate was cancelled."""
-        # first come, first served, background calls after the others: a call that does not fit yet
-        # holds the later ones
+        # first come, first served, background calls after the others unless their credit allows (so
+        # they are not starved when the others fill every row): a call that does not fit yet holds
+        # the later ones
         first = next((c for c in self._queue if c.key not in self.background), self._queue[0])
+        if first.key not in self.background and self._credit > 0:
+            waiting = next((c for c in self._queue if c.key in self.background), None)
+            if waiting is not None and self._takeable(waiting):
+                first = waiting
         if not self._takeable(first):
             return []
         deadline = first.arrived + self.max_wait_s
@@ -476,9 +483,11 @@ class ModelRunner:
         return self._decoding is not None and any(job.call.key not in self.background
                                                   for job, _ in self._decoding.tags)
 
-    def _yielding(self) -> bool:
-        """Does a background prefill wait beside other live work (the credit is counted)?"""
-        return bool(self.background) and any(adm.background for adm in self._admitting) and self._others_live()
+    def _yielding(self, queued: bool) -> bool:
+        """Does background work (``queued`` calls, or admitted prefills) wait beside other live work
+        (the credit is counted)?"""
+        waits = queued or any(adm.background for adm in self._admitting)
+        return bool(self.background) and waits and self._others_live()
 
     def _take_back(self, jobs: Sequence[_Job]) -> None:
         """Remove the rows of ``jobs`` that are still decoding from the decoding batch."""

@@ -490,6 +490,30 @@ async def test_a_background_prefill_alone_runs_its_chunks_back_to_back(pipe, run
     assert done == [n_tokens, len(recs["full-history"].prompts([other[0]])[0].input_ids)]
 
 
+@pytest.mark.parametrize("share", [0.0, 0.9])
+async def test_a_background_call_is_not_starved_when_the_others_fill_every_row(pipe, runners, monkeypatch, share):
+    """One row of room, taken by short calls one after another: a full-history call queued before
+    two short ones is taken once its credit allows (``background_share`` 0.9), or after every short
+    call (0: strict priority). Every call gets its answer alone."""
+    recs, long_, n_tokens = _mixed(pipe)
+    reqs = _requests(pipe)
+    plan = [("learned", reqs[0]), ("full-history", long_), ("learned", reqs[1]), ("learned", reqs[2])]
+    want = [recs[key].recommend([r], topk=k)[0] for key, (r, k) in plan]
+    _, _, done = _trace(pipe, monkeypatch)
+    go = _hold_steps(pipe, monkeypatch)
+    runner = runners(pipe, recs, max_batch=1, max_wait_ms=0, background=("full-history",), background_share=share)
+    calls = [asyncio.ensure_future(runner.recommend(plan[0][0], [plan[0][1][0]], topk=plan[0][1][1]))]
+    await _until(lambda: runner._decoding is not None)
+    for n, (key, (r, k)) in enumerate(plan[1:], start=1):
+        calls.append(asyncio.ensure_future(runner.recommend(key, [r], topk=k)))
+        await _until(lambda: runner.queue_depth() == n)
+    go.set()
+    got = [x[0] for x in await asyncio.gather(*calls)]
+    for g, w in zip(got, want):
+        _same(g, w)
+    assert done.index(n_tokens) == (1 if share else 3)
+
+
 def test_background_settings_are_checked(pipe, runners):
     recs = {"learned": pipe.recommender("learned", max_new_tokens=MAX_NEW)}
     with pytest.raises(ValueError, match="full-history"):
