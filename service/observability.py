@@ -187,6 +187,11 @@ class Metrics:
                      ["source"], registry=r)
         for source, attr in (("catalogue", "catalogue_hits"), ("recent", "recent_hits"), ("embedded", "embedded")):
             memo.labels(source).set_function(lambda attr=attr: self._ground_memo(attr))
+        background = Gauge("automr_background_prefill_seconds", "Model time of background-mode prefills "
+                           "(AUTOMR_BACKGROUND_MODES) since start: beside other live work (within "
+                           "AUTOMR_BACKGROUND_SHARE) or alone", ["state"], registry=r)
+        for state in ("beside_others", "alone"):
+            background.labels(state).set_function(lambda state=state: self._background(state))
         Gauge("automr_ready", "1 once the model, index and store are loaded", registry=r).set_function(
             lambda: 1.0 if getattr(self.state, "ready", False) else 0.0)
         self._runner: Any = None
@@ -219,6 +224,10 @@ class Metrics:
     def _encoder_lag(self) -> float:
         lag = getattr(getattr(self.state, "encoder", None), "lag_s", None)
         return float(lag()) if callable(lag) else 0.0
+
+    def _background(self, state: str) -> float:
+        seconds = getattr(getattr(self.state, "runner", None), "background_seconds", None)
+        return float(seconds.get(state, 0.0)) if isinstance(seconds, dict) else 0.0
 
     def _ground_memo(self, attr: str) -> float:
         pipeline = getattr(getattr(self.state, "runner", None), "pipeline", None)

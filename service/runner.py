@@ -201,6 +201,8 @@ class ModelRunner:
         self.background_chunk_tokens = background_chunk_tokens
         self._earn = background_share / (1 - background_share)  # background seconds per second of other work
         self._credit = 0.0  # seconds a background prefill may still take while other work is live
+        # model time of background prefills since start, beside other live work or alone (metrics)
+        self.background_seconds = {"beside_others": 0.0, "alone": 0.0}
         self._thread = threading.Thread(target=self._work, name="automr-model", daemon=True)
         self._thread.start()
 
@@ -457,6 +459,8 @@ class ModelRunner:
             return 0.0, True
         seconds = time.perf_counter() - t0
         adm.seconds += seconds
+        if adm.background:
+            self.background_seconds["beside_others" if yielding else "alone"] += seconds
         self._tell("prefill_chunk", prefill.rows, seconds)  # what decoding rows waited for
         if part is not None:
             adm.prefills.popleft()

@@ -442,6 +442,7 @@ async def test_background_prefill_takes_its_share_while_other_rows_decode(pipe, 
         _same(g, w)
     assert beside and any(b for b, _ in beside) == (share > 0)
     assert all(m == 4 for b, m in beside if b)  # beside a short row: chunks of 4 padded tokens
+    assert (runner.background_seconds["beside_others"] > 0) == (share > 0) and runner.background_seconds["alone"] > 0
 
 
 async def test_a_call_arriving_during_a_background_prefill_waits_for_one_chunk(pipe, runners, monkeypatch):

@@ -278,8 +278,21 @@ async def test_metrics_request_counts_and_latency(world, comp, memory_store, red
     # its one answer was grounded through the memo, one way or another
     assert sum(metric(text, "automr_ground_memo_texts", source=src) for src in ("catalogue", "recent", "embedded")) == 1
     assert metric(text, "automr_ready") == 1
+    # no full-history request: no background prefill time
+    assert metric(text, "automr_background_prefill_seconds", state="beside_others") == 0
+    assert metric(text, "automr_background_prefill_seconds", state="alone") == 0
     assert metric(text, "automr_http_requests_in_flight") == 1  # the scrape itself
     assert not any(u in text for u in ('"u2"', '"u3"', "ghost"))  # no user ids in labels
+
+
+async def test_metrics_background_prefill_time(world, comp, memory_store, redis_url, tmp_path):
+    """A full-history request (a background mode by default) alone: its prefill time counts as alone."""
+    async with serve(_settings(redis_url, tmp_path), comp) as (client, _):
+        r = await client.post("/recommend", json={"user_id": "u1", "k": 2, "mode": "full-history"})
+        assert r.status_code == 200 and r.json()["mode"] == "full-history"
+        text = (await client.get("/metrics")).text
+    assert metric(text, "automr_background_prefill_seconds", state="alone") > 0
+    assert metric(text, "automr_background_prefill_seconds", state="beside_others") == 0
 
 
 async def test_metrics_redis_errors(world, comp, tmp_path):
