@@ -620,6 +620,8 @@ class ModelRunner:
     def _encode(self, windows: Sequence[tuple[int, ...]]) -> np.ndarray:
         if self.pipeline.element == "window":
             vecs = self.encoder.encode_windows(list(windows))  # [n, H]
+        elif self.item_table is not None:  # warmed item elements: the window's last item, as stored
+            return self.item_table[[w[-1] for w in windows]].astype(np.float32)
         else:  # item elements: the window's last item alone, each title encoded once (cache)
             vecs = self.encoder.encode([(w[-1],) for w in windows])
         return vecs.float().numpy()
@@ -627,9 +629,10 @@ class ModelRunner:
     def warm_items(self) -> int:
         """Item elements: encode every catalogue title now (start-up, before the worker takes calls)
         so that no request waits for its memory vectors, and keep them as ``item_table`` (float16,
-        as the store keeps them) for appends to store with their events. Returns how many were
-        encoded (0: all cached)."""
-        if self.pipeline.element != "item":
+        as the store keeps them) for appends to store with their events. ``encode`` serves item
+        elements from that table from then on, and the encoder with its cache is let go, so the
+        vectors are held once. Returns how many were encoded (0: all cached or already warm)."""
+        if self.pipeline.element != "item" or self.item_table is not None:
             return 0
         keys = [(i,) for i in range(len(self.pipeline.titles))]
         todo = len(self.encoder.cache.missing(keys))
@@ -642,6 +645,7 @@ class ModelRunner:
             vecs = self.encoder.encode(keys)
         self.item_table = vecs.float().numpy().astype(np.float16)  # what _encode gives, rounded as stored
         self.item_table.flags.writeable = False  # read from the event loop's thread: never changes
+        self.encoder = None  # the table serves every item element from now on: the vectors are held once
         log.info("item memory vectors: %d encoded, %d cached, %.1f s", todo, len(keys) - todo, time.perf_counter() - t0)
         return todo
 
