@@ -13,7 +13,7 @@ from service.settings import Settings
 # the single-stage commands (train generator / retriever) default to what `automr reproduce` runs (its
 # paper budget), so a stage run alone gives the artefact the one command gives (BENCHMARKS §4d)
 PAPER = ReproduceConfig()
-ELEMENT_HELP = ("memory element kind (window: the paper's, one per interaction, ~130x costlier than item "
+ELEMENT_HELP = ("memory element kind (window: the paper's, one per interaction, ~160x costlier than item "
                 "elements to encode for ML-100K on a CPU and no better on validation: BENCHMARKS §4f)")
 
 LLM_METHODS = ("bigrec", "full-history", "automr", "random", "semantic")

@@ -46,7 +46,7 @@ class ReproduceConfig:
     generator_batch: int = 32  # samples per optimizer step
     generator_lr: float = 1e-4
     generator_warmup: int = 20  # linear warm-up steps (keep below the number of steps of a small budget)
-    element: str = "item"  # memory element kind (window is the paper's; item: ~130x cheaper, no worse, BENCHMARKS §4f)
+    element: str = "item"  # memory element kind (window is the paper's; item: ~160x cheaper, no worse, BENCHMARKS §4f)
     label_train: int = 128
     label_valid: int = 32
     per_user: int = 8
