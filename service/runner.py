@@ -201,7 +201,8 @@ class ModelRunner:
         self.background_chunk_tokens = background_chunk_tokens
         self._earn = background_share / (1 - background_share)  # background seconds per second of other work
         self._credit = 0.0  # seconds a background prefill may still take while other work is live
-        # model time of background prefills since start, beside other live work or alone (metrics)
+        # model time of background prefills since start, beside other live work (what spends the credit)
+        # or alone: /metrics, and the credit's bookkeeping
         self.background_seconds = {"beside_others": 0.0, "alone": 0.0}
         self._thread = threading.Thread(target=self._work, name="automr-model", daemon=True)
         self._thread.start()
@@ -267,11 +268,13 @@ class ModelRunner:
                 elif batch:
                     self._run(batch)
                 yielding = self._yielding(queued_background)
-                spent, step = self._prefill() if self._admitting else (0.0, True)
+                beside = self.background_seconds["beside_others"]
+                step = self._prefill() if self._admitting else True
                 if self._decoding is not None and step:
                     self._step()
                 self._ground()
                 if yielding:  # background work waited beside other work: what it earned, less what it took
+                    spent = self.background_seconds["beside_others"] - beside
                     self._credit += self._earn * (time.perf_counter() - t0 - spent) - spent
                 else:
                     self._credit = 0.0
@@ -420,7 +423,7 @@ class ModelRunner:
         for c in reversed(calls):  # each goes first, in the calls' order
             self._admit([c], first=True)
 
-    def _prefill(self) -> tuple[float, bool]:
+    def _prefill(self) -> bool:
         """Run the next admission's next prefill: one chunk of ``prefill_chunk_tokens`` padded tokens
         while rows are decoding or other prefills wait (they wait for no more than that), else the
         whole group at once. A group done prefilling joins the decoding batch; an admission whose group
@@ -433,11 +436,11 @@ class ModelRunner:
         nothing else live their chunks run back to back, as one whole prefill would (no decoding
         step between them unless ``prefill_chunk_tokens`` asks for it).
 
-        Returns the seconds a background prefill took while other work was live (0.0 otherwise) and
-        whether a decoding step should follow."""
+        Returns whether a decoding step should follow. A background prefill's time is added to
+        ``background_seconds`` (beside other live work, where it spends the credit, or alone)."""
         adm = self._turn()
         if adm is None:
-            return 0.0, True
+            return True
         prefill = adm.prefills[0]
         waiting = self._decoding is not None or len(self._admitting) > 1  # rows or other prefills wait for it
         chunk = self.prefill_chunk_tokens if waiting and self.prefill_chunk_tokens else None
@@ -456,7 +459,7 @@ class ModelRunner:
             self._admitting.remove(adm)
             self._take_back(adm.jobs)
             self._retry_alone([job.call for job in adm.jobs if not job.done], e, "prefill")
-            return 0.0, True
+            return True
         seconds = time.perf_counter() - t0
         adm.seconds += seconds
         if adm.background:
@@ -470,7 +473,7 @@ class ModelRunner:
         else:
             self._observe("recommend", sum(len(c.items) for c in adm.calls), adm.seconds)
         alone = adm.background and not yielding and part is None and not self.prefill_chunk_tokens
-        return (seconds if yielding else 0.0), not alone
+        return not alone
 
     def _turn(self) -> _Admission | None:
         """The admission whose prefill runs now: the first that is not background; else the first

@@ -25,6 +25,7 @@ import transformers
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.components import Components
+from service.engine import MODE_RECOMMENDERS
 from service.errors import retry_after
 from service.settings import Settings
 from tests.conftest import build_tiny_tokenizer
@@ -406,6 +407,7 @@ async def test_version(world, comp, memory_store, redis_url, tmp_path, monkeypat
         assert v["settings"]["cut_layer"] == 20 and v["settings"]["slot_policy"] is None  # configured values
         gate.set()
         await state.wait_ready(20)
+        served_by = {mode: state.engine.choose(mode).recommender for mode in MODE_RECOMMENDERS}
         v = (await client.get("/version")).json()
         monkeypatch.setenv("AUTOMR_GIT_SHA", "0123abc")
         assert (await client.get("/version")).json()["git_sha"] == "0123abc"
@@ -431,6 +433,8 @@ async def test_version(world, comp, memory_store, redis_url, tmp_path, monkeypat
     # full-history requests yield to the others (the runner's priority between modes)
     assert (s["background_modes"], s["background_share"], s["background_chunk_tokens"]) == (["full-history"], 0.25, 256)
     assert state.runner.background == {"full-history"}
+    # the mode -> recommender keys table the priority reads agrees with what serves each mode
+    assert all(served_by[mode] in keys for mode, keys in MODE_RECOMMENDERS.items())
 
 
 async def test_gc_freeze_at_ready(world, comp, memory_store, redis_url, tmp_path):
