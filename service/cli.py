@@ -121,9 +121,14 @@ def cmd_serve(args, settings: Settings) -> int:
         torch.set_num_threads(settings.torch_threads)
     logging.getLogger().setLevel(settings.log_level.upper())
     print(curl_examples(settings), flush=True)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.shutdown_grace_s)
+    uvicorn.run(create_app(settings), **uvicorn_options(settings))
     return 0
+
+
+def uvicorn_options(settings: Settings) -> dict:
+    """uvicorn's options for the service (``uvicorn.run`` / ``uvicorn.Config`` keywords)."""
+    return dict(host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=settings.shutdown_grace_s, timeout_keep_alive=settings.keep_alive_s)
 
 
 def curl_examples(settings: Settings) -> str:

@@ -237,7 +237,8 @@ class Engine:
         seed = zlib.crc32(f"{req.user_id}:{n}:{view.events[-1].event_id if n else ''}".encode())
         request = RecommendRequest(context=context, memory=memory, exclude=exclude, query=query, seed=seed)
         try:
-            rec = (await self.runner.recommend(choice.recommender, [request], topk=req.k))[0]
+            background = None if req.priority is None else req.priority == "background"
+            rec = (await self.runner.recommend(choice.recommender, [request], topk=req.k, background=background))[0]
         finally:
             if put is not None:
                 try:

@@ -22,16 +22,14 @@ thread serves the queue.
   a few). It never waits for the longest answer of the batch. When nothing is decoding, the
   first call waits up to ``max_wait_ms`` after its arrival for same-recommender calls to prefill
   with it.
-- Background recommenders (``background``: the service's full-history mode by default) yield to
-  the others. A background call is taken when no other call is queued, or when its credit (below)
-  allows, so that it is not starved while the others fill every row. Its prefill runs only when no
-  other admission waits. While other rows decode, it runs in chunks of at most
-  ``background_chunk_tokens`` padded tokens, and only while its model time stays within
-  ``background_share`` of the runner's (a credit earned by the other work's seconds and spent by
-  its chunks), so a full-history prompt (~1,200 tokens, ~1.2 s) no longer stops the short modes'
-  rows for its whole length. With nothing else live its chunks run back to back, as one whole
-  prefill, but a call arriving meanwhile waits for one chunk, not for the rest. Its rows decode in
-  the shared batch like any other. Priority decides order only: the answers are the same.
+- Background calls yield to the others (``service.priority.BackgroundPriority`` decides the order):
+  those of the ``background`` recommenders (the service's full-history mode by default), unless the
+  caller says otherwise (``recommend(..., background=)``). Their prefills run in
+  chunks of at most ``background_chunk_tokens`` padded tokens; while other work is live, only
+  within ``background_share`` of the model's time, so a full-history prompt (~1,200 tokens, ~1.2 s)
+  no longer stops the short modes' rows for its whole length. With nothing else live their chunks
+  run back to back, as one whole prefill, but a call arriving meanwhile waits for one chunk, not for
+  the rest. Their rows decode in the shared batch like any other: the answers are the same.
 - Other recommend calls (beam search, constrained) run whole: up to ``max_batch`` requests of one
   recommender in one ``Recommender.recommend(all, topk=max topk)``, between two decoding steps.
 - ``encode``: up to ``max_batch`` calls whose windows fit in one encoder batch (``batch_size``
@@ -77,6 +75,7 @@ from model.pipeline import Pipeline
 from model.llm import DecodeBatch
 from model.recommend import Recommendation, Recommender, RecommendRequest
 from service.errors import ApiError
+from service.priority import BackgroundPriority
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +106,7 @@ class _Call:
     key: str | None  # recommender key (recommend only)
     items: list  # RecommendRequests or windows
     topk: int | None
+    background: bool = False  # it yields to the others (service.priority)
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
 
@@ -167,12 +167,10 @@ class ModelRunner:
             raise ValueError(f"need max_batch >= 1, max_queue >= 1, max_wait_ms >= 0, ground_wait_ms >= 0, "
                              f"prefill_chunk_tokens >= 0; got {max_batch}, {max_queue}, {max_wait_ms}, "
                              f"{ground_wait_ms}, {prefill_chunk_tokens}")
-        if not 0 <= background_share < 1 or background_chunk_tokens < 1:
-            raise ValueError(f"need 0 <= background_share < 1 and background_chunk_tokens >= 1; got "
-                             f"{background_share}, {background_chunk_tokens}")
         unknown = sorted(set(background) - set(recommenders))
         if unknown:
             raise ValueError(f"background recommenders {unknown} are not among {sorted(recommenders)}")
+        self.priority = BackgroundPriority(background, background_share, background_chunk_tokens)
         self.pipeline = pipeline
         self.recommenders = recommenders
         self.encoder = pipeline.memory_encoder(batch_size=batch_size)  # memoizes item elements in memory
@@ -197,15 +195,18 @@ class ModelRunner:
         self.prefill_chunk_tokens = prefill_chunk_tokens  # 0: a prefill group runs whole
         self._grounding: list[_Job] = []  # calls whose rows are all done, waiting to be grounded together
         self.ground_wait_s = ground_wait_ms / 1e3
-        self.background = frozenset(background)  # recommender keys that yield to the others
-        self.background_chunk_tokens = background_chunk_tokens
-        self._earn = background_share / (1 - background_share)  # background seconds per second of other work
-        self._credit = 0.0  # seconds a background prefill may still take while other work is live
-        # model time of background prefills since start, beside other live work (what spends the credit)
-        # or alone: /metrics, and the credit's bookkeeping
-        self.background_seconds = {"beside_others": 0.0, "alone": 0.0}
         self._thread = threading.Thread(target=self._work, name="automr-model", daemon=True)
         self._thread.start()
+
+    @property
+    def background(self) -> frozenset[str]:
+        """Recommender keys that yield to the others (``service.priority``)."""
+        return self.priority.keys
+
+    @property
+    def background_seconds(self) -> dict[str, float]:
+        """Model time of background prefills since start, beside other live work or alone (/metrics)."""
+        return self.priority.seconds
 
     # ---- the coroutines the service awaits -------------------------------------------------------
 
@@ -215,13 +216,16 @@ class ModelRunner:
             return np.zeros((0, self.pipeline.lm.hidden_size), dtype=np.float32)
         return await self._submit(_Call("encode", None, list(windows), None))
 
-    async def recommend(self, key: str, requests: Sequence[RecommendRequest], topk: int | None) -> list[Recommendation]:
-        """``Recommender.recommend`` of the recommender named ``key`` (a slot policy or 'full-history')."""
+    async def recommend(self, key: str, requests: Sequence[RecommendRequest], topk: int | None,
+                        background: bool | None = None) -> list[Recommendation]:
+        """``Recommender.recommend`` of the recommender named ``key`` (a slot policy or 'full-history').
+        ``background``: the call yields to the others (None: as the runner's ``background`` keys say)."""
         if key not in self.recommenders:
             raise KeyError(f"no recommender {key!r}; have {sorted(self.recommenders)}")
         if not requests:
             return []
-        return await self._submit(_Call("recommend", key, list(requests), topk))
+        bg = key in self.priority if background is None else background
+        return await self._submit(_Call("recommend", key, list(requests), topk, background=bg))
 
     async def _submit(self, call: _Call):
         with self._cond:
@@ -259,7 +263,7 @@ class ModelRunner:
                 if not self._queue and not self._holding:  # closing and drained
                     return
                 batch = self._take(wait=not self._generating) if self._queue else []
-                queued_background = any(c.key in self.background for c in self._queue) if self.background else False
+                queued_background = any(c.background for c in self._queue)
                 self._busy = True
             t0 = time.perf_counter()
             try:
@@ -268,16 +272,12 @@ class ModelRunner:
                 elif batch:
                     self._run(batch)
                 yielding = self._yielding(queued_background)
-                beside = self.background_seconds["beside_others"]
+                self.priority.begin_turn()
                 step = self._prefill() if self._admitting else True
                 if self._decoding is not None and step:
                     self._step()
                 self._ground()
-                if yielding:  # background work waited beside other work: what it earned, less what it took
-                    spent = self.background_seconds["beside_others"] - beside
-                    self._credit += self._earn * (time.perf_counter() - t0 - spent) - spent
-                else:
-                    self._credit = 0.0
+                self.priority.end_turn(yielding, time.perf_counter() - t0)
             except Exception as e:  # never let the model thread die: fail what it holds, serve the rest
                 log.exception("the model thread failed; failing the calls it held")
                 self._fail_all(batch, e)
@@ -310,14 +310,7 @@ class ModelRunner:
         """(Lock held.) The oldest call, if it can run now, and the same-kind, same-key calls that join
         it; with ``wait`` (nothing decoding) up to max_wait after its arrival for more. Returns []
         when it cannot run yet or every candidate was cancelled."""
-        # first come, first served, background calls after the others unless their credit allows (so
-        # they are not starved when the others fill every row): a call that does not fit yet holds
-        # the later ones
-        first = next((c for c in self._queue if c.key not in self.background), self._queue[0])
-        if first.key not in self.background and self._credit > 0:
-            waiting = next((c for c in self._queue if c.key in self.background), None)
-            if waiting is not None and self._takeable(waiting):
-                first = waiting
+        first = self.priority.first(self._queue, self._takeable)  # a call that does not fit yet holds the later ones
         if not self._takeable(first):
             return []
         deadline = first.arrived + self.max_wait_s
@@ -356,7 +349,7 @@ class ModelRunner:
         for c in self._queue:
             if len(batch) >= self.max_batch or size >= limit:
                 break
-            if c is first or c.kind != first.kind or c.key != first.key:
+            if c is first or c.kind != first.kind or c.key != first.key or c.background != first.background:
                 continue
             if size + len(c.items) <= limit:
                 batch.append(c)
@@ -407,7 +400,7 @@ class ModelRunner:
         for job in jobs:
             job.admission_picks, job.first_row = picks, at
             at += len(job.texts)
-        admission = _Admission(calls, jobs, deque(prefills), background=calls[0].key in self.background)
+        admission = _Admission(calls, jobs, deque(prefills), background=calls[0].background)
         if first:
             self._admitting.appendleft(admission)
         else:
@@ -431,14 +424,14 @@ class ModelRunner:
 
         Admissions take turns (round robin, a chunk or a group each): a short prompt admitted while a
         long one is being prefilled in chunks waits for one chunk, not for the rest of the long one.
-        Background admissions go after the others (``_turn``) and always run in chunks of at most
+        Background admissions go after the others (``BackgroundPriority.turn``) and always run in chunks of at most
         ``background_chunk_tokens``, so that a call arriving meanwhile waits for one chunk; with
         nothing else live their chunks run back to back, as one whole prefill would (no decoding
         step between them unless ``prefill_chunk_tokens`` asks for it).
 
         Returns whether a decoding step should follow. A background prefill's time is added to
         ``background_seconds`` (beside other live work, where it spends the credit, or alone)."""
-        adm = self._turn()
+        adm = self.priority.turn(self._admitting, self._others_live())
         if adm is None:
             return True
         prefill = adm.prefills[0]
@@ -446,7 +439,7 @@ class ModelRunner:
         chunk = self.prefill_chunk_tokens if waiting and self.prefill_chunk_tokens else None
         yielding = adm.background and self._others_live()
         if adm.background:
-            chunk = min(chunk or self.background_chunk_tokens, self.background_chunk_tokens)
+            chunk = self.priority.chunk(chunk)
         t0 = time.perf_counter()
         try:
             part = self.pipeline.lm.advance(prefill, chunk)
@@ -463,7 +456,7 @@ class ModelRunner:
         seconds = time.perf_counter() - t0
         adm.seconds += seconds
         if adm.background:
-            self.background_seconds["beside_others" if yielding else "alone"] += seconds
+            self.priority.ran(seconds, beside_others=yielding)
         self._tell("prefill_chunk", prefill.rows, seconds)  # what decoding rows waited for
         if part is not None:
             adm.prefills.popleft()
@@ -475,26 +468,17 @@ class ModelRunner:
         alone = adm.background and not yielding and part is None and not self.prefill_chunk_tokens
         return not alone
 
-    def _turn(self) -> _Admission | None:
-        """The admission whose prefill runs now: the first that is not background; else the first
-        background one, when nothing else is live or its credit allows (None: it waits a turn)."""
-        for adm in self._admitting:
-            if not adm.background:
-                return adm
-        return self._admitting[0] if not self._others_live() or self._credit > 0 else None
-
     def _others_live(self) -> bool:
-        """Is work of a non-background recommender being prefilled or decoded?"""
+        """Is work of a call that is not background being prefilled or decoded?"""
         if any(not adm.background for adm in self._admitting):
             return True
-        return self._decoding is not None and any(job.call.key not in self.background
-                                                  for job, _ in self._decoding.tags)
+        return self._decoding is not None and any(not job.call.background for job, _ in self._decoding.tags)
 
     def _yielding(self, queued: bool) -> bool:
         """Does background work (``queued`` calls, or admitted prefills) wait beside other live work
         (the credit is counted)?"""
         waits = queued or any(adm.background for adm in self._admitting)
-        return bool(self.background) and waits and self._others_live()
+        return waits and self._others_live()
 
     def _take_back(self, jobs: Sequence[_Job]) -> None:
         """Remove the rows of ``jobs`` that are still decoding from the decoding batch."""

@@ -51,6 +51,10 @@ class RecommendIn(_In):
         default=None, min_length=1, max_length=MAX_RECENT_ITEMS,
         description="item ids, oldest first: the short-term context instead of the stored one (its last K)")
     mode: Mode | None = Field(default=None, description="automr | bigrec | full-history (default: the server's policy)")
+    priority: Literal["interactive", "background"] | None = Field(
+        default=None,
+        description="background: nobody waits for this answer (e.g. precomputing recommendations); it yields "
+                    "the model to the other requests. Default: the mode's (AUTOMR_BACKGROUND_MODES: full-history)")
 
 
 class ItemOut(BaseModel):

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     # http
     host: str = "127.0.0.1"
     port: int = 8000
+    # an idle keep-alive connection is closed after this long. Keep it above the idle timeout of the
+    # clients and load balancers in front (aiohttp 15 s, AWS ALB and nginx 60 s): when the server
+    # closes first, a request sent on that connection at the same moment is dropped, which the client
+    # sees as a disconnect (uvicorn's own default, 5 s, did that in a load run: BENCHMARKS §6i)
+    keep_alive_s: float = Field(default=75.0, gt=0)
 
     # ---- the online service (`automr serve`; docs/SERVICE.md) ----
     # pieces: default ARTEFACTS/generator and ARTEFACTS/retriever

@@ -392,27 +392,36 @@ async def _second_while_first_runs(runner, first, second, running, go: threading
     return [x[0] for x in await asyncio.gather(*calls)]
 
 
-async def test_background_calls_go_after_the_others_and_get_the_same_answers(pipe, runners, monkeypatch):
-    """A full-history call (background) queued before a short call is taken after it, though only
-    one of them fits beside the decoding row: the short call's prefill runs first. Every call gets
+@pytest.mark.parametrize("keys,asked,yields", [(("full-history",), None, True),  # the mode is background
+                                               ((), True, True),  # the request asks for it
+                                               (("full-history",), False, False)])  # the request declines
+async def test_background_calls_go_after_the_others_and_get_the_same_answers(pipe, runners, monkeypatch,
+                                                                               keys, asked, yields):
+    """A full-history call queued before a short call: background (by its mode, or by its request's
+    own say), it is taken after it, though only one of them fits beside the decoding row, so the
+    short call's prefill runs first; marked interactive, first come, first served. Every call gets
     its answer alone."""
     recs, long_, n_tokens = _mixed(pipe)
     reqs = _requests(pipe)
-    plan = [("learned", reqs[0]), ("full-history", long_), ("learned", reqs[1])]
-    want = [recs[key].recommend([r], topk=k)[0] for key, (r, k) in plan]
+    plan = [("learned", reqs[0], None), ("full-history", long_, asked), ("learned", reqs[1], None)]
+    want = [recs[key].recommend([r], topk=k)[0] for key, (r, k), _ in plan]
     _, _, done = _trace(pipe, monkeypatch)
     go = _hold_steps(pipe, monkeypatch)  # the first step waits until both later calls are queued
-    runner = runners(pipe, recs, max_batch=2, max_wait_ms=0, background=("full-history",),  # room for one of them
+    runner = runners(pipe, recs, max_batch=2, max_wait_ms=0, background=keys,  # room for one of them
                      background_share=0.5, background_chunk_tokens=10_000)  # once taken, it would prefill at once
     first = asyncio.ensure_future(runner.recommend("learned", [reqs[0][0]], topk=reqs[0][1]))
     await _until(lambda: runner.calls == 1)
-    rest = [asyncio.ensure_future(runner.recommend(key, [r], topk=k)) for key, (r, k) in plan[1:]]
+    rest = [asyncio.ensure_future(runner.recommend(key, [r], topk=k, background=bg)) for key, (r, k), bg in plan[1:]]
     await _until(lambda: runner.queue_depth() == 2)
     go.set()
     got = [x[0] for x in await asyncio.gather(first, *rest)]
     for g, w in zip(got, want):
         _same(g, w)
-    assert len(done) == 3 and done[-1] == n_tokens != done[1]  # the later short call was prefilled first
+    assert len(done) == 3
+    if yields:
+        assert done[-1] == n_tokens != done[1]  # the later short call was prefilled first
+    else:
+        assert done[1] == n_tokens != done[-1]  # in the order they came
     assert runner._decoding is None and not runner._admitting
 
 

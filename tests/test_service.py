@@ -277,6 +277,12 @@ async def test_modes_on_one_server_and_recent_items(world, comps, memory_store, 
         assert r["memory"] == {"used": False, "item_id": None, "timestamp": None, "score": None, "elements": n_mem}
         assert (r["mode"], r["slot_policy"]) == ("bigrec", "none")
         assert state.runner.calls == 1  # no memory encoded for bigrec
+        # a request may ask to yield (precomputing, say): the same answer, prefilled as background work
+        assert state.runner.background_seconds["alone"] == 0.0  # bigrec is not a background mode
+        r2 = (await client.post("/recommend", json={"user_id": "u2", "k": 4, "mode": "bigrec",
+                                                    "priority": "background"})).json()
+        assert [x["item_id"] for x in r2["items"]] == [x["item_id"] for x in r["items"]]
+        assert state.runner.background_seconds["alone"] > 0
 
         # full-history: every stored title in the prompt, no slot
         r = (await client.post("/recommend", json={"user_id": "u2", "k": 4, "mode": "full-history",
@@ -285,6 +291,12 @@ async def test_modes_on_one_server_and_recent_items(world, comps, memory_store, 
             [RecommendRequest(context=items)], topk=4)[0]
         assert [x["item_id"] for x in r["items"]] == [cat.item_ids[i] for i in want.items]
         assert r["mode"] == "full-history" and r["memory"]["used"] is False
+        # full-history is background by default; a request may decline
+        alone = state.runner.background_seconds["alone"]
+        r2 = (await client.post("/recommend", json={"user_id": "u2", "k": 4, "mode": "full-history",
+                                                    "exclude_seen": False, "priority": "interactive"})).json()
+        assert [x["item_id"] for x in r2["items"]] == [x["item_id"] for x in r["items"]]
+        assert state.runner.background_seconds["alone"] == alone
 
         # recent_items replace the short-term context; the memory stays the stored one, z_t is the prompt's
         recent = ["5", "9", "1", "2"]
@@ -361,6 +373,7 @@ async def test_error_shapes(world, comps, memory_store, redis_url, tmp_path):
         assert "body.user_id: field required" in b["detail"]
         _assert_error(await client.post("/recommend", json={"user_id": "u1", "exlude_seen": False}), 422, "validation_error")
         _assert_error(await client.post("/recommend", json={"user_id": "u1", "mode": "magic"}), 422, "validation_error")
+        _assert_error(await client.post("/recommend", json={"user_id": "u1", "priority": "urgent"}), 422, "validation_error")
         _assert_error(await client.post("/recommend", json={"user_id": ""}), 422, "validation_error")
         b = _assert_error(await client.post("/interactions", json={"events": [{**ev(0), "timestamp": "soon"}]}),
                           422, "validation_error")

@@ -6,7 +6,9 @@ the prepared tiny dataset of test_service.py; nothing injected: ``create_app(set
 """
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import threading
 import time
 
@@ -20,7 +22,7 @@ from model.data.prepared import prepare
 from model.data.protocol import ProtocolConfig
 from model.retriever import Retriever, RetrieverConfig
 from service.app import create_app
-from service.cli import build_parser
+from service.cli import build_parser, uvicorn_options
 from service.components import load_components
 from service.settings import Settings
 from tests.conftest import build_tiny_lm, build_tiny_tokenizer
@@ -46,6 +48,49 @@ def test_serve_subcommand_is_registered():
     assert args.func.__name__ == "cmd_serve" and args.port == 9123 and args.host is None
 
 
+@pytest.mark.parametrize("keep_alive_s, open_after_idle", [(0.2, False), (3.0, True)])
+def test_idle_keep_alive_connection_lasts_keep_alive_s(tmp_path, keep_alive_s, open_after_idle):
+    """AUTOMR_KEEP_ALIVE_S reaches uvicorn (``serve`` runs it with ``uvicorn_options``): an idle
+    connection is closed after it, not after uvicorn's own 5 s."""
+    settings = Settings(home=tmp_path, host="127.0.0.1", port=free_tcp_port(), keep_alive_s=keep_alive_s,
+                        log_level="warning")
+    release = threading.Event()
+
+    def never_loads():  # /healthz answers while loading: no model is needed here
+        release.wait(60)
+        raise RuntimeError("not loaded in this test")
+
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, components=never_loads), **uvicorn_options(settings)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        conn = http.client.HTTPConnection(settings.host, settings.port, timeout=10)
+        conn.request("GET", "/healthz")
+        r = conn.getresponse()
+        assert r.status == 200 and not r.will_close
+        r.read()
+        time.sleep(1.0)  # idle
+        conn.sock.setblocking(False)
+        try:
+            closed = conn.sock.recv(1, socket.MSG_PEEK) == b""  # EOF: the server closed it
+        except BlockingIOError:
+            closed = False  # still open, nothing to read
+        assert closed is not open_after_idle
+        if open_after_idle:  # and it still serves
+            conn.sock.setblocking(True)
+            conn.request("GET", "/healthz")
+            assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(30)
+
+
 def test_uvicorn_listens_before_ready_then_serves(on_disk, memory_store, redis_url):
     root, hist = on_disk
     before = torch.get_num_threads()
@@ -62,7 +107,7 @@ def test_uvicorn_listens_before_ready_then_serves(on_disk, memory_store, redis_u
         return load_components(settings)
 
     app = create_app(settings, components=gated_load)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, **{**uvicorn_options(settings), "log_level": "warning"}))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://{settings.host}:{settings.port}"
