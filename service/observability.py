@@ -378,5 +378,6 @@ def version_info(state: Any) -> dict:
             "draft_tokens": s.draft_tokens, "draft_max_rows": s.draft_max_rows, "draft_learn": s.draft_learn,
             "ground_memo": s.ground_memo, "ground_memo_recent": s.ground_memo_recent,
             "max_body_bytes": s.max_body_bytes, "api_key_required": s.api_key is not None,
+            "keep_alive_s": s.keep_alive_s,
         },
     }

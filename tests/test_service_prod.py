@@ -432,6 +432,7 @@ async def test_version(world, comp, memory_store, redis_url, tmp_path, monkeypat
     assert all(r._ground_memo is comp.pipeline.ground_memo for r in state.runner.recommenders.values())
     # full-history requests yield to the others (the runner's priority between modes)
     assert (s["background_modes"], s["background_share"], s["background_chunk_tokens"]) == (["full-history"], 0.25, 256)
+    assert s["keep_alive_s"] == 75.0
     assert state.runner.background == {"full-history"}
     # the mode -> recommender keys table the priority reads agrees with what serves each mode
     assert all(served_by[mode] in keys for mode, keys in MODE_RECOMMENDERS.items())
