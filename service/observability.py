@@ -187,9 +187,9 @@ class Metrics:
                      ["source"], registry=r)
         for source, attr in (("catalogue", "catalogue_hits"), ("recent", "recent_hits"), ("embedded", "embedded")):
             memo.labels(source).set_function(lambda attr=attr: self._ground_memo(attr))
-        background = Gauge("automr_background_prefill_seconds", "Model time of background-mode prefills "
-                           "(AUTOMR_BACKGROUND_MODES) since start: beside other live work (within "
-                           "AUTOMR_BACKGROUND_SHARE) or alone", ["state"], registry=r)
+        background = Gauge("automr_background_prefill_seconds", "Model time of background prefills (the "
+                           "modes of AUTOMR_BACKGROUND_MODES, or a request's \"priority\") since start: "
+                           "beside other live work (within AUTOMR_BACKGROUND_SHARE) or alone", ["state"], registry=r)
         for state in ("beside_others", "alone"):
             background.labels(state).set_function(lambda state=state: self._background(state))
         Gauge("automr_ready", "1 once the model, index and store are loaded", registry=r).set_function(
