@@ -6,7 +6,7 @@ A call is background when its recommender is (``keys``: the service's full-histo
 Full-history prompts (~1,200 tokens, ~1.2 s of prefill) would otherwise stop the short modes' rows
 for their whole length (BENCHMARKS §6f, §6h). ``ModelRunner`` asks this policy three things:
 
-- which queued call to take next (``first``): the oldest call of a foreground recommender; a
+- which queued call to take next (``first``): the oldest call that is not background; a
   background call when no other is queued, or when its credit allows and it fits now, so that it is
   not starved while the others fill every row;
 - which admission's prefill runs now (``turn``): foreground ones first; a background one when nothing
@@ -29,7 +29,7 @@ class _Queued(Protocol):
 
 
 class _Admitted(Protocol):
-    background: bool  # of a background recommender
+    background: bool  # admitted background calls
 
 
 C = TypeVar("C", bound=_Queued)
@@ -38,8 +38,9 @@ A = TypeVar("A", bound=_Admitted)
 
 class BackgroundPriority:
     """Which recommenders' calls yield to the others by default (``keys``), and the credit that bounds
-    the background calls' share of the model's time while other work is live. ``seconds`` is the background prefills' model time since
-    start, beside other live work (what spends the credit) or alone: ``/metrics`` reads it."""
+    the background calls' share of the model's time while other work is live. ``seconds`` is the
+    background prefills' model time since start, beside other live work (what spends the credit) or
+    alone: ``/metrics`` reads it."""
 
     def __init__(self, keys: Collection[str] = (), share: float = 0.25, chunk_tokens: int = 256):
         if not 0 <= share < 1 or chunk_tokens < 1:
