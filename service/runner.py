@@ -149,8 +149,12 @@ class _Admission:
     calls: list[_Call]
     jobs: list[_Job]
     prefills: deque  # of model.llm.Prefill, the oldest first
-    background: bool = False  # of a background recommender: it yields to the others
     seconds: float = 0.0  # model time spent on its prefills so far
+
+    @property
+    def background(self) -> bool:
+        """Background calls are admitted together only (``_gather``): it yields to the others."""
+        return self.calls[0].background
 
     @property
     def rows(self) -> int:
@@ -400,7 +404,7 @@ class ModelRunner:
         for job in jobs:
             job.admission_picks, job.first_row = picks, at
             at += len(job.texts)
-        admission = _Admission(calls, jobs, deque(prefills), background=calls[0].background)
+        admission = _Admission(calls, jobs, deque(prefills))
         if first:
             self._admitting.appendleft(admission)
         else:
@@ -424,20 +428,21 @@ class ModelRunner:
 
         Admissions take turns (round robin, a chunk or a group each): a short prompt admitted while a
         long one is being prefilled in chunks waits for one chunk, not for the rest of the long one.
-        Background admissions go after the others (``BackgroundPriority.turn``) and always run in chunks of at most
-        ``background_chunk_tokens``, so that a call arriving meanwhile waits for one chunk; with
+        Background admissions go after the others (``BackgroundPriority.turn``) and always run in
+        chunks of at most ``background_chunk_tokens``, so that a call arriving meanwhile waits for one chunk; with
         nothing else live their chunks run back to back, as one whole prefill would (no decoding
         step between them unless ``prefill_chunk_tokens`` asks for it).
 
         Returns whether a decoding step should follow. A background prefill's time is added to
         ``background_seconds`` (beside other live work, where it spends the credit, or alone)."""
-        adm = self.priority.turn(self._admitting, self._others_live())
+        live = self._others_live()  # work that is not background is prefilled or decoded
+        adm = self.priority.turn(self._admitting, live)
         if adm is None:
             return True
         prefill = adm.prefills[0]
         waiting = self._decoding is not None or len(self._admitting) > 1  # rows or other prefills wait for it
         chunk = self.prefill_chunk_tokens if waiting and self.prefill_chunk_tokens else None
-        yielding = adm.background and self._others_live()
+        yielding = adm.background and live
         if adm.background:
             chunk = self.priority.chunk(chunk)
         t0 = time.perf_counter()
