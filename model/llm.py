@@ -549,6 +549,16 @@ class SplitLM:
         h = self._run_layers(layers, h, mask, pos)
         return (self.model.model.norm if norm is None else norm)(h)
 
+    def lower_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Layer-L states [B, T, H] under an explicit mask [B, 1, T, T] (bool, True = attend) and
+        position ids [B, T]: the packed rows of ``model/train/packed.py``."""
+        h = self.model.model.embed_tokens(input_ids)
+        return self._run_layers(self.model.model.layers[: self.cut], h, mask, position_ids)
+
+    def upper_states(self, h: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Final-norm states [B, T, H] from layer-L states under an explicit mask and position ids."""
+        return self.model.model.norm(self._run_layers(self.upper_layers(), h, mask, position_ids))
+
     @staticmethod
     def replace_slots(h: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """Out-of-place: ``h`` [B, T, H] with ``h[b, positions[b, s]] = vectors[b, s]``."""

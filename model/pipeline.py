@@ -138,6 +138,16 @@ def retriever_element(directory: str | Path) -> str | None:
     return json.loads(report.read_text()).get("element")
 
 
+def generator_template(directory: str | Path) -> str:
+    """The prompt template a tuned generator was tuned on (``upper.json``); "alpaca" for the base model
+    and for generators saved before the key existed."""
+    try:
+        extra = json.loads((Path(directory) / "upper.json").read_text()).get("extra", {})
+    except (OSError, ValueError):
+        return "alpaca"
+    return extra.get("template") or extra.get("train_report", {}).get("config", {}).get("template") or "alpaca"
+
+
 def has_retriever(directory: str | Path) -> bool:
     d = Path(directory)
     return (d / RETRIEVER_CONFIG).is_file() and (d / RETRIEVER_WEIGHTS).is_file()
@@ -168,7 +178,7 @@ def load_pipeline(
     gen_dir = Path(generator_dir) if generator_dir is not None else root / "generator"
     ret_dir = Path(retriever_dir) if retriever_dir is not None else root / "retriever"
     lm = load_lm(model, cut=cut, dtype=dtype, generator_dir=gen_dir)
-    builder = PromptBuilder.for_model(lm, domain=domain, n_slots=n_slots)
+    builder = PromptBuilder.for_model(lm, domain=domain, n_slots=n_slots, template=generator_template(gen_dir))
     titles = list(titles)
     index = load_or_build_index(lm, titles, root / "index", progress=progress)
     retriever = None

@@ -9,6 +9,16 @@ token budget. The pieces (``|`` marks a piece boundary, ``t1`` the oldest kept t
           | \\nLong-term memory: | ...  (× n_slots)  | \\n\\n### Response:\\n
 
 Each title piece is ``' "Title"'`` (leading space); without a slot the tail is ``\\n\\n### Response:\\n``.
+
+``template="list"`` is the short form the packed trainer (``model/train/packed.py``) tunes on: one title
+per line, and the answer is simply the next line::
+
+    [bos] | The user has watched these movies, oldest first: | \\n | t1 | \\n | t2 | \\n | ... | tK | \\n
+
+Every piece is tokenized alone. The slot is the prompt's last token, the newline after the newest title
+(one slot only): its layer-L state is z_t and, for AutoMR, it is replaced by the memory element. The
+response is ``Title`` + the newline, which ends the line (no eos). Without a slot the prompt is the same
+(the last newline simply keeps its own state), so full-history differs only by how many titles it holds.
 The slot position is the last token of each placeholder span (``' ...'``, one token for SmolLM2).
 The response (``response_ids``) is ``'"Title"'`` tokenized on its own + eos, and training / scoring
 concatenates prompt ids + response ids: tokenizing the pieces separately is what makes the prompt's
@@ -45,6 +55,9 @@ PLACEHOLDER = " ..."
 RESPONSE_HEAD = "\n\n### Response:\n"
 RESPONSE = '"{title}"'
 TEMPLATE_VERSION = "bigrec-alpaca-slot/1"
+LIST_HEAD = "The user has {verb} these {plural}, oldest first:"
+LINE = "\n"
+TEMPLATES: tuple[str, ...] = ("alpaca", "list")
 
 
 @dataclass
@@ -81,7 +94,13 @@ class PromptBuilder:
         max_tokens: int | None = None,
         reserve_tokens: int = 64,
         placeholder: str = PLACEHOLDER,
+        template: str = "alpaca",
     ):
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown prompt template {template!r}; use one of {TEMPLATES}")
+        if template == "list" and n_slots > 1:
+            raise ValueError("the list template has one slot (the prompt's last token); n_slots must be <= 1")
+        self.template = template
         if n_slots < 0:
             raise ValueError(f"n_slots must be >= 0, got {n_slots}")
         self.tokenizer = tokenizer
@@ -97,11 +116,16 @@ class PromptBuilder:
         self.max_tokens = max_tokens
 
         self._bos = self._bos_ids()
-        head = PREAMBLE + INSTRUCTION.format(plural=plural, verb=verb, noun=domain) + INPUT_HEAD.format(
-            verb=verb, plural=plural
-        )
-        self._head = self._bos + self._encode(head)
-        self._sep = self._encode(SEPARATOR)
+        if template == "list":
+            self._line = self._encode(LINE)
+            self._head = self._bos + self._encode(LIST_HEAD.format(verb=verb, plural=plural)) + self._line
+            self._sep = list(self._line)
+        else:
+            head = PREAMBLE + INSTRUCTION.format(plural=plural, verb=verb, noun=domain) + INPUT_HEAD.format(
+                verb=verb, plural=plural
+            )
+            self._head = self._bos + self._encode(head)
+            self._sep = self._encode(SEPARATOR)
         self._slot_head = self._encode(SLOT_HEAD)
         self._placeholder = self._encode(placeholder)
         if not self._placeholder:
@@ -134,8 +158,20 @@ class PromptBuilder:
         return []
 
     def title_ids(self, title: str) -> list[int]:
-        """Tokens of one title as it appears in the history: ``' "Title"'``."""
+        """Tokens of one title as it appears in the history: ``' "Title"'`` (list: ``Title``)."""
+        if self.template == "list":
+            return self._encode(one_line(title))
         return self._encode(TITLE_PIECE.format(title=one_line(title)))
+
+    @property
+    def head_ids(self) -> list[int]:
+        """The template head every prompt starts with."""
+        return list(self._head)
+
+    @property
+    def sep_ids(self) -> list[int]:
+        """The tokens between two titles (list: the newline that also ends each title)."""
+        return list(self._sep)
 
     # ---- the prompt -----------------------------------------------------------------------------
 
@@ -151,6 +187,8 @@ class PromptBuilder:
 
     def build(self, titles: list[str], with_slot: bool = True) -> PromptIds:
         """The prompt for a history (oldest first). ``with_slot=False``: no slot line (full history)."""
+        if self.template == "list":
+            return self._build_list(titles, with_slot)
         pieces = [self.title_ids(t) for t in titles]
         tail, rel_slots = self._tail(with_slot)
         fixed = len(self._head) + len(tail)
@@ -180,12 +218,39 @@ class PromptBuilder:
             n_shared=len(self._head),
         )
 
+    def _build_list(self, titles: list[str], with_slot: bool) -> PromptIds:
+        """``head | t1 | \\n | ... | tK | \\n``; the slot is the last newline."""
+        pieces = [self.title_ids(t) + self._line for t in titles]
+        start = 0
+        if self.max_tokens is not None:
+            total = len(self._head) + sum(len(p) for p in pieces)
+            if len(self._head) > self.max_tokens:
+                raise ValueError(f"the prompt without titles needs {len(self._head)} tokens, over the budget "
+                                 f"of {self.max_tokens}")
+            while start < len(pieces) and total > self.max_tokens:
+                total -= len(pieces[start])
+                start += 1
+        ids = list(self._head)
+        for p in pieces[start:]:
+            ids += p
+        slots = [len(ids) - 1] if with_slot and self.n_slots else []
+        return PromptIds(input_ids=ids, slot_positions=slots, n_titles=len(pieces) - start, n_dropped=start,
+                         n_shared=len(self._head) - 1)  # the head's newline is the slot of an empty history
+
     def response_ids(self, title: str) -> list[int]:
-        """The target's response tokens: ``'"Title"'`` tokenized on its own, then eos."""
+        """The target's response tokens: ``'"Title"'`` tokenized on its own, then eos (list: ``Title``
+        + the newline that ends its line)."""
+        if self.template == "list":
+            return self.title_ids(title) + self._line
         return self._encode(RESPONSE.format(title=one_line(title))) + [self._eos]
+
+    @property
+    def answer_end(self) -> list[int]:
+        """The tokens that end an answer: eos (alpaca) or the newline (list)."""
+        return list(self._line) if self.template == "list" else [self._eos]
 
     def signature(self) -> str:
         """Changes with anything that changes the prompt's tokens (for memory-vector cache keys)."""
-        parts = [TEMPLATE_VERSION, self.domain, str(self.n_slots), self.placeholder, str(self.max_tokens),
+        parts = [TEMPLATE_VERSION if self.template == "alpaca" else "list/1", self.domain, str(self.n_slots), self.placeholder, str(self.max_tokens),
                  repr(self._head), repr(self._placeholder), repr(self._sep)]
         return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).hexdigest()

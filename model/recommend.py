@@ -32,7 +32,8 @@ from model.llm import DecodeBatch, Prefill, SplitLM
 from model.prompts import PromptBuilder, PromptIds
 from model.retriever import Retriever
 from model.draft import NgramDrafter
-from model.title_trie import TitleTrie, beams_to_items
+from model.beam_search import trie_beam_search, trie_tables
+from model.title_trie import TitleTrie
 
 SlotPolicy = Literal["none", "learned", "random", "semantic"]
 SLOT_POLICIES: tuple[str, ...] = ("none", "learned", "random", "semantic")
@@ -149,6 +150,13 @@ class Recommender:
         return self._trie
 
     @property
+    def trie_tables(self):
+        """The trie's node tables for pruning seen items (``model/beam_search.py``), built once."""
+        if getattr(self, "_trie_tables", None) is None:
+            self._trie_tables = trie_tables(self.trie)
+        return self._trie_tables
+
+    @property
     def drafter(self) -> NgramDrafter:
         """Draft table of the catalogue's response token sequences (built once, on first use)."""
         if self._drafter is None:
@@ -243,20 +251,21 @@ class Recommender:
                 for i, tokens in self.lm.decode(batch).items():
                     texts[i] = self.lm.text(tokens)
                 continue
+            if cfg.constrained:  # beam search over the title trie, on the same prefill
+                batch = self._prefill(self._begin(requests, prompts, picks, rows, rows, draft=False))
+                batch.select([batch.tags.index(i) for i in rows])  # row j = request rows[j]
+                found = trie_beam_search(self.lm, batch, self.trie, self.trie_tables,
+                                         [requests[i].exclude for i in rows], cfg.num_beams, cfg.max_new_tokens)
+                for i, res in zip(rows, found):
+                    beams[i] = res.items
+                    texts[i] = self.lm.tokenizer.decode(res.finished[0][1], skip_special_tokens=True).strip() \
+                        if res.finished else ""
+                continue
             batch = [prompts[i] for i in rows]
             common = dict(slot_select=self._slot_select(requests, rows, picks), n_slots=cfg.n_slots,
                           max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, reuse_head=cfg.head_cache)
-            if not cfg.constrained:  # beam search: HF generate
-                for i, t in zip(rows, self.lm.generate(batch, **common)):
-                    texts[i] = t
-                continue
-            t_pad = max(len(p.input_ids) for p in batch)  # new tokens start here (left padding)
-            seqs = self.lm.generate(batch, num_return_sequences=cfg.num_beams, return_ids=True,
-                                    prefix_allowed_tokens_fn=self.trie.prefix_allowed_tokens_fn(t_pad), **common)
-            for i, row in zip(rows, seqs):
-                row = row if cfg.num_beams > 1 else [row]
-                beams[i] = beams_to_items(self.trie, row)
-                texts[i] = self.lm.tokenizer.decode(row[0], skip_special_tokens=True)
+            for i, t in zip(rows, self.lm.generate(batch, **common)):  # unconstrained beams: HF generate
+                texts[i] = t
         return texts, beams
 
     def ground(self, requests: Sequence[RecommendRequest], texts: Sequence[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
@@ -305,13 +314,14 @@ class Recommender:
         return self._begin(requests, self.prompts(requests), picks, range(len(requests)), tags), picks
 
     def _begin(self, requests: Sequence[RecommendRequest], prompts: Sequence[PromptIds],
-               picks: list[tuple[list[int], list[float]] | None], rows: Sequence[int], tags: Sequence) -> list[Prefill]:
+               picks: list[tuple[list[int], list[float]] | None], rows: Sequence[int], tags: Sequence,
+               draft: bool = True) -> list[Prefill]:
         """The prefills of ``rows`` (named by ``tags``, one per row): in groups of similar length
         (``prefill_max_tokens``), with the drafting policy of the config (a group of at most
         ``draft_max_rows`` rows feeds the drafted start of an answer in its prefill)."""
         cfg = self.config
         policy = dict(drafter=self.drafter, draft_tokens=cfg.draft_tokens,
-                      draft_max_rows=cfg.draft_max_rows) if cfg.draft_tokens else {}
+                      draft_max_rows=cfg.draft_max_rows) if cfg.draft_tokens and draft else {}
         out = []
         for group in prefill_groups([len(prompts[i].input_ids) for i in rows], cfg.prefill_max_tokens):
             at = [rows[g] for g in group]

@@ -16,7 +16,7 @@ PAPER = ReproduceConfig()
 ELEMENT_HELP = ("memory element kind (window: the paper's, one per interaction, ~160x costlier than item "
                 "elements to encode for ML-100K on a CPU and no better on validation: BENCHMARKS §4f)")
 
-LLM_METHODS = ("bigrec", "full-history", "automr", "random", "semantic")
+LLM_METHODS = ("bigrec", "bigrec-greedy", "full-history", "automr", "random", "semantic")
 
 
 def _print_json(obj) -> None:
@@ -166,6 +166,8 @@ def _artefacts(args, settings: Settings) -> Path:
 
 
 def cmd_train_generator(args, settings: Settings) -> int:
+    import torch
+
     from model.artefacts import load_lm
     from model.data.prepared import PreparedDataset
     from model.train.generator import GeneratorTrainConfig, train_generator
@@ -173,11 +175,16 @@ def cmd_train_generator(args, settings: Settings) -> int:
     ds = PreparedDataset.load(args.data)
     art = _artefacts(args, settings)
     lm = load_lm(settings.model_path, cut=settings.cut_layer, dtype=settings.dtype)
+    packed = args.recipe == "packed"
     cfg = GeneratorTrainConfig(n_train=args.budget, n_valid=args.valid_budget, epochs=args.epochs, lr=args.lr,
                                mode=args.mode, batch_size=args.batch_size, seed=args.seed,
-                               out_dir=str(art / "generator-run"))
+                               micro_batch_size=min(4 if packed else 8, args.batch_size), recipe=args.recipe,
+                               template="list" if packed else "alpaca", chunk_targets=args.chunk_targets,
+                               subset=args.subset, warmup_steps=args.warmup, out_dir=str(art / "generator-run"),
+                               master_weights=packed and args.mode == "full" and lm.dtype == torch.bfloat16)
     report = train_generator(lm, ds, cfg)
-    lm.save_upper(art / "generator", extra={"train_report": report.to_json(), "dataset": ds.name})
+    lm.save_upper(art / "generator", extra={"train_report": report.to_json(), "dataset": ds.name,
+                                            "template": cfg.template})
     _print_json({k: v for k, v in report.to_json().items() if k != "config"} | {"saved": str(art / "generator")})
     return 0
 
@@ -267,15 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="offline training stages")
     tsub = train.add_subparsers(dest="stage", required=True)
-    tg = tsub.add_parser("generator", help="BIGRec tuning of layers L+1..N (response-only loss)")
+    tg = tsub.add_parser("generator", help="tuning of layers L+1..N (loss on the answers only)")
     tg.add_argument("--data", required=True, type=Path)
     tg.add_argument("--artefacts", type=Path, default=None, help="default DATA/artefacts; writes ARTEFACTS/generator")
+    tg.add_argument("--recipe", choices=["packed", "sliding"], default=PAPER.generator_recipe,
+                    help="packed: every target in packed rows of the list template; sliding: BIGRec's Alpaca prompts")
     tg.add_argument("--budget", type=int, default=PAPER.generator_samples,
-                    help="train samples (seeded subset); BIGRec uses 1,024")
+                    help="train targets (default: all); BIGRec uses 1,024")
+    tg.add_argument("--subset", choices=["latest", "random"], default=PAPER.generator_subset,
+                    help="which targets a budget keeps: the latest (nearest validation) or a seeded sample")
+    tg.add_argument("--chunk-targets", type=int, default=PAPER.generator_chunk, help="targets per packed row")
     tg.add_argument("--valid-budget", type=int, default=PAPER.generator_valid, help="valid samples for early stopping")
     tg.add_argument("--epochs", type=int, default=PAPER.generator_epochs, help="at most; early stopping on valid loss")
     tg.add_argument("--lr", type=float, default=PAPER.generator_lr)
-    tg.add_argument("--batch-size", type=int, default=PAPER.generator_batch)
+    tg.add_argument("--warmup", type=int, default=PAPER.generator_warmup, help="linear warm-up steps")
+    tg.add_argument("--batch-size", type=int, default=PAPER.generator_batch,
+                    help="packed rows (sliding: samples) per optimizer step")
     tg.add_argument("--mode", choices=["full", "lora"], default="full")
     tg.add_argument("--seed", type=int, default=PAPER.seed)
     tg.set_defaults(func=cmd_train_generator)

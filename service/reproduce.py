@@ -14,14 +14,14 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-METHODS = ("popularity", "sasrec", "bigrec", "full-history", "random", "semantic", "automr")
+METHODS = ("popularity", "sasrec", "bigrec-greedy", "bigrec", "full-history", "random", "semantic", "automr")
 STAGES = ("data", "generator", "retriever")  # the stages before evaluation (``--until``)
 
 # The quick budget preset (``automr reproduce --budget quick``): the service's quick start and the layer
 # sweep, ~15 min on 2 cores; 16 optimizer steps of 16 samples, so the warm-up is short and the lr higher.
 # The paper preset is ``ReproduceConfig``'s defaults (``BUDGETS`` below the class).
-QUICK_BUDGET = dict(generator_samples=256, generator_epochs=1, generator_valid=64, generator_batch=16,
-                    generator_lr=2e-4, generator_warmup=2, label_train=48, label_valid=16)
+QUICK_BUDGET = dict(generator_samples=12_000, generator_epochs=1, generator_valid=64, generator_batch=8,
+                    generator_lr=3e-4, generator_warmup=5, label_train=48, label_valid=16)
 
 
 @dataclass
@@ -40,11 +40,16 @@ class ReproduceConfig:
     # Settings.generation); absent ones take RecommenderConfig's defaults
     generation: dict = field(default_factory=dict)
     model: str | None = None
-    generator_samples: int = 1024  # BIGRec's budget
-    generator_epochs: int = 2
+    # the generator's tuning (model/train/generator.py). "packed": every train target, in packed rows of
+    # the list template (model/train/packed.py); "sliding": BIGRec's one Alpaca prompt per sample
+    generator_recipe: str = "packed"
+    generator_samples: int | None = None  # train targets (None: all); which ones: generator_subset
+    generator_subset: str = "latest"  # "latest" (nearest the validation period) | "random" (seeded)
+    generator_chunk: int = 64  # targets per packed row
+    generator_epochs: int = 1
     generator_valid: int = 256  # valid samples for early stopping
-    generator_batch: int = 32  # samples per optimizer step
-    generator_lr: float = 1e-4
+    generator_batch: int = 8  # packed rows (sliding: samples) per optimizer step
+    generator_lr: float = 2e-4
     generator_warmup: int = 20  # linear warm-up steps (keep below the number of steps of a small budget)
     element: str = "item"  # memory element kind (window is the paper's; item: ~160x cheaper, no worse, BENCHMARKS §4f)
     label_train: int = 128
@@ -102,10 +107,13 @@ def _warn_budget(generator_dir: Path, cfg: ReproduceConfig) -> None:
         report = json.loads(meta.read_text()).get("extra", {}).get("train_report", {})
     except (OSError, ValueError):
         return
-    n, epochs = report.get("n_train"), report.get("epochs_run")
-    if n is not None and n != cfg.generator_samples:
-        print(f"[reproduce] note: the cached generator in {generator_dir} was tuned on {n} samples "
-              f"({epochs} epochs), not {cfg.generator_samples}: delete that folder to tune again", flush=True)
+    tuned = report.get("config", {})
+    wanted = {"n_train": cfg.generator_samples, "recipe": cfg.generator_recipe, "epochs": cfg.generator_epochs,
+              "lr": cfg.generator_lr}
+    differ = [f"{k}={tuned.get(k)!r} (asked: {v!r})" for k, v in wanted.items() if k in tuned and tuned[k] != v]
+    if differ:
+        print(f"[reproduce] note: the cached generator in {generator_dir} was tuned with {', '.join(differ)}: "
+              f"delete that folder to tune again", flush=True)
 
 
 def reproduce(cfg: ReproduceConfig) -> dict:
@@ -113,6 +121,7 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     from model.data.prepared import PreparedDataset, prepare_cmd
     from model.eval.evaluator import run_evaluation
     from model.eval.paper_reports import figure2, figure3, table1
+    from model.eval.report import memory_size_table
 
     data = cfg.runs / cfg.dataset
     art = cfg.artefacts or data / "artefacts"
@@ -133,17 +142,24 @@ def reproduce(cfg: ReproduceConfig) -> dict:
         return {"timings_s": cfg.timings}
 
     def tune() -> None:
+        import torch
+
         from model.artefacts import load_lm
         from model.train.generator import GeneratorTrainConfig, train_generator
 
         lm = load_lm(cfg.model, cut=cfg.cut, dtype=cfg.dtype)
-        report = train_generator(lm, ds, GeneratorTrainConfig(n_train=cfg.generator_samples, epochs=cfg.generator_epochs,
-                                                              n_valid=cfg.generator_valid, seed=cfg.seed,
-                                                              batch_size=cfg.generator_batch, lr=cfg.generator_lr,
-                                                              warmup_steps=cfg.generator_warmup,
-                                                              micro_batch_size=min(8, cfg.generator_batch),
-                                                              out_dir=str(art / "generator-run")))
-        lm.save_upper(art / "generator", extra={"train_report": report.to_json(), "dataset": ds.name})
+        packed = cfg.generator_recipe == "packed"
+        gcfg = GeneratorTrainConfig(n_train=cfg.generator_samples, epochs=cfg.generator_epochs,
+                                    n_valid=cfg.generator_valid, seed=cfg.seed, batch_size=cfg.generator_batch,
+                                    lr=cfg.generator_lr, warmup_steps=cfg.generator_warmup,
+                                    micro_batch_size=min(4 if packed else 8, cfg.generator_batch),
+                                    recipe=cfg.generator_recipe, template="list" if packed else "alpaca",
+                                    chunk_targets=cfg.generator_chunk, subset=cfg.generator_subset,
+                                    master_weights=packed and lm.dtype == torch.bfloat16,
+                                    out_dir=str(art / "generator-run"))
+        report = train_generator(lm, ds, gcfg)
+        lm.save_upper(art / "generator", extra={"train_report": report.to_json(), "dataset": ds.name,
+                                                "template": gcfg.template})
 
     gen_done = (art / "generator" / "upper.safetensors").is_file()
     if gen_done:
@@ -177,7 +193,12 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     docs = cfg.docs / cfg.dataset
     docs.mkdir(parents=True, exist_ok=True)
     report = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "timings"}}
-    (docs / "table1.md").write_text(table1(found, n_boot=1000, seed=cfg.seed) + "\n")
+    pairs = (("automr", "bigrec"), ("automr", "random"), ("bigrec", "popularity"), ("automr", "sasrec"),
+             ("bigrec", "bigrec-greedy"), ("automr", "full-history"))
+    by_mem = memory_size_table(found, k_short=cfg.k_short)
+    (docs / "table1.md").write_text(table1(found, pairs=pairs, n_boot=1000, seed=cfg.seed) + "\n\n"
+                                    + "Metrics by the user's memory size (history items before the K prompt titles):\n\n"
+                                    + by_mem + "\n")
     if "automr" in by and "random" in by:
         report["figure2"] = figure2(by["automr"], by["random"], docs / "figure2.png", seed=cfg.seed)
     if "automr" in by and "bigrec" in by:

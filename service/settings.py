@@ -64,7 +64,11 @@ class Settings(BaseSettings):
     # memory element kind; None = the retriever's (train_report.json), else window
     memory_element: Literal["window", "item"] | None = None
     max_new_tokens: int = Field(default=32, ge=1, le=256)
-    num_beams: int = Field(default=1, ge=1, le=16)
+    # ranking: beams over the catalogue's title trie (seen items pruned) first, then L2 grounding of the
+    # best beam's title for the rest (model/beam_search.py); constrained=false: greedy (num_beams=1) + L2,
+    # BIGRec as its paper defines it
+    constrained: bool = True
+    num_beams: int = Field(default=20, ge=1, le=64)
     llm_batch_size: int = Field(default=16, ge=1)
     head_cache: bool = True  # reuse the prompt template head's KV cache (RecommenderConfig.head_cache)
     # padded prompt tokens per prefill group (RecommenderConfig.prefill_max_tokens; longer prompts alone)
@@ -127,7 +131,8 @@ class Settings(BaseSettings):
     def generation(self) -> dict:
         """How the service generates (``RecommenderConfig`` fields). Also the LLM methods' defaults in
         ``automr evaluate`` and ``automr reproduce``, so that evaluated figures come from the served path."""
-        return dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, head_cache=self.head_cache,
+        return dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, constrained=self.constrained,
+                    head_cache=self.head_cache,
                     prefill_max_tokens=self.prefill_max_tokens, draft_tokens=self.draft_tokens,
                     draft_max_rows=self.draft_max_rows, ground_memo=self.ground_memo)
 

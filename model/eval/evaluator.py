@@ -81,6 +81,7 @@ class EvalResult:
     seconds: float  # wall time of ranker.rank over all samples
     memorization: dict | None = None
     info: dict = field(default_factory=dict)  # what the method reports about itself
+    history_len: np.ndarray | None = None  # [n] items before each target (memory size = this - K)
 
     def per_sample(self) -> dict[str, np.ndarray]:
         return per_sample_metrics(self.ranks)
@@ -101,6 +102,7 @@ class EvalResult:
                 "index": self.indices.tolist(),
                 "rank": self.ranks.tolist(),
                 "top1": self.top1.tolist(),
+                **({"history_len": self.history_len.tolist()} if self.history_len is not None else {}),
             },
         )
         return d
@@ -125,6 +127,7 @@ class EvalResult:
             seconds=float(d.get("timing", {}).get("seconds", float("nan"))),
             memorization=d.get("memorization"),
             info=d.get("info", {}),
+            history_len=np.asarray(ps["history_len"], dtype=np.int64) if "history_len" in ps else None,
         )
 
     def save(self, path: str | Path) -> None:
@@ -205,6 +208,7 @@ def evaluate(
         seconds=seconds,
         memorization=memo,
         info=info,
+        history_len=np.array([len(s.history) for s in chosen], dtype=np.int64),
     )
 
 

@@ -1,4 +1,4 @@
-"""The LLM methods of the evaluator: bigrec, full-history, automr, random, semantic.
+"""The LLM methods of the evaluator: bigrec, bigrec-greedy, full-history, automr, random, semantic.
 
 All share one generator, one prompt slot and one grounding index; they differ only in what fills the
 slot (``model/recommend.py``). Options (``automr evaluate --option key=value``):
@@ -98,7 +98,7 @@ class LLMRanker:
         return out
 
 
-def _factory(name: str, policy: str, full_history: bool = False):
+def _factory(name: str, policy: str, full_history: bool = False, fixed: dict | None = None):
     def build(ctx: MethodContext) -> LLMRanker:
         opt, ds = ctx.options, ctx.dataset
         root = Path(ctx.artefact_dir).parent if ctx.artefact_dir else Path(ds.root) / "artefacts"
@@ -108,8 +108,8 @@ def _factory(name: str, policy: str, full_history: bool = False):
             retriever_dir=opt.get("retriever"), need_retriever=policy == "learned",
             element=opt.get("element"), n_slots=int(opt.get("n_slots", 1)), progress=ctx.progress,
         )
-        rec = pipe.recommender(policy, full_history,
-                               **{key: kind(opt[key]) for key, kind in GENERATION_OPTIONS.items() if key in opt})
+        gen = {key: kind(opt[key]) for key, kind in GENERATION_OPTIONS.items() if key in opt}
+        rec = pipe.recommender(policy, full_history, **{**gen, **(fixed or {})})
         memory = pipe.cached_memory_encoder(root / "memory", progress=ctx.progress) if policy != "none" else None
         return LLMRanker(name, rec, ds.k_short, memory, seed=ctx.seed,
                          exclude_history=bool(opt.get("exclude_history", True)), version=pipe.version())
@@ -118,6 +118,8 @@ def _factory(name: str, policy: str, full_history: bool = False):
 
 
 register_method("bigrec", _factory("bigrec", "none"))
+# BIGRec as its paper defines it: one greedy title, L2 grounding (whatever the served ranking is)
+register_method("bigrec-greedy", _factory("bigrec-greedy", "none", fixed=dict(constrained=False, num_beams=1)))
 register_method("full-history", _factory("full-history", "none", full_history=True))
 register_method("automr", _factory("automr", "learned"))
 register_method("random", _factory("random", "random"))

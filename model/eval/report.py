@@ -70,4 +70,33 @@ def memorization_table(results: Sequence[EvalResult | dict], metrics: Sequence[s
     return "\n".join(lines)
 
 
-__all__ = ["results_table", "comparison_table", "memorization_table", "TABLE_METRICS", "METRICS"]
+MEMORY_BINS: tuple[tuple[int, int | None], ...] = ((0, 20), (21, 60), (61, None))
+
+
+def memory_size_table(results: Sequence[EvalResult | dict], k_short: int,
+                      metrics: Sequence[str] = ("recall@10", "ndcg@10"),
+                      bins: Sequence[tuple[int, int | None]] = MEMORY_BINS) -> str:
+    """Metrics per bin of the user's memory size (history items before the K short-term ones): the
+    memory can only matter where the history is longer than the prompt."""
+    from model.eval.metrics import per_sample_metrics
+
+    rows = [r for r in map(_as_result, results) if r.history_len is not None]
+    if not rows:
+        return ""
+    label = lambda lo, hi: f"{lo}–{hi}" if hi is not None else f"> {lo - 1}"  # noqa: E731
+    head = ["method"] + [f"{label(lo, hi)} ({m})" for lo, hi in bins for m in ("n", *metrics)]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        mem = (r.history_len - k_short).clip(min=0)
+        ps = per_sample_metrics(r.ranks)
+        cells = [r.method]
+        for lo, hi in bins:
+            sel = (mem >= lo) & ((mem <= hi) if hi is not None else True)
+            cells.append(str(int(sel.sum())))
+            cells += [f"{ps[m][sel].mean():.4f}" if sel.any() else "–" for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+__all__ = ["results_table", "comparison_table", "memorization_table", "memory_size_table", "TABLE_METRICS",
+           "METRICS", "MEMORY_BINS"]

@@ -1,0 +1,67 @@
+"""Beam search over the title trie (model/beam_search.py) against brute-force scores of every title."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.beam_search import SeenPruner, trie_beam_search, trie_tables
+from model.prompts import PromptBuilder
+from model.title_trie import TitleTrie
+
+
+def _title_scores(split, builder, prompt_ids, titles) -> list[float]:
+    """log P(response of each title | prompt), each by a full forward."""
+    out = []
+    for t in titles:
+        resp = builder.response_ids(t)
+        ids = torch.tensor([prompt_ids + resp])
+        with torch.no_grad():
+            lp = torch.log_softmax(split.model(input_ids=ids).logits[0].float(), -1)
+        n = len(prompt_ids)
+        out.append(float(lp[torch.arange(n - 1, n - 1 + len(resp)), torch.tensor(resp)].sum()))
+    return out
+
+
+@pytest.mark.parametrize("template", ["list", "alpaca"])
+def test_wide_beams_rank_every_unseen_title_by_its_exact_score(tiny_split, tiny_titles, template):
+    builder = PromptBuilder(tiny_split.tokenizer, template=template)
+    trie = TitleTrie.from_prompt_builder(tiny_titles, builder, progress=False)
+    tables = trie_tables(trie)
+    prompts = [builder.build(tiny_titles[:3]), builder.build(tiny_titles[5:9])]
+    excludes = [{0, 1, 2, 13}, set()]
+    batch = tiny_split.start(prompts, stop_at_newline=False)
+    found = trie_beam_search(tiny_split, batch, trie, tables, excludes, num_beams=len(tiny_titles))
+    for p, ex, res in zip(prompts, excludes, found):
+        scores = _title_scores(tiny_split, builder, p.input_ids, tiny_titles)
+        want = [i for i in np.argsort(-np.array(scores), kind="stable") if i not in ex]
+        assert res.items == want
+        got = [s for s, _, _ in res.finished]
+        np.testing.assert_allclose(got, sorted([scores[i] for i in want], reverse=True), atol=1e-4)
+
+
+def test_narrow_beams_are_the_best_titles_and_stop_early(tiny_split, tiny_titles):
+    builder = PromptBuilder(tiny_split.tokenizer, template="list")
+    trie = TitleTrie.from_prompt_builder(tiny_titles, builder, progress=False)
+    p = builder.build(tiny_titles[2:6])
+    scores = _title_scores(tiny_split, builder, p.input_ids, tiny_titles)
+    res = trie_beam_search(tiny_split, tiny_split.start([p], stop_at_newline=False), trie, trie_tables(trie),
+                           [set()], num_beams=3)[0]
+    assert len(res.finished) == 3
+    # every finished title's score is its exact score, in order; beams may miss a title, never misrank
+    for s, toks, items in res.finished:
+        assert abs(s - scores[items[0]]) < 1e-4
+    assert [s for s, _, _ in res.finished] == sorted([s for s, _, _ in res.finished], reverse=True)
+
+
+def test_seen_pruner_closes_only_subtrees_without_unseen_items():
+    seqs = [[5, 1, 9], [5, 1, 8], [5, 2, 9], [6, 9]]  # items 0..3
+    trie = TitleTrie(seqs)
+    item_node, sub_end = trie_tables(trie)
+    pr = SeenPruner(trie, item_node, sub_end, {0, 1})
+    n5 = trie.node_of([5])
+    assert pr.open(n5)  # item 2 is still under "5"
+    assert not pr.open(trie.node_of([5, 1]))  # both items under "5 1" are seen
+    assert pr.open(trie.node_of([5, 2])) and pr.open(trie.node_of([6]))
+    all_seen = SeenPruner(trie, item_node, sub_end, {0, 1, 2, 3})
+    assert not any(all_seen.open(v) for v in range(1, trie.n_nodes))
