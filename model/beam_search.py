@@ -90,9 +90,14 @@ class BeamResult:
 
 @torch.no_grad()
 def trie_beam_search(lm: SplitLM, batch: DecodeBatch, trie: TitleTrie, tables: tuple[np.ndarray, np.ndarray],
-                     excludes: Sequence[set[int]], num_beams: int, max_new_tokens: int = 64) -> list[BeamResult]:
+                     excludes: Sequence[set[int]], num_beams: int, max_new_tokens: int = 64,
+                     renormalize: bool = True) -> list[BeamResult]:
     """Beam search for every row of ``batch`` (row j = request j, prefilled, its next logits pending).
 
+    ``renormalize``: each step's log-probabilities are normalised over the tokens that lead to an unseen
+    title, so a title's score is its log-probability under the model restricted to the user's unseen
+    catalogue (the scores of all titles sum to 1). Without it a token keeps its share of the whole
+    vocabulary, and every token of a long title pays for the mass the model puts outside the catalogue.
     Returns, per request, up to ``num_beams`` finished titles in score order. ``batch`` is consumed."""
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
@@ -113,10 +118,17 @@ def trie_beam_search(lm: SplitLM, batch: DecodeBatch, trie: TitleTrie, tables: t
             beam, pr = live[r][b], pruners[r]
             lo, hi = int(trie.child_ptr[beam.node]), int(trie.child_ptr[beam.node + 1])
             toks, kids = trie.child_tok[lo:hi], trie.child_node[lo:hi]
-            scores = beam.score + logp[j, toks]
+            keep = np.fromiter((pr.open(k) for k in kids.tolist()), dtype=bool, count=len(kids))
+            toks, kids = toks[keep], kids[keep]
+            if not len(toks):
+                continue
+            lp = logp[j, toks]
+            if renormalize:
+                top = lp.max()
+                lp = lp - (top + np.log(np.exp(lp - top).sum()))
+            scores = beam.score + lp
             for tok, kid, sc in zip(toks.tolist(), kids.tolist(), scores.tolist()):
-                if pr.open(kid):
-                    per_req[r].append((sc, j, tok, kid))
+                per_req[r].append((sc, j, tok, kid))
         for r in range(n_req):
             cands = sorted(per_req[r], key=lambda c: -c[0])
             for sc, j, tok, kid in cands:

@@ -81,6 +81,8 @@ class RecommenderConfig:
     max_new_tokens: int = 32
     num_beams: int = 1
     constrained: bool = False  # beam search over a prefix tree of catalogue titles
+    # constrained: normalise each step over the tokens that lead to an unseen title (model/beam_search.py)
+    renormalize: bool = True
     batch_size: int = 16  # LLM batch (generation and grounding embeddings)
     # reuse the KV cache of the prompt template's head (exact in float32; in bfloat16 its rounding
     # differs from a full prefill's, which can flip near-tied greedy tokens: see BENCHMARKS.md §5)
@@ -255,7 +257,8 @@ class Recommender:
                 batch = self._prefill(self._begin(requests, prompts, picks, rows, rows, draft=False))
                 batch.select([batch.tags.index(i) for i in rows])  # row j = request rows[j]
                 found = trie_beam_search(self.lm, batch, self.trie, self.trie_tables,
-                                         [requests[i].exclude for i in rows], cfg.num_beams, cfg.max_new_tokens)
+                                         [requests[i].exclude for i in rows], cfg.num_beams, cfg.max_new_tokens,
+                                         renormalize=cfg.renormalize)
                 for i, res in zip(rows, found):
                     beams[i] = res.items
                     texts[i] = self.lm.tokenizer.decode(res.finished[0][1], skip_special_tokens=True).strip() \

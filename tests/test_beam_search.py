@@ -31,7 +31,8 @@ def test_wide_beams_rank_every_unseen_title_by_its_exact_score(tiny_split, tiny_
     prompts = [builder.build(tiny_titles[:3]), builder.build(tiny_titles[5:9])]
     excludes = [{0, 1, 2, 13}, set()]
     batch = tiny_split.start(prompts, stop_at_newline=False)
-    found = trie_beam_search(tiny_split, batch, trie, tables, excludes, num_beams=len(tiny_titles))
+    found = trie_beam_search(tiny_split, batch, trie, tables, excludes, num_beams=len(tiny_titles),
+                             renormalize=False)
     for p, ex, res in zip(prompts, excludes, found):
         scores = _title_scores(tiny_split, builder, p.input_ids, tiny_titles)
         want = [i for i in np.argsort(-np.array(scores), kind="stable") if i not in ex]
@@ -46,7 +47,7 @@ def test_narrow_beams_are_the_best_titles_and_stop_early(tiny_split, tiny_titles
     p = builder.build(tiny_titles[2:6])
     scores = _title_scores(tiny_split, builder, p.input_ids, tiny_titles)
     res = trie_beam_search(tiny_split, tiny_split.start([p], stop_at_newline=False), trie, trie_tables(trie),
-                           [set()], num_beams=3)[0]
+                           [set()], num_beams=3, renormalize=False)[0]
     assert len(res.finished) == 3
     # every finished title's score is its exact score, in order; beams may miss a title, never misrank
     for s, toks, items in res.finished:
@@ -65,3 +66,39 @@ def test_seen_pruner_closes_only_subtrees_without_unseen_items():
     assert pr.open(trie.node_of([5, 2])) and pr.open(trie.node_of([6]))
     all_seen = SeenPruner(trie, item_node, sub_end, {0, 1, 2, 3})
     assert not any(all_seen.open(v) for v in range(1, trie.n_nodes))
+
+
+def test_renormalized_scores_are_a_distribution_over_the_unseen_titles(tiny_split, tiny_titles):
+    """With renormalisation every unseen title gets the log-probability of the model restricted to the
+    unseen catalogue: exp(scores) sums to 1, and the order is that of the per-step renormalised product."""
+    builder = PromptBuilder(tiny_split.tokenizer, template="list")
+    trie = TitleTrie.from_prompt_builder(tiny_titles, builder, progress=False)
+    p = builder.build(tiny_titles[1:5])
+    ex = {0, 3, 7}
+    res = trie_beam_search(tiny_split, tiny_split.start([p], stop_at_newline=False), trie, trie_tables(trie),
+                           [ex], num_beams=len(tiny_titles))[0]
+    assert sorted(res.items) == sorted(set(range(len(tiny_titles))) - ex)
+    total = sum(np.exp(s) for s, _, _ in res.finished)
+    assert abs(total - 1.0) < 1e-4
+    # brute force: the product over steps of p(token) / p(tokens that lead to an unseen title)
+    for s, toks, items in res.finished[:3]:
+        with torch.no_grad():
+            lp = torch.log_softmax(tiny_split.model(input_ids=torch.tensor([p.input_ids + toks])).logits[0].float(), -1)
+        want, node = 0.0, 0
+        for n, tok in enumerate(toks):
+            lo, hi = trie.child_ptr[node], trie.child_ptr[node + 1]
+            open_toks = [int(t) for t, k in zip(trie.child_tok[lo:hi], trie.child_node[lo:hi])
+                         if set(trie.items_at(int(k))) - ex or any(i not in ex for i in _items_under(trie, int(k)))]
+            row = lp[len(p.input_ids) - 1 + n]
+            want += float(row[tok] - torch.logsumexp(row[open_toks], 0))
+            node = trie.child(node, tok)
+        assert abs(s - want) < 1e-4
+
+
+def _items_under(trie, v):
+    out, stack = [], [v]
+    while stack:
+        u = stack.pop()
+        out += trie.items_at(u)
+        stack += trie.child_node[trie.child_ptr[u]:trie.child_ptr[u + 1]].tolist()
+    return out
