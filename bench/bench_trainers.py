@@ -19,6 +19,7 @@ from model.data.prepared import PreparedDataset
 from model.prompts import PromptBuilder
 from model.train.generator import GeneratorTrainConfig, _subset, build_examples, train_on_examples, train_packed
 from model.train.packed import build_chunks
+from service.reproduce import ReproduceConfig
 
 
 def run(recipe: str, data: str, n: int, cut: int) -> dict:
@@ -29,9 +30,12 @@ def run(recipe: str, data: str, n: int, cut: int) -> dict:
     samples = _subset(ds.split("train"), n, 0, "latest")
     template = "list" if recipe == "packed" else "alpaca"
     builder = PromptBuilder.for_model(lm, domain=ds.domain, template=template)
+    packed = recipe == "packed"
+    # each trainer as `automr reproduce` runs it (service/reproduce.py)
     cfg = GeneratorTrainConfig(epochs=1, n_valid=0, progress=False, recipe=recipe, template=template,
-                               batch_size=8 if recipe == "packed" else 32,
-                               micro_batch_size=4 if recipe == "packed" else 8)
+                               batch_size=8 if packed else 32, micro_batch_size=4 if packed else 8,
+                               chunk_targets=ReproduceConfig.generator_chunk,
+                               master_weights=packed and lm.dtype == torch.bfloat16)
     t0 = time.time()
     if recipe == "packed":
         rep = train_packed(lm, build_chunks(builder, samples, ds.catalogue.titles, k, cfg.chunk_targets), [], cfg)

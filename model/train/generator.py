@@ -496,7 +496,7 @@ def train_loop(split: SplitLM, train: list, valid: list[Example], cfg: Generator
         checkpoint(best_state, "best", {"epoch": 0, "valid_loss": best_loss, "train": asdict(cfg)})
 
     report = TrainReport(
-        n_train=len(train), n_valid=len(valid), epochs_run=epochs_run, best_epoch=best_epoch,
+        n_train=sum(n_targets(u) for u in train), n_valid=len(valid), epochs_run=epochs_run, best_epoch=best_epoch,
         best_valid_loss=best_loss, valid_losses=valid_losses, train_losses=train_losses,
         seconds=time.time() - t0, sec_per_sample=train_time / max(targets, 1),
         tokens_per_sample=tokens / max(targets, 1), trainable_params=n_trainable, config=asdict(cfg),
