@@ -72,3 +72,32 @@ def load_or_build_index(lm: SplitLM, titles: Sequence[str], directory: str | Pat
     index = CatalogueIndex.build(titles, embed, fingerprint=fp, batch_size=64, progress=progress)
     index.save(directory)
     return index
+
+
+POPULARITY_FILE = "popularity.json"
+
+
+def save_popularity(directory: str | Path, counts, rule: str = "targets") -> Path:
+    """ARTEFACTS/popularity.json: the training period's interaction count of every catalogue item (the
+    popularity prior of the beam search, ``RecommenderConfig.popularity_gamma``)."""
+    import json
+
+    path = Path(directory) / POPULARITY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"rule": rule, "counts": [int(c) for c in counts]}))
+    return path
+
+
+def load_popularity(directory: str | Path, n_items: int):
+    """The counts of ``save_popularity`` as an int64 array, or None when the file is absent."""
+    import json
+
+    import numpy as np
+
+    path = Path(directory) / POPULARITY_FILE
+    if not path.is_file():
+        return None
+    counts = np.asarray(json.loads(path.read_text())["counts"], dtype=np.int64)
+    if counts.shape != (n_items,):
+        raise ValueError(f"{path}: {counts.shape[0]} counts for a catalogue of {n_items} items")
+    return counts

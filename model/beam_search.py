@@ -64,6 +64,15 @@ def trie_tables(trie: TitleTrie) -> tuple[np.ndarray, np.ndarray]:
     return item_node, sub_end
 
 
+def popularity_mass(trie: TitleTrie, counts: np.ndarray) -> np.ndarray:
+    """Cumulative (1 + count) of the items in the trie's terminal order: the popularity mass of a node's
+    subtree is ``cum[term_ptr[end[v]]] - cum[term_ptr[v]]``."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.shape != (trie.n_items,):
+        raise ValueError(f"popularity counts must be [{trie.n_items}], got {counts.shape}")
+    return np.concatenate([[0.0], np.cumsum(1.0 + counts[trie.term_items])])
+
+
 @dataclass
 class _Beam:
     score: float
@@ -91,13 +100,16 @@ class BeamResult:
 @torch.no_grad()
 def trie_beam_search(lm: SplitLM, batch: DecodeBatch, trie: TitleTrie, tables: tuple[np.ndarray, np.ndarray],
                      excludes: Sequence[set[int]], num_beams: int, max_new_tokens: int = 64,
-                     renormalize: bool = True) -> list[BeamResult]:
+                     renormalize: bool = True, prior: tuple[np.ndarray, float] | None = None) -> list[BeamResult]:
     """Beam search for every row of ``batch`` (row j = request j, prefilled, its next logits pending).
 
     ``renormalize``: each step's log-probabilities are normalised over the tokens that lead to an unseen
     title, so a title's score is its log-probability under the model restricted to the user's unseen
     catalogue (the scores of all titles sum to 1). Without it a token keeps its share of the whole
     vocabulary, and every token of a long title pays for the mass the model puts outside the catalogue.
+    ``prior`` (``popularity_mass``, gamma): each step also adds gamma x the log-share of the (1 + count)
+    popularity mass of the token's subtree among the open ones, so a title's score gains gamma x the log of
+    its popularity share (the steps telescope): BIGRec's popularity weighting, moved into the search.
     Returns, per request, up to ``num_beams`` finished titles in score order. ``batch`` is consumed."""
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
@@ -126,6 +138,10 @@ def trie_beam_search(lm: SplitLM, batch: DecodeBatch, trie: TitleTrie, tables: t
             if renormalize:
                 top = lp.max()
                 lp = lp - (top + np.log(np.exp(lp - top).sum()))
+            if prior is not None and prior[1]:
+                cum, gamma = prior
+                mass = cum[trie.term_ptr[sub_end[kids]]] - cum[trie.term_ptr[kids]]
+                lp = lp + gamma * (np.log(mass) - np.log(mass.sum()))
             scores = beam.score + lp
             for tok, kid, sc in zip(toks.tolist(), kids.tolist(), scores.tolist()):
                 per_req[r].append((sc, j, tok, kid))

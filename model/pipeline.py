@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from model.artefacts import load_lm, load_or_build_index
+import numpy as np
+
+from model.artefacts import load_lm, load_or_build_index, load_popularity
 from model.draft import NgramDrafter
 from model.grounding import CatalogueIndex, titles_hash
 from model.grounding_memo import GroundingMemo
@@ -45,6 +47,7 @@ class Pipeline:
     # answers' contexts (NgramDrafter.max_recent) and the grounding memo's recent answers
     draft_learn: int = 50_000
     ground_memo_recent: int = 10_000
+    popularity: "np.ndarray | None" = None  # training-period counts per item (ARTEFACTS/popularity.json)
     _drafter: NgramDrafter | None = field(default=None, init=False, repr=False)
     _ground_memo: GroundingMemo | None = field(default=None, init=False, repr=False)
 
@@ -89,7 +92,7 @@ class Pipeline:
         return Recommender(self.lm, self.builder, self.titles, self.index,
                            self.retriever if policy == "learned" else None, cfg,
                            drafter=self.drafter if cfg.draft_tokens else None,
-                           ground_memo=self.ground_memo if cfg.ground_memo else None)
+                           ground_memo=self.ground_memo if cfg.ground_memo else None, popularity=self.popularity)
 
     def memory_encoder(self, cache: MemoryCache | None = None, query_cache: MemoryCache | None = None,
                        progress: bool = False, batch_size: int = 16) -> MemoryEncoder:
@@ -194,5 +197,6 @@ def load_pipeline(
         element = element or trained_on
     element = element or "window"
     return Pipeline(lm=lm, builder=builder, titles=titles, index=index, retriever=retriever, k_short=k_short,
+                    popularity=load_popularity(root, len(titles)),
                     element=element, generator_dir=gen_dir if (gen_dir / "upper.safetensors").is_file() else None,
                     retriever_dir=ret_dir if retriever is not None else None)

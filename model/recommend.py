@@ -32,7 +32,7 @@ from model.llm import DecodeBatch, Prefill, SplitLM
 from model.prompts import PromptBuilder, PromptIds
 from model.retriever import Retriever
 from model.draft import NgramDrafter
-from model.beam_search import trie_beam_search, trie_tables
+from model.beam_search import popularity_mass, trie_beam_search, trie_tables
 from model.title_trie import TitleTrie
 
 SlotPolicy = Literal["none", "learned", "random", "semantic"]
@@ -83,6 +83,8 @@ class RecommenderConfig:
     constrained: bool = False  # beam search over a prefix tree of catalogue titles
     # constrained: normalise each step over the tokens that lead to an unseen title (model/beam_search.py)
     renormalize: bool = True
+    # constrained: gamma of the popularity prior (model/beam_search.py; needs the recommender's counts)
+    popularity_gamma: float = 0.0
     batch_size: int = 16  # LLM batch (generation and grounding embeddings)
     # reuse the KV cache of the prompt template's head (exact in float32; in bfloat16 its rounding
     # differs from a full prefill's, which can flip near-tied greedy tokens: see BENCHMARKS.md §5)
@@ -130,6 +132,7 @@ class Recommender:
         config: RecommenderConfig | None = None,
         drafter: NgramDrafter | None = None,
         ground_memo: GroundingMemo | None = None,
+        popularity: np.ndarray | None = None,
     ):
         self.lm, self.builder, self.titles, self.index = lm, builder, list(titles), index
         self.retriever = retriever
@@ -143,6 +146,11 @@ class Recommender:
         self._trie: TitleTrie | None = None
         self._drafter = drafter  # None: built from the catalogue on first use
         self._ground_memo = ground_memo  # None: built on first use (config.ground_memo)
+        if self.config.popularity_gamma and popularity is None:
+            raise ValueError("popularity_gamma needs the training period's item counts (ARTEFACTS/popularity.json)")
+        self._prior = None
+        if self.config.popularity_gamma:
+            self._prior = (popularity_mass(self.trie, popularity), float(self.config.popularity_gamma))
 
     @property
     def trie(self) -> TitleTrie:
@@ -258,7 +266,7 @@ class Recommender:
                 batch.select([batch.tags.index(i) for i in rows])  # row j = request rows[j]
                 found = trie_beam_search(self.lm, batch, self.trie, self.trie_tables,
                                          [requests[i].exclude for i in rows], cfg.num_beams, cfg.max_new_tokens,
-                                         renormalize=cfg.renormalize)
+                                         renormalize=cfg.renormalize, prior=self._prior)
                 for i, res in zip(rows, found):
                     beams[i] = res.items
                     texts[i] = self.lm.tokenizer.decode(res.finished[0][1], skip_special_tokens=True).strip() \

@@ -168,6 +168,8 @@ def _artefacts(args, settings: Settings) -> Path:
 def cmd_train_generator(args, settings: Settings) -> int:
     import torch
 
+    from model.artefacts import save_popularity
+    from model.baselines.popularity import popularity_counts
     from model.artefacts import load_lm
     from model.data.prepared import PreparedDataset
     from model.train.generator import GeneratorTrainConfig, train_generator
@@ -183,6 +185,7 @@ def cmd_train_generator(args, settings: Settings) -> int:
                                subset=args.subset, warmup_steps=args.warmup, out_dir=str(art / "generator-run"),
                                master_weights=packed and args.mode == "full" and lm.dtype == torch.bfloat16)
     report = train_generator(lm, ds, cfg)
+    save_popularity(art, popularity_counts(ds.split("train"), len(ds.catalogue)))
     lm.save_upper(art / "generator", extra={"train_report": report.to_json(), "dataset": ds.name,
                                             "template": cfg.template})
     _print_json({k: v for k, v in report.to_json().items() if k != "config"} | {"saved": str(art / "generator")})

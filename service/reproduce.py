@@ -146,7 +146,8 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     def tune() -> None:
         import torch
 
-        from model.artefacts import load_lm
+        from model.artefacts import load_lm, save_popularity
+        from model.baselines.popularity import popularity_counts
         from model.train.generator import GeneratorTrainConfig, train_generator
 
         lm = load_lm(cfg.model, cut=cfg.cut, dtype=cfg.dtype)
@@ -160,6 +161,7 @@ def reproduce(cfg: ReproduceConfig) -> dict:
                                     master_weights=packed and lm.dtype == torch.bfloat16,
                                     out_dir=str(art / "generator-run"))
         report = train_generator(lm, ds, gcfg)
+        save_popularity(art, popularity_counts(ds.split("train"), len(ds.catalogue)))
         lm.save_upper(art / "generator", extra={"train_report": report.to_json(), "dataset": ds.name,
                                                 "template": gcfg.template})
 

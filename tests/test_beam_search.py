@@ -102,3 +102,21 @@ def _items_under(trie, v):
         out += trie.items_at(u)
         stack += trie.child_node[trie.child_ptr[u]:trie.child_ptr[u + 1]].tolist()
     return out
+
+
+def test_popularity_prior_adds_gamma_times_the_log_share_of_each_title(tiny_split, tiny_titles):
+    from model.beam_search import popularity_mass
+
+    builder = PromptBuilder(tiny_split.tokenizer, template="list")
+    trie = TitleTrie.from_prompt_builder(tiny_titles, builder, progress=False)
+    p = builder.build(tiny_titles[1:5])
+    counts = np.arange(len(tiny_titles)) * 3 % 11
+    run = lambda prior: trie_beam_search(tiny_split, tiny_split.start([p], stop_at_newline=False), trie,  # noqa: E731
+                                         trie_tables(trie), [set()], num_beams=len(tiny_titles), prior=prior)[0]
+    plain = {tuple(items): s for s, _, items in run(None).finished}
+    gamma = 0.7
+    share = np.log((1.0 + counts) / (1.0 + counts).sum())
+    for s, _, items in run((popularity_mass(trie, counts), gamma)).finished:
+        assert abs(s - (plain[tuple(items)] + gamma * share[items].sum())) < 1e-4  # one item per title here
+    top = run((popularity_mass(trie, counts), 50.0)).items[:3]  # a large gamma ranks by popularity
+    assert top[0] == 7 and set(top[1:]) == {3, 14}  # counts 10, then 9 and 9 (the model breaks the tie)
