@@ -13,12 +13,15 @@ Each title piece is ``' "Title"'`` (leading space); without a slot the tail is `
 ``template="list"`` is the short form the packed trainer (``model/train/packed.py``) tunes on: one title
 per line, and the answer is simply the next line::
 
-    [bos] | The user has watched these movies, oldest first: | \\n | t1 | \\n | t2 | \\n | ... | tK | \\n
+    [bos] | Long-term memory: | ... | \\nThe user has watched these movies, oldest first: | \\n
+          | t1 | \\n | t2 | \\n | ... | tK | \\n
 
-Every piece is tokenized alone. The slot is the prompt's last token, the newline after the newest title
-(one slot only): its layer-L state is z_t and, for AutoMR, it is replaced by the memory element. The
-response is ``Title`` + the newline, which ends the line (no eos). Without a slot the prompt is the same
-(the last newline simply keeps its own state), so full-history differs only by how many titles it holds.
+Every piece is tokenized alone. The memory slot (one) is the placeholder in the head, before the titles:
+every title and the last newline read it in layers L+1..N, and the last newline, whose layer-L state is
+z_t, predicts the answer. (A slot at the last token would replace z_t itself: every memory element then
+cost the target ~7 nats of log-likelihood on validation, the best one included.) The response is
+``Title`` + the newline, which ends the line (no eos). Without a slot (full-history) the tokens are the
+same and the placeholder keeps its own state, so full-history differs only by how many titles it holds.
 The slot position is the last token of each placeholder span (``' ...'``, one token for SmolLM2).
 The response (``response_ids``) is ``'"Title"'`` tokenized on its own + eos, and training / scoring
 concatenates prompt ids + response ids: tokenizing the pieces separately is what makes the prompt's
@@ -55,7 +58,8 @@ PLACEHOLDER = " ..."
 RESPONSE_HEAD = "\n\n### Response:\n"
 RESPONSE = '"{title}"'
 TEMPLATE_VERSION = "bigrec-alpaca-slot/1"
-LIST_HEAD = "The user has {verb} these {plural}, oldest first:"
+LIST_SLOT_HEAD = "Long-term memory:"
+LIST_HEAD = "\nThe user has {verb} these {plural}, oldest first:"
 LINE = "\n"
 TEMPLATES: tuple[str, ...] = ("alpaca", "list")
 
@@ -118,7 +122,9 @@ class PromptBuilder:
         self._bos = self._bos_ids()
         if template == "list":
             self._line = self._encode(LINE)
-            self._head = self._bos + self._encode(LIST_HEAD.format(verb=verb, plural=plural)) + self._line
+            self._pre_slot = self._bos + self._encode(LIST_SLOT_HEAD)  # shared by every prompt
+            self._head = (self._pre_slot + self._encode(placeholder)
+                          + self._encode(LIST_HEAD.format(verb=verb, plural=plural)) + self._line)
             self._sep = list(self._line)
         else:
             head = PREAMBLE + INSTRUCTION.format(plural=plural, verb=verb, noun=domain) + INPUT_HEAD.format(
@@ -219,7 +225,7 @@ class PromptBuilder:
         )
 
     def _build_list(self, titles: list[str], with_slot: bool) -> PromptIds:
-        """``head | t1 | \\n | ... | tK | \\n``; the slot is the last newline."""
+        """``head | t1 | \\n | ... | tK | \\n``; the slot is the head's placeholder."""
         pieces = [self.title_ids(t) + self._line for t in titles]
         start = 0
         if self.max_tokens is not None:
@@ -233,9 +239,14 @@ class PromptBuilder:
         ids = list(self._head)
         for p in pieces[start:]:
             ids += p
-        slots = [len(ids) - 1] if with_slot and self.n_slots else []
+        slots = [self.list_slot] if with_slot and self.n_slots else []
         return PromptIds(input_ids=ids, slot_positions=slots, n_titles=len(pieces) - start, n_dropped=start,
-                         n_shared=len(self._head) - 1)  # the head's newline is the slot of an empty history
+                         n_shared=len(self._pre_slot))  # the KV of what precedes the slot is shared
+
+    @property
+    def list_slot(self) -> int:
+        """The slot's position in a list-template prompt (the placeholder's last token, in the head)."""
+        return len(self._pre_slot) + len(self._placeholder) - 1
 
     def response_ids(self, title: str) -> list[int]:
         """The target's response tokens: ``'"Title"'`` tokenized on its own, then eos (list: ``Title``

@@ -178,7 +178,7 @@ def cmd_train_generator(args, settings: Settings) -> int:
     art = _artefacts(args, settings)
     lm = load_lm(settings.model_path, cut=settings.cut_layer, dtype=settings.dtype)
     packed = args.recipe == "packed"
-    cfg = GeneratorTrainConfig(n_train=args.budget, n_valid=args.valid_budget, epochs=args.epochs, lr=args.lr,
+    cfg = GeneratorTrainConfig(n_train=args.budget or None, n_valid=args.valid_budget, epochs=args.epochs, lr=args.lr,
                                mode=args.mode, batch_size=args.batch_size, seed=args.seed,
                                micro_batch_size=min(4 if packed else 8, args.batch_size), recipe=args.recipe,
                                template="list" if packed else "alpaca", chunk_targets=args.chunk_targets,
@@ -220,12 +220,16 @@ def cmd_reproduce(args, settings: Settings) -> int:
         raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
     budget = dict(BUDGETS[args.budget])
     budget.update({k: v for k in budget if (v := getattr(args, k)) is not None})  # flags given win
+    if budget.get("generator_samples") == 0:
+        budget["generator_samples"] = None  # every train target
     cfg = ReproduceConfig(dataset=args.dataset, path=args.path, runs=args.runs, docs=args.docs,
                           cut=settings.cut_layer, dtype=settings.dtype,
                           generation={**settings.generation(), **({"head_cache": False} if args.no_head_cache else {})},
                           model=str(settings.model_path) if settings.model_path else None,
                           artefacts=args.artefacts, until=args.until, element=args.element, titles=args.titles,
-                          limit=args.limit, seed=args.seed, methods=methods, **budget)
+                          limit=args.limit, seed=args.seed, methods=methods,
+                          generator_recipe=args.generator_recipe, generator_chunk=args.generator_chunk,
+                          generator_subset=args.generator_subset, **budget)
     reproduce(cfg)
     return 0
 
@@ -283,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--recipe", choices=["packed", "sliding"], default=PAPER.generator_recipe,
                     help="packed: every target in packed rows of the list template; sliding: BIGRec's Alpaca prompts")
     tg.add_argument("--budget", type=int, default=PAPER.generator_samples,
-                    help="train targets (default: all); BIGRec uses 1,024")
+                    help="train targets (0: every one); BIGRec uses 1,024")
     tg.add_argument("--subset", choices=["latest", "random"], default=PAPER.generator_subset,
                     help="which targets a budget keeps: the latest (nearest validation) or a seeded sample")
     tg.add_argument("--chunk-targets", type=int, default=PAPER.generator_chunk, help="targets per packed row")
@@ -321,7 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prefill whole prompts instead of reusing the template head's KV cache (BENCHMARKS.md §5)")
     rp.add_argument("--budget", choices=["paper", "quick"], default="paper",
                     help="preset of the budgets below (service/reproduce.py: BUDGETS); a flag given overrides it")
-    rp.add_argument("--generator-samples", type=int, default=None, help="BIGRec tuning samples (paper: 1024)")
+    rp.add_argument("--generator-recipe", choices=["packed", "sliding"], default=PAPER.generator_recipe,
+                    help="packed: list-template rows of every target; sliding: BIGRec's Alpaca prompts")
+    rp.add_argument("--generator-chunk", type=int, default=PAPER.generator_chunk, help="targets per packed row")
+    rp.add_argument("--generator-subset", choices=["latest", "random"], default=PAPER.generator_subset,
+                    help="which train targets a budget keeps")
+    rp.add_argument("--generator-samples", type=int, default=None,
+                    help="train targets (paper preset: the latest 24,000; 0: every one; BIGRec's own budget: 1024)")
     rp.add_argument("--generator-epochs", type=int, default=None)
     rp.add_argument("--generator-valid", type=int, default=None, help="valid samples for early stopping")
     rp.add_argument("--generator-batch", type=int, default=None, help="samples per optimizer step")

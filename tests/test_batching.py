@@ -41,7 +41,8 @@ def pipe():
     index = CatalogueIndex.build(TINY_TITLES, lambda t: lm.embed_final(list(t)).numpy(), progress=False)
     torch.manual_seed(1)
     ret = Retriever(RetrieverConfig(hidden_size=lm.hidden_size, mlp_hidden=16)).eval()
-    yield Pipeline(lm=lm, builder=builder, titles=list(TINY_TITLES), index=index, retriever=ret, k_short=K)
+    yield Pipeline(lm=lm, builder=builder, titles=list(TINY_TITLES), index=index, retriever=ret, k_short=K,
+                   popularity=np.arange(len(TINY_TITLES)) % 5)
     torch.set_num_threads(before)
 
 

@@ -6,7 +6,7 @@ import torch
 
 from model.data.types import Sample
 from model.prompts import PromptBuilder
-from model.train.packed import HEAD, SLOT, build_chunks, packed_loss, user_runs
+from model.train.packed import ANSWER, HEAD, build_chunks, packed_loss, user_runs
 
 K = 3
 
@@ -54,7 +54,7 @@ def test_first_target_of_a_chunk_is_exact(tiny_split, tiny_titles):
 @pytest.mark.parametrize("chunk_targets", [1, 2, 8])
 def test_every_target_sees_its_inference_prompt(tiny_split, tiny_titles, chunk_targets):
     """For each target: the keys visible to its tokens, other than the head, are the inference prompt's
-    tokens after the head, at the same positions relative to the slot; and the head is visible whole."""
+    tokens after the head, at the same positions relative to the answer copy; and the head is visible whole."""
     builder = PromptBuilder(tiny_split.tokenizer, template="list")
     items = [0, 5, 9, 2, 14, 7, 3, 11]
     samples = _samples(items)
@@ -63,20 +63,20 @@ def test_every_target_sees_its_inference_prompt(tiny_split, tiny_titles, chunk_t
     head = builder.head_ids
     for c in chunks:
         mask = c.mask()
-        for n, (slot, s) in enumerate(zip(c.slot_cols, c.samples)):
+        for n, (ans, s) in enumerate(zip(c.answer_cols, c.samples)):
             p = builder.build([tiny_titles[i] for i in s.history[-K:]])
             resp = builder.response_ids(tiny_titles[s.target])
             want = sorted((tok, q - (len(p.input_ids) - 1)) for q, tok in enumerate(p.input_ids) if q >= len(head))
-            cols = [q for q in range(len(c)) if c.item[q] == c.item[slot] and c.kind[q] != SLOT]
-            for qcol in [slot] + cols:
+            cols = [q for q in range(len(c)) if c.item[q] == c.item[ans] and c.kind[q] != ANSWER]
+            for qcol in [ans] + cols:
                 keys = mask[qcol].nonzero()[:, 0].tolist()
                 heads = [k for k in keys if c.kind[k] == HEAD]
                 assert [c.input_ids[k] for k in heads] == head
-                rest = [k for k in keys if c.kind[k] != HEAD and c.item[k] != c.item[slot]]
-                got = sorted((c.input_ids[k], c.positions[k] - c.positions[slot]) for k in rest + [slot])
+                rest = [k for k in keys if c.kind[k] != HEAD and c.item[k] != c.item[ans]]
+                got = sorted((c.input_ids[k], c.positions[k] - c.positions[ans]) for k in rest + [ans])
                 assert got == want
             # the loss covers exactly the response, each token predicted by the column before it
-            own = [c.loss_targets[i] for i, col in enumerate(c.loss_cols) if col == slot or col in cols]
+            own = [c.loss_targets[i] for i, col in enumerate(c.loss_cols) if col == ans or col in cols]
             assert own == resp
 
 
@@ -91,14 +91,11 @@ def test_runs_split_at_gaps_and_loss_counts_every_target(tiny_split, tiny_titles
     loss, n = packed_loss(tiny_split, chunks)
     want = sum(len(builder.response_ids(tiny_titles[s.target])) for s in subset)
     assert n == want and torch.isfinite(loss)
-    # cached lower states give the same loss, and a memory vector in the slot changes it
+    # cached lower states give the same loss
     cache: dict = {}
     packed_loss(tiny_split, chunks, lower_cache=cache)
     again, _ = packed_loss(tiny_split, chunks, lower_cache=cache)
     torch.testing.assert_close(again, loss)
-    vec = torch.randn(len(subset), tiny_split.hidden_size)
-    other, _ = packed_loss(tiny_split, chunks, slot_vectors=vec)
-    assert not torch.allclose(other, loss)
 
 
 def test_list_template_needs_one_slot(tiny_tokenizer):
@@ -106,7 +103,11 @@ def test_list_template_needs_one_slot(tiny_tokenizer):
         PromptBuilder(tiny_tokenizer, template="list", n_slots=2)
     b = PromptBuilder(tiny_tokenizer, template="list")
     p = b.build(["Heat (1995)", "Fargo (1996)"])
-    assert p.slot_positions == [len(p.input_ids) - 1]
     assert tiny_tokenizer.decode(p.input_ids, skip_special_tokens=True) == (
-        "The user has watched these movies, oldest first:\nHeat (1995)\nFargo (1996)\n")
+        "Long-term memory: ...\nThe user has watched these movies, oldest first:\nHeat (1995)\nFargo (1996)\n")
+    # the slot is the placeholder in the head, after the shared part, before every title
+    (slot,) = p.slot_positions
+    assert tiny_tokenizer.decode(p.input_ids[:slot + 1], skip_special_tokens=True) == "Long-term memory: ..."
+    assert p.n_shared <= slot < len(b.head_ids)
+    assert b.build(["Heat (1995)"], with_slot=False).input_ids == b.build(["Heat (1995)"]).input_ids
     assert b.response_ids("Heat (1995)")[-1] == p.input_ids[-1]  # an answer ends with the newline

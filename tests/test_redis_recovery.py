@@ -22,6 +22,7 @@ import torch
 
 from memory_store import EmbeddedRedis, EmbeddedSupervisor, Event, MemoryStore, StoreUnavailable
 from memory_store.embedded import pid_alive
+from model.baselines.popularity import popularity_counts
 from model.data.prepared import prepare
 from model.data.protocol import ProtocolConfig
 from model.grounding import CatalogueIndex
@@ -57,7 +58,8 @@ def build_tiny_components(root: Path, n_users: int = 6, per_user: int = 14, seed
     torch.manual_seed(1)
     retriever = Retriever(RetrieverConfig(hidden_size=lm.hidden_size, mlp_hidden=16)).eval()
     pipeline = Pipeline(lm=lm, builder=PromptBuilder.for_model(lm, domain=ds.domain, n_slots=1), titles=titles,
-                        index=index, retriever=retriever, k_short=K)
+                        index=index, retriever=retriever, k_short=K,
+                        popularity=popularity_counts(ds.split("train"), len(titles)))
     return Components.from_dataset(ds, pipeline, model_version="tiny-recovery")
 
 

@@ -32,6 +32,7 @@ from model.recommend import RecommendRequest
 from model.retriever import Retriever, RetrieverConfig
 from service.app import create_app
 from service.components import Components
+from model.baselines.popularity import popularity_counts
 from service.settings import Settings
 from tests.conftest import TINY_TITLES, build_tiny_lm, build_tiny_tokenizer
 from tests.redis_fixtures import memory_store, redis_server, redis_url  # noqa: F401
@@ -41,7 +42,7 @@ K = 3
 MAX_NEW = 6
 # the served ranking (Settings' defaults) for the reference recommenders built by hand
 GEN = {k: v for k, v in Settings(max_new_tokens=MAX_NEW).generation().items()
-       if k in ("max_new_tokens", "num_beams", "constrained")}
+       if k in ("max_new_tokens", "num_beams", "constrained", "popularity_gamma")}
 
 
 
@@ -110,7 +111,8 @@ def _pipeline(ds: PreparedDataset, tok, cut: int, retriever: bool, seed: int = 0
     if retriever:
         torch.manual_seed(seed + 1)
         ret = Retriever(RetrieverConfig(hidden_size=lm.hidden_size, mlp_hidden=16)).eval()
-    return Pipeline(lm=lm, builder=builder, titles=titles, index=index, retriever=ret, k_short=K)
+    return Pipeline(lm=lm, builder=builder, titles=titles, index=index, retriever=ret, k_short=K,
+                    popularity=popularity_counts(ds.split("train"), len(titles)))
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +122,7 @@ def comps(world, threads1):
     tok = build_tiny_tokenizer()
     learned = _pipeline(ds, tok, cut=2, retriever=True)
     plain = Pipeline(lm=learned.lm, builder=learned.builder, titles=learned.titles, index=learned.index,
-                     retriever=None, k_short=K)
+                     retriever=None, k_short=K, popularity=learned.popularity)
     tok1 = build_tiny_tokenizer()
     cut1 = _pipeline(ds, tok1, cut=1, retriever=True)
     return {name: Components.from_dataset(ds, p, model_version=f"tiny-{name}")

@@ -91,6 +91,9 @@ class GeneratorTrainConfig:
             raise ValueError(f"recipe must be 'packed' or 'sliding', got {self.recipe!r}")
         if self.recipe == "packed" and self.template != "list":
             raise ValueError("the packed recipe tunes on the list template (template='list')")
+        if self.recipe == "packed" and self.slot_fill != "placeholder":
+            raise ValueError("memory-aware tuning (slot_fill='memory') needs the sliding recipe: a packed row "
+                             "has one slot for all its targets")
         if self.subset not in ("random", "latest"):
             raise ValueError(f"subset must be 'random' or 'latest', got {self.subset!r}")
         if self.master_weights and self.mode != "full":
@@ -336,14 +339,9 @@ def train_packed(split: SplitLM, train: list[Chunk], valid: list[Example], cfg: 
     autocast = _autocast(split, cfg)
     lower_cache: dict = {}
 
-    def slots(micro: list[Chunk]) -> torch.Tensor | None:
-        if cfg.slot_fill == "placeholder":
-            return None
-        return slot_fn([s for c in micro for s in c.samples]).detach()[:, 0]
-
     return train_loop(
         split, train, valid, cfg,
-        unit_loss=lambda micro: packed_loss(split, micro, autocast, lower_cache, slots(micro)),
+        unit_loss=lambda micro: packed_loss(split, micro, autocast, lower_cache),
         n_loss=lambda c: len(c.loss_targets), n_tokens=len, n_targets=lambda c: c.n_targets,
         valid_slot_fn=lambda b: _slot_vectors(cfg, slot_fn, b))
 

@@ -4,19 +4,20 @@ The list template (``PromptBuilder(template="list")``) writes a history as one t
 answer is the next line. A user's items ``i0, i1, ...`` are therefore written once, in order, and every
 title is both a target and context for the titles after it. A row (a *chunk*) holds::
 
-    head | t[s-K] \\n | ... | t[s-1] \\n | slot[s] | t[s] \\n | slot[s+1] | t[s+1] \\n | ...
+    head | t[s-K] \\n | ... | t[s-1] \\n | ans[s] | t[s] \\n | ans[s+1] | t[s+1] \\n | ...
          '---- K context items, no loss ---'    '------ C targets, loss on title + newline ------'
 
-``slot[j]`` is a copy of the newline that ends item j-1, at that newline's position id: at inference the
-prompt ends with that newline, and it is the memory slot. The attention mask gives every target's tokens
-exactly the keys that its inference prompt holds: the head, the K items before it (the last one's
-newline replaced by ``slot[j]``) and its own earlier tokens; ``slot[j]`` sees the same, minus the target.
-Position ids keep each item's tokens contiguous after the one before, so the K context items and the slot
+The head holds the memory slot (its placeholder keeps its own state here: BIGRec tuning). ``ans[j]`` is a
+copy of the newline that ends item j-1, at that newline's position id: at inference the prompt ends with
+that newline, which predicts the answer. The attention mask gives every target's tokens exactly the keys
+that its inference prompt holds: the head, the K items before it (the last one's newline replaced by
+``ans[j]``) and its own earlier tokens; ``ans[j]`` sees the same, minus the target.
+Position ids keep each item's tokens contiguous after the one before, so the K context items and ``ans[j]``
 lie at the same relative positions (RoPE depends only on those) as in the inference prompt.
 
 What is not identical to inference (and why it is cheap): the context items' own states were computed over
 their own K predecessors (at inference the oldest title of the window sees none), an item's tokens saw
-their own slot, and the head lies further back than in a prompt of K titles (at most one chunk). The first
+their own answer copy, and the head lies further back than in a prompt of K titles (at most one chunk). The first
 target of a chunk that starts at the head is exact; ``tests/test_packed.py`` checks it against the
 unpacked prompt. Cost: about ``len(title) + 2`` tokens per target against ~220 for a sliding-window prompt
 of the Alpaca template (``BENCHMARKS.md`` has both trainers' tokens/s and targets/s).
@@ -32,13 +33,13 @@ import torch
 from model.data.types import Sample
 from model.prompts import PromptBuilder
 
-HEAD, ITEM, SLOT = 0, 1, 2
+HEAD, ITEM, ANSWER = 0, 1, 2
 
 
 @dataclass
 class Chunk:
-    """One packed row. Per token: id, position id, kind (HEAD / ITEM / SLOT) and the item's index in the
-    row (-1 for the head; a slot carries its target's index)."""
+    """One packed row. Per token: id, position id, kind (HEAD / ITEM / ANSWER) and the item's index in the
+    row (-1 for the head; an answer copy carries its target's index)."""
 
     input_ids: list[int]
     positions: list[int]
@@ -47,7 +48,7 @@ class Chunk:
     is_sep: list[bool]  # the newline that ends an item (context copy)
     loss_cols: list[int]  # state at this column predicts ...
     loss_targets: list[int]  # ... this token
-    slot_cols: list[int]  # the slot column of each target, in order
+    answer_cols: list[int]  # the column that predicts each target's first token, in order
     samples: list[Sample] = field(default_factory=list)  # the sample of each target (memory-aware tuning)
     k_short: int = 10
 
@@ -56,7 +57,7 @@ class Chunk:
 
     @property
     def n_targets(self) -> int:
-        return len(self.slot_cols)
+        return len(self.answer_cols)
 
     def mask(self) -> torch.Tensor:
         """[T, T] bool: query row may attend to key column."""
@@ -73,16 +74,16 @@ def chunk_mask(kind: Sequence[int], item: Sequence[int], is_sep: Sequence[bool],
     qi, ki = it[:, None], it[None, :]
     causal = idx[None, :] <= idx[:, None]
     head_key = (k_kind == HEAD) & ((q_kind != HEAD) | causal)
-    # a target (an item with a slot in this row) sees the previous item without its newline (the slot
-    # stands in for it); a context-only item sees that newline itself
-    has_slot = torch.zeros(int(it.max()) + 2 if t else 1, dtype=torch.bool)
-    has_slot[it[kind_t == SLOT] + 1] = True
-    q_has_slot = has_slot[it + 1][:, None]  # [T, 1]
+    # a target (an item with an answer copy in this row) sees the previous item without its newline (the
+    # copy stands in for it); a context-only item sees that newline itself
+    is_target = torch.zeros(int(it.max()) + 2 if t else 1, dtype=torch.bool)
+    is_target[it[kind_t == ANSWER] + 1] = True
+    q_target = is_target[it + 1][:, None]  # [T, 1]
     window = (k_kind == ITEM) & (q_kind != HEAD) & (ki >= qi - k_short) & (ki <= qi - 1)
-    window &= ~(q_has_slot & sep[None, :] & (ki == qi - 1))
+    window &= ~(q_target & sep[None, :] & (ki == qi - 1))
     own_item = (q_kind == ITEM) & (k_kind == ITEM) & (ki == qi) & causal
-    own_slot = (k_kind == SLOT) & (ki == qi) & (q_kind != HEAD)
-    return head_key | window | own_item | own_slot
+    own_answer = (k_kind == ANSWER) & (ki == qi) & (q_kind != HEAD)
+    return head_key | window | own_item | own_answer
 
 
 def user_runs(samples: Sequence[Sample]) -> list[tuple[list[int], list[int], list[Sample]]]:
@@ -143,21 +144,21 @@ def _chunk(head: list[int], line: list[int], items: list[list[int]], target_rows
            samples: list[Sample], k_short: int) -> Chunk:
     ids, pos, kind, item, sep = list(head), list(range(len(head))), [HEAD] * len(head), [-1] * len(head), \
         [False] * len(head)
-    loss_cols, loss_targets, slot_cols = [], [], []
+    loss_cols, loss_targets, answer_cols = [], [], []
     targets = set(target_rows)
     next_pos = len(head)
     prev_sep_pos = len(head) - 1  # the head's newline ends "item -1"
     for j, title in enumerate(items):
         piece = title + line
         if j in targets:
-            slot_col = len(ids)
+            answer_col = len(ids)
             ids.append(line[-1])
             pos.append(prev_sep_pos)
-            kind.append(SLOT)
+            kind.append(ANSWER)
             item.append(j)
             sep.append(False)
-            slot_cols.append(slot_col)
-            prev = slot_col
+            answer_cols.append(answer_col)
+            prev = answer_col
         start = len(ids)
         for n, tok in enumerate(piece):
             ids.append(tok)
@@ -171,7 +172,7 @@ def _chunk(head: list[int], line: list[int], items: list[list[int]], target_rows
                 prev = start + n
         next_pos += len(piece)
         prev_sep_pos = next_pos - 1
-    return Chunk(ids, pos, kind, item, sep, loss_cols, loss_targets, slot_cols, samples, k_short)
+    return Chunk(ids, pos, kind, item, sep, loss_cols, loss_targets, answer_cols, samples, k_short)
 
 
 def pad_chunks(chunks: Sequence[Chunk], pad_id: int, device=None):
@@ -190,13 +191,14 @@ def pad_chunks(chunks: Sequence[Chunk], pad_id: int, device=None):
     return ids.to(device), pos.to(device), mask[:, None].to(device)
 
 
-def packed_loss(split, chunks: Sequence[Chunk], autocast: bool = False, lower_cache: dict | None = None,
-                slot_vectors: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+def packed_loss(split, chunks: Sequence[Chunk], autocast: bool = False,
+                lower_cache: dict | None = None) -> tuple[torch.Tensor, int]:
     """(sum of the cross-entropy over every target token of ``chunks``, number of those tokens).
 
     Layers 1..L run without gradients (their states are kept in ``lower_cache``, keyed by ``id(chunk)``,
-    when given: they never change); ``slot_vectors`` [n_targets, H] (all chunks' targets in order) replace
-    the slots' layer-L states (memory-aware tuning), ``None`` keeps the slot's own state (BIGRec)."""
+    when given: they never change). The slot keeps its placeholder's state: one slot in the head serves
+    every target of a row, so memory-aware tuning (a target's own element in the slot) needs the sliding
+    recipe."""
     dev = split.device
     ids, pos, mask = pad_chunks(chunks, split.pad_id, dev)
     b, t = ids.shape
@@ -213,13 +215,6 @@ def packed_loss(split, chunks: Sequence[Chunk], autocast: bool = False, lower_ca
         for r, c in enumerate(chunks):
             if r not in missing:
                 h[r, :len(c)] = lower_cache[id(c)]
-    rows = torch.tensor([r for r, c in enumerate(chunks) for _ in c.slot_cols], dtype=torch.long, device=dev)
-    cols = torch.tensor([q for c in chunks for q in c.slot_cols], dtype=torch.long, device=dev)
-    if slot_vectors is not None:
-        if slot_vectors.shape[0] != len(cols):
-            raise ValueError(f"{slot_vectors.shape[0]} slot vectors for {len(cols)} targets")
-        h = h.clone()
-        h[rows, cols] = slot_vectors.to(device=dev, dtype=h.dtype)
     lrows = torch.tensor([r for r, c in enumerate(chunks) for _ in c.loss_cols], dtype=torch.long, device=dev)
     lcols = torch.tensor([q for c in chunks for q in c.loss_cols], dtype=torch.long, device=dev)
     tgt = torch.tensor([x for c in chunks for x in c.loss_targets], dtype=torch.long, device=dev)
