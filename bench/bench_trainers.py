@@ -22,7 +22,7 @@ from model.train.packed import build_chunks
 from service.reproduce import ReproduceConfig
 
 
-def run(recipe: str, data: str, n: int, cut: int) -> dict:
+def run(recipe: str, data: str, n: int, cut: int, chunk: int, master: bool) -> dict:
     ds = PreparedDataset.load(data)
     _LM_CACHE.clear()  # a fresh base model for each trainer
     lm = load_lm(cut=cut)
@@ -34,8 +34,7 @@ def run(recipe: str, data: str, n: int, cut: int) -> dict:
     # each trainer as `automr reproduce` runs it (service/reproduce.py)
     cfg = GeneratorTrainConfig(epochs=1, n_valid=0, progress=False, recipe=recipe, template=template,
                                batch_size=8 if packed else 32, micro_batch_size=4 if packed else 8,
-                               chunk_targets=ReproduceConfig.generator_chunk,
-                               master_weights=packed and lm.dtype == torch.bfloat16)
+                               chunk_targets=chunk, master_weights=master and packed and lm.dtype == torch.bfloat16)
     t0 = time.time()
     if recipe == "packed":
         rep = train_packed(lm, build_chunks(builder, samples, ds.catalogue.titles, k, cfg.chunk_targets), [], cfg)
@@ -51,8 +50,11 @@ def main() -> None:
     ap.add_argument("--data", default="runs/ml-100k")
     ap.add_argument("--targets", type=int, default=512)
     ap.add_argument("--cut", type=int, default=20)
+    ap.add_argument("--chunk", type=int, default=ReproduceConfig.generator_chunk, help="targets per packed row")
+    ap.add_argument("--no-master", action="store_true", help="bf16 autocast over float32 weights instead of "
+                    "bf16 weights with float32 master copies")
     a = ap.parse_args()
-    out = [run(r, a.data, a.targets, a.cut) for r in ("packed", "sliding")]
+    out = [run(r, a.data, a.targets, a.cut, a.chunk, not a.no_master) for r in ("packed", "sliding")]
     print(json.dumps(out, indent=1))
     print(f"packed / sliding targets/s: {out[0]['targets_per_s'] / out[1]['targets_per_s']:.1f}x")
 

@@ -20,6 +20,8 @@ items (best first, seen items dropped) followed by the L2 grounding of the best 
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -34,6 +36,8 @@ from model.retriever import Retriever
 from model.draft import NgramDrafter
 from model.beam_search import popularity_mass, trie_beam_search, trie_tables
 from model.title_trie import TitleTrie
+
+log = logging.getLogger(__name__)
 
 SlotPolicy = Literal["none", "learned", "random", "semantic"]
 SLOT_POLICIES: tuple[str, ...] = ("none", "learned", "random", "semantic")
@@ -146,8 +150,9 @@ class Recommender:
         self._trie: TitleTrie | None = None
         self._drafter = drafter  # None: built from the catalogue on first use
         self._ground_memo = ground_memo  # None: built on first use (config.ground_memo)
-        if self.config.popularity_gamma and popularity is None:
-            raise ValueError("popularity_gamma needs the training period's item counts (ARTEFACTS/popularity.json)")
+        if self.config.popularity_gamma and popularity is None:  # artefacts without counts: the prior is off
+            log.warning("no item counts (ARTEFACTS/popularity.json): the popularity prior is off (gamma 0)")
+            self.config = dataclasses.replace(self.config, popularity_gamma=0.0)
         self._prior = None
         if self.config.popularity_gamma:
             self._prior = (popularity_mass(self.trie, popularity), float(self.config.popularity_gamma))

@@ -245,7 +245,8 @@ async def test_request_id_echoed_generated_and_logged(world, comp, memory_store,
 
 
 async def test_metrics_request_counts_and_latency(world, comp, memory_store, redis_url, tmp_path):
-    async with serve(_settings(redis_url, tmp_path), comp) as (client, _):
+    # greedy ranking: the step-wise path whose prefill metrics this reads (beam calls run whole)
+    async with serve(_settings(redis_url, tmp_path, constrained=False, num_beams=1), comp) as (client, _):
         for u in ("nobody", "ghost", "u1"):
             assert (await client.post("/recommend", json={"user_id": u, "k": 2, "mode": "bigrec"})).status_code == 200
         _assert_error(await client.post("/recommend", json={"user_id": "u1", "k": 0}), 422, "validation_error")
@@ -288,7 +289,8 @@ async def test_metrics_request_counts_and_latency(world, comp, memory_store, red
 
 async def test_metrics_background_prefill_time(world, comp, memory_store, redis_url, tmp_path):
     """A full-history request (a background mode by default) alone: its prefill time counts as alone."""
-    async with serve(_settings(redis_url, tmp_path), comp) as (client, _):
+    # greedy ranking: the step-wise path whose prefill metrics this reads (beam calls run whole)
+    async with serve(_settings(redis_url, tmp_path, constrained=False, num_beams=1), comp) as (client, _):
         r = await client.post("/recommend", json={"user_id": "u1", "k": 2, "mode": "full-history"})
         assert r.status_code == 200 and r.json()["mode"] == "full-history"
         text = (await client.get("/metrics")).text

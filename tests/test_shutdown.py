@@ -16,7 +16,7 @@ from model.recommend import RecommendRequest
 from service.app import create_app
 from service.runner import RunnerClosed
 from tests.redis_fixtures import memory_store, redis_server, redis_url  # noqa: F401
-from tests.test_service import K, MAX_NEW, _expected_events, _settings, comps, threads1, world  # noqa: F401
+from tests.test_service import GEN, K, MAX_NEW, _expected_events, _settings, comps, threads1, world  # noqa: F401
 
 pytestmark = pytest.mark.anyio
 
@@ -46,7 +46,7 @@ def _bigrec_items(world, comp, user: str, k: int) -> list[str]:
     """The answer of /recommend mode=bigrec for a seeded user, computed directly."""
     cat = world["ds"].catalogue
     items = [cat.index_of(e.item_id) for e in _expected_events(world, user)]
-    rec = comp.pipeline.recommender("none", max_new_tokens=MAX_NEW).recommend(
+    rec = comp.pipeline.recommender("none", **GEN).recommend(
         [RecommendRequest(context=items[-K:], exclude=set(items))], topk=k)[0]
     return [cat.item_ids[i] for i in rec.items]
 
