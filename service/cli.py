@@ -166,29 +166,18 @@ def _artefacts(args, settings: Settings) -> Path:
 
 
 def cmd_train_generator(args, settings: Settings) -> int:
-    import torch
-
-    from model.artefacts import save_popularity
-    from model.baselines.popularity import popularity_counts
     from model.artefacts import load_lm
     from model.data.prepared import PreparedDataset
-    from model.train.generator import GeneratorTrainConfig, train_generator
+    from model.train.stages import tune_generator_stage
 
     ds = PreparedDataset.load(args.data)
     art = _artefacts(args, settings)
     lm = load_lm(settings.model_path, cut=settings.cut_layer, dtype=settings.dtype)
-    packed = args.recipe == "packed"
-    cfg = GeneratorTrainConfig(n_train=args.budget or None, n_valid=args.valid_budget, epochs=args.epochs, lr=args.lr,
-                               mode=args.mode, batch_size=args.batch_size, seed=args.seed,
-                               micro_batch_size=min(4 if packed else 8, args.batch_size), recipe=args.recipe,
-                               template="list" if packed else "alpaca", chunk_targets=args.chunk_targets,
-                               subset=args.subset, warmup_steps=args.warmup, out_dir=str(art / "generator-run"),
-                               master_weights=packed and args.mode == "full" and lm.dtype == torch.bfloat16)
-    report = train_generator(lm, ds, cfg)
-    save_popularity(art, popularity_counts(ds.split("train"), len(ds.catalogue)))
-    lm.save_upper(art / "generator", extra={"train_report": report.to_json(), "dataset": ds.name,
-                                            "template": cfg.template})
-    _print_json({k: v for k, v in report.to_json().items() if k != "config"} | {"saved": str(art / "generator")})
+    report = tune_generator_stage(lm, ds, art, recipe=args.recipe, mode=args.mode, batch_size=args.batch_size,
+                                  n_train=args.budget or None, n_valid=args.valid_budget, epochs=args.epochs,
+                                  lr=args.lr, seed=args.seed, chunk_targets=args.chunk_targets,
+                                  subset=args.subset, warmup_steps=args.warmup)
+    _print_json({k: v for k, v in report.items() if k != "config"} | {"saved": str(art / "generator")})
     return 0
 
 

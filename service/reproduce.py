@@ -144,26 +144,15 @@ def reproduce(cfg: ReproduceConfig) -> dict:
         return {"timings_s": cfg.timings}
 
     def tune() -> None:
-        import torch
+        from model.artefacts import load_lm
+        from model.train.stages import tune_generator_stage
 
-        from model.artefacts import load_lm, save_popularity
-        from model.baselines.popularity import popularity_counts
-        from model.train.generator import GeneratorTrainConfig, train_generator
-
-        lm = load_lm(cfg.model, cut=cfg.cut, dtype=cfg.dtype)
-        packed = cfg.generator_recipe == "packed"
-        gcfg = GeneratorTrainConfig(n_train=cfg.generator_samples, epochs=cfg.generator_epochs,
-                                    n_valid=cfg.generator_valid, seed=cfg.seed, batch_size=cfg.generator_batch,
-                                    lr=cfg.generator_lr, warmup_steps=cfg.generator_warmup,
-                                    micro_batch_size=min(4 if packed else 8, cfg.generator_batch),
-                                    recipe=cfg.generator_recipe, template="list" if packed else "alpaca",
-                                    chunk_targets=cfg.generator_chunk, subset=cfg.generator_subset,
-                                    master_weights=packed and lm.dtype == torch.bfloat16,
-                                    out_dir=str(art / "generator-run"))
-        report = train_generator(lm, ds, gcfg)
-        save_popularity(art, popularity_counts(ds.split("train"), len(ds.catalogue)))
-        lm.save_upper(art / "generator", extra={"train_report": report.to_json(), "dataset": ds.name,
-                                                "template": gcfg.template})
+        tune_generator_stage(load_lm(cfg.model, cut=cfg.cut, dtype=cfg.dtype), ds, art,
+                             recipe=cfg.generator_recipe, batch_size=cfg.generator_batch,
+                             n_train=cfg.generator_samples, epochs=cfg.generator_epochs,
+                             n_valid=cfg.generator_valid, seed=cfg.seed, lr=cfg.generator_lr,
+                             warmup_steps=cfg.generator_warmup, chunk_targets=cfg.generator_chunk,
+                             subset=cfg.generator_subset)
 
     gen_done = (art / "generator" / "upper.safetensors").is_file()
     if gen_done:

@@ -1,4 +1,4 @@
-"""The AutoMR offline stages after generator tuning: Eq. 5 labels, then the Eq. 6 retriever.
+"""The AutoMR offline stages: generator tuning, then Eq. 5 labels and the Eq. 6 retriever.
 
 Both read and write the artefact folder (layout in ``model/artefacts.py``) so that a rerun resumes:
 labels are written in chunks (``ARTEFACTS/labels/<element>/<split>``), memory elements are cached
@@ -24,6 +24,32 @@ class LabelBudget:
     valid: int = 64  # labelled valid samples (early stopping proxy)
     per_user: int | None = 8  # runs of consecutive samples per user: they share memory elements
     seed: int = 0
+
+
+def tune_generator_stage(lm, ds, artefacts: Path, *, recipe: str = "packed", mode: str = "full",
+                         batch_size: int = 8, **config) -> dict:
+    """Tune ``lm``'s upper layers on ``ds`` and save ARTEFACTS/generator (with the prompt template it was
+    tuned on) and ARTEFACTS/popularity.json (the beams' prior); returns the training report.
+    ``config``: other ``GeneratorTrainConfig`` fields (n_train, epochs, lr, ...). The recipe fixes the
+    template ("packed": list, "sliding": BIGRec's Alpaca), the micro-batch and, for full tuning of a
+    bfloat16 model in packed rows, float32 master weights."""
+    import torch
+
+    from model.artefacts import save_popularity
+    from model.baselines.popularity import popularity_counts
+    from model.train.generator import GeneratorTrainConfig, train_generator
+
+    packed = recipe == "packed"
+    cfg = GeneratorTrainConfig(recipe=recipe, mode=mode, batch_size=batch_size,
+                               template="list" if packed else "alpaca",
+                               micro_batch_size=min(4 if packed else 8, batch_size),
+                               master_weights=packed and mode == "full" and lm.dtype == torch.bfloat16,
+                               out_dir=str(artefacts / "generator-run"), **config)
+    report = train_generator(lm, ds, cfg).to_json()
+    save_popularity(artefacts, popularity_counts(ds.split("train"), len(ds.catalogue)))
+    lm.save_upper(artefacts / "generator", extra={"train_report": report, "dataset": ds.name,
+                                                  "template": cfg.template})
+    return report
 
 
 def open_pipeline(ds, artefacts: Path, *, model=None, cut: int = 20, dtype: str = "auto",
