@@ -13,7 +13,6 @@ the beams (``DecodeBatch.select``); each step is one forward of every live beam 
 """
 from __future__ import annotations
 
-from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -33,16 +32,16 @@ class SeenPruner:
 
     def __init__(self, trie: TitleTrie, item_node: np.ndarray, sub_end: np.ndarray, exclude: Iterable[int]):
         self.trie, self.sub_end = trie, sub_end
-        ex = [int(i) for i in exclude if 0 <= int(i) < len(item_node)]
-        self._ex = sorted(int(item_node[i]) for i in ex)
+        ex = np.fromiter((int(i) for i in exclude if 0 <= int(i) < len(item_node)), dtype=np.int64)
+        self._ex = np.sort(item_node[ex])  # the excluded items' terminal nodes
 
-    def open(self, v: int) -> bool:
-        end = int(self.sub_end[v])
-        total = int(self.trie.term_ptr[end] - self.trie.term_ptr[v])
-        if not self._ex:
-            return total > 0
-        seen = bisect_left(self._ex, end) - bisect_left(self._ex, v)
-        return total - seen > 0
+    def open(self, kids: np.ndarray) -> np.ndarray:
+        """[k] bool: does the subtree of each node in ``kids`` hold an item that is not excluded?"""
+        ends = self.sub_end[kids]
+        total = self.trie.term_ptr[ends] - self.trie.term_ptr[kids]
+        if self._ex.size:
+            total = total - (np.searchsorted(self._ex, ends) - np.searchsorted(self._ex, kids))
+        return total > 0
 
 
 def trie_tables(trie: TitleTrie) -> tuple[np.ndarray, np.ndarray]:
@@ -53,9 +52,7 @@ def trie_tables(trie: TitleTrie) -> tuple[np.ndarray, np.ndarray]:
     nodes = np.repeat(np.arange(n), counts)
     item_node[trie.term_items] = nodes
     parent = np.zeros(n, dtype=np.int64)
-    for v in range(n):
-        kids = trie.child_node[trie.child_ptr[v]:trie.child_ptr[v + 1]]
-        parent[kids] = v
+    parent[trie.child_node] = np.repeat(np.arange(n), np.diff(trie.child_ptr))
     sub_end = np.arange(1, n + 1, dtype=np.int64)
     for v in range(n - 1, 0, -1):  # preorder: children have larger ids than their parent
         p = parent[v]
@@ -130,7 +127,7 @@ def trie_beam_search(lm: SplitLM, batch: DecodeBatch, trie: TitleTrie, tables: t
             beam, pr = live[r][b], pruners[r]
             lo, hi = int(trie.child_ptr[beam.node]), int(trie.child_ptr[beam.node + 1])
             toks, kids = trie.child_tok[lo:hi], trie.child_node[lo:hi]
-            keep = np.fromiter((pr.open(k) for k in kids.tolist()), dtype=bool, count=len(kids))
+            keep = pr.open(kids)
             toks, kids = toks[keep], kids[keep]
             if not len(toks):
                 continue

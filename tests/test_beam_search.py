@@ -60,12 +60,11 @@ def test_seen_pruner_closes_only_subtrees_without_unseen_items():
     trie = TitleTrie(seqs)
     item_node, sub_end = trie_tables(trie)
     pr = SeenPruner(trie, item_node, sub_end, {0, 1})
-    n5 = trie.node_of([5])
-    assert pr.open(n5)  # item 2 is still under "5"
-    assert not pr.open(trie.node_of([5, 1]))  # both items under "5 1" are seen
-    assert pr.open(trie.node_of([5, 2])) and pr.open(trie.node_of([6]))
+    nodes = np.array([trie.node_of(p) for p in ([5], [5, 1], [5, 2], [6])])
+    # item 2 is still under "5"; both items under "5 1" are seen
+    assert pr.open(nodes).tolist() == [True, False, True, True]
     all_seen = SeenPruner(trie, item_node, sub_end, {0, 1, 2, 3})
-    assert not any(all_seen.open(v) for v in range(1, trie.n_nodes))
+    assert not all_seen.open(np.arange(1, trie.n_nodes)).any()
 
 
 def test_renormalized_scores_are_a_distribution_over_the_unseen_titles(tiny_split, tiny_titles):
