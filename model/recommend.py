@@ -148,6 +148,7 @@ class Recommender:
         if index.n_items != len(self.titles):
             raise ValueError(f"the index holds {index.n_items} items, the catalogue {len(self.titles)}")
         self._trie: TitleTrie | None = None
+        self._trie_tables = None  # built with the trie's first beam search (model/beam_search.py)
         self._drafter = drafter  # None: built from the catalogue on first use
         self._ground_memo = ground_memo  # None: built on first use (config.ground_memo)
         if self.config.popularity_gamma and popularity is None:  # artefacts without counts: the prior is off
@@ -167,7 +168,7 @@ class Recommender:
     @property
     def trie_tables(self):
         """The trie's node tables for pruning seen items (``model/beam_search.py``), built once."""
-        if getattr(self, "_trie_tables", None) is None:
+        if self._trie_tables is None:
             self._trie_tables = trie_tables(self.trie)
         return self._trie_tables
 

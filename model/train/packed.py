@@ -204,6 +204,7 @@ def packed_loss(split, chunks: Sequence[Chunk], autocast: bool = False,
     b, t = ids.shape
     with torch.no_grad():
         missing = [r for r, c in enumerate(chunks) if lower_cache is None or id(c) not in lower_cache]
+        cached = set(range(b)) - set(missing)
         h = torch.zeros(b, t, split.hidden_size, dtype=split.dtype, device=dev)
         if missing:
             sel = torch.tensor(missing, device=dev)
@@ -212,9 +213,8 @@ def packed_loss(split, chunks: Sequence[Chunk], autocast: bool = False,
             if lower_cache is not None:
                 for j, r in enumerate(missing):
                     lower_cache[id(chunks[r])] = hm[j, :len(chunks[r])].clone()
-        for r, c in enumerate(chunks):
-            if r not in missing:
-                h[r, :len(c)] = lower_cache[id(c)]
+        for r in cached:
+            h[r, :len(chunks[r])] = lower_cache[id(chunks[r])]
     lrows = torch.tensor([r for r, c in enumerate(chunks) for _ in c.loss_cols], dtype=torch.long, device=dev)
     lcols = torch.tensor([q for c in chunks for q in c.loss_cols], dtype=torch.long, device=dev)
     tgt = torch.tensor([x for c in chunks for x in c.loss_targets], dtype=torch.long, device=dev)
