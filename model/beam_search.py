@@ -7,9 +7,10 @@ probability ~1 would inflate a normalised score). Since a score can only fall as
 of a request stops exactly when ``num_beams`` titles are finished and no live beam scores above the
 worst of them.
 
-It runs on a ``DecodeBatch`` (``model/llm.py``) whose rows are the requests' prefilled prompts, slots
-filled as for greedy decoding: the prompt is prefilled once per request and its KV rows are copied to
-the beams (``DecodeBatch.select``); each step is one forward of every live beam of every request.
+A request's search (``TrieBeams``) runs on its rows of a ``DecodeBatch`` (``model/llm.py``), stepped by
+``SplitLM.step`` like greedy rows and beside them: the prompt is prefilled once, slots filled as for greedy
+decoding, and its KV row is copied to the beams (``DecodeBatch.select``); each step is one forward of
+every live row of the batch. The service's continuous batching and the evaluator run the same steps.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
-import torch
 
 from model.llm import DecodeBatch, SplitLM
 from model.title_trie import TitleTrie
@@ -93,12 +93,18 @@ class BeamResult:
                     out.append(i)
         return out
 
+    @property
+    def tokens(self) -> list[int]:
+        """The best title's tokens ([] when no title was found)."""
+        return self.finished[0][1] if self.finished else []
 
-@torch.no_grad()
-def trie_beam_search(lm: SplitLM, batch: DecodeBatch, trie: TitleTrie, tables: tuple[np.ndarray, np.ndarray],
-                     excludes: Sequence[set[int]], num_beams: int, max_new_tokens: int = 64,
-                     renormalize: bool = True, prior: tuple[np.ndarray, float] | None = None) -> list[BeamResult]:
-    """Beam search for every row of ``batch`` (row j = request j, prefilled, its next logits pending).
+
+class TrieBeams:
+    """The beam search of one request, a step at a time, on its rows of a shared ``DecodeBatch``.
+
+    Its live beams are consecutive rows of the batch, in the order of ``live``; ``SplitLM.step`` hands
+    each step's log-probabilities of those rows to ``expand``, which says which rows (duplicated or
+    dropped) and tokens go on. Greedy rows of other requests decode beside them in the same forward.
 
     ``renormalize``: each step's log-probabilities are normalised over the tokens that lead to an unseen
     title, so a title's score is its log-probability under the model restricted to the user's unseen
@@ -106,80 +112,94 @@ def trie_beam_search(lm: SplitLM, batch: DecodeBatch, trie: TitleTrie, tables: t
     vocabulary, and every token of a long title pays for the mass the model puts outside the catalogue.
     ``prior`` (``popularity_mass``, gamma): each step also adds gamma x the log-share of the (1 + count)
     popularity mass of the token's subtree among the open ones, so a title's score gains gamma x the log of
-    its popularity share (the steps telescope): BIGRec's popularity weighting, moved into the search.
-    Returns, per request, up to ``num_beams`` finished titles in score order. ``batch`` is consumed."""
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    n_req = batch.rows
-    if len(excludes) != n_req:
-        raise ValueError(f"{len(excludes)} exclude sets for {n_req} rows")
-    item_node, sub_end = tables
-    pruners = [SeenPruner(trie, item_node, sub_end, ex) for ex in excludes]
-    live: list[list[_Beam]] = [[_Beam(0.0, 0)] for _ in range(n_req)]
-    done: list[list[tuple[float, list[int], list[int]]]] = [[] for _ in range(n_req)]
-    row_of = [(r, 0) for r in range(n_req)]  # batch row -> (request, beam index)
-    for _ in range(max_new_tokens):
-        logp = torch.log_softmax(batch.logits.float(), -1).numpy()  # [n, V]
-        nxt_rows, nxt_toks = [], []
-        new_live: list[list[_Beam]] = [[] for _ in range(n_req)]
-        per_req: list[list[tuple[float, int, int, int]]] = [[] for _ in range(n_req)]
-        for j, (r, b) in enumerate(row_of):
-            beam, pr = live[r][b], pruners[r]
+    its popularity share (the steps telescope): BIGRec's popularity weighting, moved into the search."""
+
+    def __init__(self, trie: TitleTrie, tables: tuple[np.ndarray, np.ndarray], exclude: set[int],
+                 num_beams: int, max_new_tokens: int = 64, renormalize: bool = True,
+                 prior: tuple[np.ndarray, float] | None = None):
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        self.trie, self.num_beams, self.max_new_tokens = trie, num_beams, max_new_tokens
+        self.renormalize, self.prior = renormalize, prior if prior is not None and prior[1] else None
+        self.exclude = exclude
+        self.sub_end = tables[1]
+        self.pruner = SeenPruner(trie, tables[0], tables[1], exclude)
+        self.live: list[_Beam] = [_Beam(0.0, 0)]
+        self.done: list[tuple[float, list[int], list[int]]] = []
+        self.steps = 0
+        self.finished = False
+
+    @property
+    def rows(self) -> int:
+        """Its rows in the batch (its live beams)."""
+        return 0 if self.finished else len(self.live)
+
+    def result(self) -> BeamResult:
+        return BeamResult(list(self.done))
+
+    def _worst(self) -> float:
+        return self.done[self.num_beams - 1][0] if len(self.done) >= self.num_beams else -np.inf
+
+    def _candidates(self, logp: np.ndarray) -> list[tuple[float, int, int, int]]:
+        """(score, beam, token, child node) of every open continuation of every live beam."""
+        trie, cands = self.trie, []
+        for b, beam in enumerate(self.live):
             lo, hi = int(trie.child_ptr[beam.node]), int(trie.child_ptr[beam.node + 1])
             toks, kids = trie.child_tok[lo:hi], trie.child_node[lo:hi]
-            keep = pr.open(kids)
+            keep = self.pruner.open(kids)
             toks, kids = toks[keep], kids[keep]
             if not len(toks):
                 continue
-            lp = logp[j, toks]
-            if renormalize:
+            lp = logp[b, toks]
+            if self.renormalize:
                 top = lp.max()
                 lp = lp - (top + np.log(np.exp(lp - top).sum()))
-            if prior is not None and prior[1]:
-                cum, gamma = prior
-                mass = cum[trie.term_ptr[sub_end[kids]]] - cum[trie.term_ptr[kids]]
+            if self.prior is not None:
+                cum, gamma = self.prior
+                mass = cum[trie.term_ptr[self.sub_end[kids]]] - cum[trie.term_ptr[kids]]
                 lp = lp + gamma * (np.log(mass) - np.log(mass.sum()))
-            scores = beam.score + lp
-            for tok, kid, sc in zip(toks.tolist(), kids.tolist(), scores.tolist()):
-                per_req[r].append((sc, j, tok, kid))
-        for r in range(n_req):
-            cands = sorted(per_req[r], key=lambda c: -c[0])
-            for sc, j, tok, kid in cands:
-                worst = done[r][num_beams - 1][0] if len(done[r]) >= num_beams else -np.inf
-                if sc <= worst:
-                    break  # nothing below can enter the finished top-B
-                if trie.is_terminal(kid) and trie.child_ptr[kid + 1] == trie.child_ptr[kid]:
-                    _, bb = row_of[j]
-                    items = [i for i in trie.items_at(kid) if i not in excludes[r]]
-                    done[r].append((sc, live[r][bb].tokens + [tok], items))
-                    done[r].sort(key=lambda d: -d[0])
-                    del done[r][num_beams:]
-                elif len(new_live[r]) < num_beams:
-                    _, bb = row_of[j]
-                    new_live[r].append(_Beam(sc, kid, live[r][bb].tokens + [tok]))
-                    nxt_rows.append(j)
-                    nxt_toks.append(tok)
-        # a request is finished when no live beam can beat its B-th finished title
-        rows, toks = nxt_rows, nxt_toks
-        order = [row_of[j][0] for j in rows]
-        keep = [i for i, r in enumerate(order)
-                if not (len(done[r]) >= num_beams and max(b.score for b in new_live[r]) <= done[r][num_beams - 1][0])]
-        if not keep:
-            break
-        counters = [0] * n_req
-        row_of = []
-        kept_live: list[list[_Beam]] = [[] for _ in range(n_req)]
-        for i in keep:
-            r = order[i]
-            kept_live[r].append(new_live[r][counters[r]])
-            row_of.append((r, len(kept_live[r]) - 1))
-            counters[r] += 1
-        live = kept_live
-        batch.select([rows[i] for i in keep])
-        ids = torch.tensor([toks[i] for i in keep], dtype=torch.long, device=lm.device)[:, None]
-        batch.last = batch.last + 1
-        batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], 1)
-        out = lm.model(input_ids=ids, attention_mask=batch.mask, position_ids=batch.last[:, None],
-                       past_key_values=batch.cache, use_cache=True)
-        batch.logits = out.logits[:, -1].float()
-    return [BeamResult(d) for d in done]
+            cands.extend(zip((beam.score + lp).tolist(), [b] * len(toks), toks.tolist(), kids.tolist()))
+        return cands
+
+    def expand(self, logp: np.ndarray) -> list[tuple[int, int]]:
+        """One step: ``logp`` [beams, V] are the next-token log-probabilities of the live beams (in
+        order). Returns the next step's rows as (live beam it continues, token), in order; [] once the
+        search is finished: ``num_beams`` titles are done and no live beam scores above the worst of
+        them (a score only falls as a beam grows), nothing is left open, or the token budget is spent."""
+        if self.finished:
+            raise RuntimeError("this beam search is finished")
+        trie = self.trie
+        nxt: list[_Beam] = []
+        plan: list[tuple[int, int]] = []
+        for sc, b, tok, kid in sorted(self._candidates(logp), key=lambda c: -c[0]):
+            if sc <= self._worst():
+                break  # nothing below can enter the finished top-B
+            if trie.is_terminal(kid) and trie.child_ptr[kid + 1] == trie.child_ptr[kid]:
+                items = [i for i in trie.items_at(kid) if i not in self.exclude]
+                self.done.append((sc, self.live[b].tokens + [tok], items))
+                self.done.sort(key=lambda d: -d[0])
+                del self.done[self.num_beams:]
+            elif len(nxt) < self.num_beams:
+                nxt.append(_Beam(sc, kid, self.live[b].tokens + [tok]))
+                plan.append((b, tok))
+        self.steps += 1
+        keep = [i for i, beam in enumerate(nxt) if beam.score > self._worst()]
+        if not keep or self.steps >= self.max_new_tokens:
+            self.live, self.finished = [], True
+            return []
+        self.live = [nxt[i] for i in keep]
+        return [plan[i] for i in keep]
+
+
+def trie_beam_search(lm: SplitLM, batch: DecodeBatch, trie: TitleTrie, tables: tuple[np.ndarray, np.ndarray],
+                     excludes: Sequence[set[int]], num_beams: int, max_new_tokens: int = 64,
+                     renormalize: bool = True, prior: tuple[np.ndarray, float] | None = None) -> list[BeamResult]:
+    """Beam search (``TrieBeams``) for every row of ``batch`` (row j = request j, prefilled, its next
+    logits pending), stepped by ``SplitLM.step`` as the service steps it. Returns, per request, up to
+    ``num_beams`` finished titles in score order. ``batch`` is consumed."""
+    if len(excludes) != batch.rows:
+        raise ValueError(f"{len(excludes)} exclude sets for {batch.rows} rows")
+    searches = [TrieBeams(trie, tables, ex, num_beams, max_new_tokens, renormalize, prior) for ex in excludes]
+    batch.searches = list(searches)
+    lm.decode(batch)
+    return [s.result() for s in searches]

@@ -300,6 +300,7 @@ class Prefill:
     max_new_tokens: int
     stop_at_newline: bool
     policy: dict  # the batch's drafting policy (DecodeBatch's drafter, draft_tokens, draft_max_rows)
+    searches: list[Any] | None = None  # per row: None (greedy) or its beam search (DecodeBatch.searches)
 
     @property
     def rows(self) -> int:
@@ -323,12 +324,14 @@ def _drafts_for(rows: int, drafter: Any, draft_tokens: int, draft_max_rows: int)
 
 @dataclass(eq=False)
 class DecodeBatch:
-    """Rows being decoded greedily together (``SplitLM.start``, ``SplitLM.step``).
+    """Rows being decoded together (``SplitLM.start``, ``SplitLM.step``).
 
     Row j has a KV cache row, an attention mask row (0 = padding: rows of different lengths share
     one sequence axis), the position id of its last token, the scores of its next token, the new
-    tokens so far, a budget and a stop rule, and its caller's ``tag``. Rows leave when finished
-    (``step``) and others join between steps (``merge``); neither changes any other row's tokens."""
+    tokens so far, a budget and a stop rule, its caller's ``tag`` and its search: None for greedy
+    decoding, else the ``model.beam_search.TrieBeams`` of its request, whose live beams are
+    consecutive rows (they share the request's tag). Rows leave when finished (``step``) and others
+    join between steps (``merge``); neither changes any other row's tokens."""
 
     cache: DynamicCache  # per layer [n, kv_heads, T, d]
     mask: torch.Tensor  # [n, T]
@@ -343,22 +346,34 @@ class DecodeBatch:
     drafter: Any = None
     draft_tokens: int = 0
     draft_max_rows: int = 1
+    searches: list[Any] | None = None  # per row: None (greedy) or its request's beam search
+
+    def __post_init__(self) -> None:
+        if self.searches is None:
+            self.searches = [None] * len(self.tags)
 
     @property
     def rows(self) -> int:
         return len(self.tags)
 
     @property
+    def requests(self) -> int:
+        """Requests being decoded: greedy rows, and beam searches counted once each."""
+        return sum(1 for j, s in enumerate(self.searches) if s is None or j == 0 or self.searches[j - 1] is not s)
+
+    @property
     def drafting(self) -> bool:
         """Does the next forward feed drafted tokens (the policy: few enough rows decode)?"""
-        return _drafts_for(self.rows, self.drafter, self.draft_tokens, self.draft_max_rows)
+        return (_drafts_for(self.rows, self.drafter, self.draft_tokens, self.draft_max_rows)
+                and all(s is None for s in self.searches))  # beam rows take no drafts
 
     def select(self, keep: Sequence[int]) -> None:
-        """Keep only rows ``keep`` (in that order)."""
+        """Keep only rows ``keep`` (in that order; a row listed twice is copied: a beam that branches)."""
         idx = torch.tensor(list(keep), dtype=torch.long)
         self.cache.batch_select_indices(idx.to(self.mask.device))
         self.mask, self.last, self.logits = self.mask[idx.to(self.mask.device)], self.last[idx], self.logits[idx]
-        for name in ("tokens", "tags", "max_new", "stop_lines"):
+        self.tokens = [list(self.tokens[j]) for j in keep]
+        for name in ("tags", "max_new", "stop_lines", "searches"):
             old = getattr(self, name)
             setattr(self, name, [old[j] for j in keep])
 
@@ -386,7 +401,7 @@ class DecodeBatch:
         merged = (concat_rows([self.cache, other.cache], columns=cols), torch.cat([pad(m) for m in masks], 0),
                   torch.cat([self.last, other.last], 0), torch.cat([self.logits, other.logits], 0))
         self.cache, self.mask, self.last, self.logits = merged  # all or nothing: a failure above changes nothing
-        for name in ("tokens", "tags", "max_new", "stop_lines"):
+        for name in ("tokens", "tags", "max_new", "stop_lines", "searches"):
             getattr(self, name).extend(getattr(other, name))
 
 
@@ -777,7 +792,7 @@ class SplitLM:
         b = p.rows
         batch = DecodeBatch(cache=p.cache, mask=p.mask[:, :t], last=p.pos[:, t - 1], logits=out.logits[:, -1].float(),
                             tokens=[[] for _ in range(b)], tags=p.tags, max_new=[p.max_new_tokens] * b,
-                            stop_lines=[p.stop_at_newline] * b, **p.policy)
+                            stop_lines=[p.stop_at_newline] * b, searches=p.searches, **p.policy)
         if k:
             stop = StopAfterFirstLine(*self.line_tables(), start=0) if p.stop_at_newline else None
             self._accept(batch, out.logits, [p.draft] * b, torch.ones(b, k, dtype=p.mask.dtype), lead=0, stop=stop,
@@ -807,11 +822,14 @@ class SplitLM:
         forward also feeds each row's guessed continuation (``_verify``) and the row keeps the guesses
         that match its own greedy choices, so one forward can add several tokens; the tokens are
         still the greedy ones."""
-        nxt = batch.logits.argmax(-1).cpu()  # [n]
-        stop = StopAfterFirstLine(*self.line_tables(), start=0) if any(batch.stop_lines) else None
-        done = [self._take(batch, j, tok, stop) for j, tok in enumerate(nxt.tolist())]
-        finished = self._leave(batch, done)
-        nxt = nxt[[j for j in range(len(done)) if not done[j]]]
+        if any(s is not None for s in batch.searches):
+            finished, nxt = self._search_step(batch)
+        else:
+            nxt = batch.logits.argmax(-1).cpu()  # [n]
+            stop = StopAfterFirstLine(*self.line_tables(), start=0) if any(batch.stop_lines) else None
+            done = [self._take(batch, j, tok, stop) for j, tok in enumerate(nxt.tolist())]
+            finished = self._leave(batch, done)
+            nxt = nxt[[j for j in range(len(done)) if not done[j]]]
         if not batch.rows:
             return finished
         drafts = self._drafts(batch)
@@ -823,6 +841,38 @@ class SplitLM:
                          position_ids=batch.last[:, None], past_key_values=batch.cache, use_cache=True)
         batch.logits = out.logits[:, -1].float()
         return finished
+
+    def _search_step(self, batch: "DecodeBatch") -> tuple[list[tuple[Any, list[int]]], torch.Tensor]:
+        """The choices of a step whose batch holds beam rows: greedy rows take their best token as in
+        ``step``; each beam search expands its rows (``TrieBeams.expand``), which may copy or drop
+        them. The batch is reordered for the next forward (a search's rows stay consecutive); returns
+        the finished rows (a finished search: its tag and best title's tokens) and the next tokens."""
+        stop = StopAfterFirstLine(*self.line_tables(), start=0) if any(batch.stop_lines) else None
+        logits = batch.logits
+        order, toks, finished = [], [], []
+        j = 0
+        while j < batch.rows:
+            search = batch.searches[j]
+            if search is None:
+                tok = int(logits[j].argmax())
+                if self._take(batch, j, tok, stop):
+                    finished.append((batch.tags[j], batch.tokens[j]))
+                else:
+                    order.append(j)
+                    toks.append(tok)
+                j += 1
+                continue
+            n = search.rows  # its live beams, rows j .. j + n - 1
+            logp = torch.log_softmax(logits[j:j + n].float(), -1).cpu().numpy()  # [n, V]
+            plan = search.expand(logp)
+            if search.finished:
+                finished.append((batch.tags[j], search.result().tokens))
+            for b, tok in plan:
+                order.append(j + b)
+                toks.append(tok)
+            j += n
+        batch.select(order)
+        return finished, torch.tensor(toks, dtype=torch.long)
 
     def _finishes(self, batch: "DecodeBatch", j: int, tok: int, stop: StopAfterFirstLine | None) -> bool:
         """Would ``tok`` finish row ``j`` (eos, its token budget, or the end of its answer line)?"""

@@ -34,7 +34,7 @@ from model.llm import DecodeBatch, Prefill, SplitLM
 from model.prompts import PromptBuilder, PromptIds
 from model.retriever import Retriever
 from model.draft import NgramDrafter
-from model.beam_search import popularity_mass, trie_beam_search, trie_tables
+from model.beam_search import TrieBeams, popularity_mass, trie_tables
 from model.title_trie import TitleTrie
 
 log = logging.getLogger(__name__)
@@ -252,31 +252,23 @@ class Recommender:
     ) -> tuple[list[str], list[list[int]]]:
         """Generated text per request (and, when constrained, the items of its beams, best first).
 
-        Per ``batch_size`` requests: greedy decoding runs the service's step-wise path (``_begin`` +
-        ``SplitLM.step``: prefill groups, drafting per the config), beam search one ``generate`` call.
-        Rows with a full set of slot vectors get them at layer L, rows without memory keep the
-        placeholder state; lazy picks (``None``) are made inside the prefill and written back into
-        ``picks``."""
+        Per ``batch_size`` requests: greedy decoding and the beam search over the title trie run the
+        service's step-wise path (``_begin`` + ``SplitLM.step``: prefill groups, drafting per the config
+        for greedy rows), unconstrained beams one HF ``generate`` call. Rows with a full set of slot
+        vectors get them at layer L, rows without memory keep the placeholder state; lazy picks
+        (``None``) are made inside the prefill and written back into ``picks``."""
         cfg = self.config
         texts: list[str] = [""] * len(requests)
         beams: list[list[int]] = [[] for _ in requests]
         for s in range(0, len(requests), cfg.batch_size):
             rows = list(range(s, min(s + cfg.batch_size, len(requests))))
-            if self.steps_greedy:  # the service's step-wise path (``start``): a batch at a time here
+            if self.stepwise:  # the service's step-wise path (``begin``): a batch at a time here
                 batch = self._prefill(self._begin(requests, prompts, picks, rows, rows))
+                searches = dict(zip(batch.tags, batch.searches))
                 for i, tokens in self.lm.decode(batch).items():
                     texts[i] = self.lm.text(tokens)
-                continue
-            if cfg.constrained:  # beam search over the title trie, on the same prefill
-                batch = self._prefill(self._begin(requests, prompts, picks, rows, rows, draft=False))
-                batch.select([batch.tags.index(i) for i in rows])  # row j = request rows[j]
-                found = trie_beam_search(self.lm, batch, self.trie, self.trie_tables,
-                                         [requests[i].exclude for i in rows], cfg.num_beams, cfg.max_new_tokens,
-                                         renormalize=cfg.renormalize, prior=self._prior)
-                for i, res in zip(rows, found):
-                    beams[i] = res.items
-                    texts[i] = self.lm.tokenizer.decode(res.finished[0][1], skip_special_tokens=True).strip() \
-                        if res.finished else ""
+                    if searches[i] is not None:
+                        beams[i] = searches[i].result().items
                 continue
             batch = [prompts[i] for i in rows]
             common = dict(slot_select=self._slot_select(requests, rows, picks), n_slots=cfg.n_slots,
@@ -308,9 +300,17 @@ class Recommender:
     # ---- the same path in steps (the service's continuous batching: model/llm.py DecodeBatch) ------
 
     @property
-    def steps_greedy(self) -> bool:
-        """Can generation run as ``start`` + ``SplitLM.step`` (greedy, unconstrained)?"""
-        return self.config.num_beams == 1 and not self.config.constrained
+    def stepwise(self) -> bool:
+        """Can generation run as ``start`` + ``SplitLM.step``: greedy, or beams over the title trie
+        (not unconstrained beams, which HF ``generate`` runs)?"""
+        return self.config.constrained or self.config.num_beams == 1
+
+    def search(self, request: RecommendRequest) -> TrieBeams:
+        """A beam search over the title trie for ``request`` (its seen items pruned), to be stepped
+        on its prefilled row (``DecodeBatch.searches``)."""
+        cfg = self.config
+        return TrieBeams(self.trie, self.trie_tables, request.exclude, cfg.num_beams, cfg.max_new_tokens,
+                         renormalize=cfg.renormalize, prior=self._prior)
 
     def start(self, requests: Sequence[RecommendRequest], tags: Sequence) -> tuple[DecodeBatch, list]:
         """``recommend`` up to its generation: the prompts, the memory picks and the prefill, as a
@@ -322,29 +322,35 @@ class Recommender:
     def begin(self, requests: Sequence[RecommendRequest], tags: Sequence) -> tuple[list[Prefill], list]:
         """``start`` without running the prefills: one ``Prefill`` per prefill group, for
         ``self.lm.advance`` (whole or in chunks: the service feeds long prefills between decoding
-        steps), and the memory picks, completed in place by the prefills' last chunks."""
-        if not self.steps_greedy:
-            raise ValueError("step-wise generation is greedy and unconstrained (num_beams=1, constrained=false)")
+        steps), and the memory picks, completed in place by the prefills' last chunks. With a
+        constrained config each prefill carries its rows' beam searches (``Prefill.searches``)."""
+        if not self.stepwise:
+            raise ValueError("step-wise generation is greedy or beams over the title trie: set num_beams=1 or "
+                             "constrained=true")
         if not requests:
             raise ValueError("start needs at least one request")
         picks = self.select_memory(requests)
         return self._begin(requests, self.prompts(requests), picks, range(len(requests)), tags), picks
 
     def _begin(self, requests: Sequence[RecommendRequest], prompts: Sequence[PromptIds],
-               picks: list[tuple[list[int], list[float]] | None], rows: Sequence[int], tags: Sequence,
-               draft: bool = True) -> list[Prefill]:
+               picks: list[tuple[list[int], list[float]] | None], rows: Sequence[int],
+               tags: Sequence) -> list[Prefill]:
         """The prefills of ``rows`` (named by ``tags``, one per row): in groups of similar length
-        (``prefill_max_tokens``), with the drafting policy of the config (a group of at most
-        ``draft_max_rows`` rows feeds the drafted start of an answer in its prefill)."""
+        (``prefill_max_tokens``), with the drafting policy of the config for greedy rows (a group of
+        at most ``draft_max_rows`` rows feeds the drafted start of an answer in its prefill); a
+        constrained config gives each row its beam search (``search``)."""
         cfg = self.config
         policy = dict(drafter=self.drafter, draft_tokens=cfg.draft_tokens,
-                      draft_max_rows=cfg.draft_max_rows) if cfg.draft_tokens and draft else {}
+                      draft_max_rows=cfg.draft_max_rows) if cfg.draft_tokens and not cfg.constrained else {}
         out = []
         for group in prefill_groups([len(prompts[i].input_ids) for i in rows], cfg.prefill_max_tokens):
             at = [rows[g] for g in group]
-            out.append(self.lm.begin([prompts[i] for i in at], [tags[g] for g in group],
-                                     slot_select=self._slot_select(requests, at, picks), n_slots=cfg.n_slots,
-                                     max_new_tokens=cfg.max_new_tokens, reuse_head=cfg.head_cache, **policy))
+            prefill = self.lm.begin([prompts[i] for i in at], [tags[g] for g in group],
+                                    slot_select=self._slot_select(requests, at, picks), n_slots=cfg.n_slots,
+                                    max_new_tokens=cfg.max_new_tokens, reuse_head=cfg.head_cache, **policy)
+            if cfg.constrained:
+                prefill.searches = [self.search(requests[i]) for i in at]
+            out.append(prefill)
         return out
 
     def _prefill(self, prefills: Sequence[Prefill]) -> DecodeBatch:

@@ -171,7 +171,7 @@ class Metrics:
         self.in_flight = Gauge("automr_http_requests_in_flight", "HTTP requests being answered", registry=r)
         self.redis_errors = Counter("automr_redis_errors", "Requests that failed because Redis was unavailable "
                                     "(503 store_unavailable)", registry=r)
-        self.batch_size = Histogram("automr_model_batch_size", "Requests (recommend: per admission's prefills or whole call; ground: per grounding pass), rows "
+        self.batch_size = Histogram("automr_model_batch_size", "Requests (recommend: per admission's prefills; ground: per grounding pass), rows "
                                     "(prefill_chunk: per prefill forward, whole or one chunk) or windows (encode) per model call",
                                     ["kind"], buckets=BATCH_BUCKETS, registry=r)
         self.model_seconds = Histogram("automr_model_call_seconds", "Wall time of one model call",
@@ -369,7 +369,7 @@ def version_info(state: Any) -> dict:
         "transformers": _dist_version("transformers"),
         "settings": {
             **model,
-            "max_new_tokens": s.max_new_tokens, "num_beams": s.num_beams, "constrained": s.constrained,
+            "max_new_tokens": s.max_new_tokens, "num_beams": s.generation()["num_beams"], "constrained": s.constrained,
             "popularity_gamma": s.popularity_gamma,
             "batch_max_size": s.batch_max_size, "batch_max_wait_ms": s.batch_max_wait_ms,
             "ground_max_wait_ms": s.ground_max_wait_ms, "max_queue": s.max_queue,

@@ -6,12 +6,14 @@
 Dynamic batching. Callers' coroutines put their call in one queue and await a future; ONE model
 thread serves the queue.
 
-- ``recommend`` of a greedy recommender (the service's: automr, bigrec, full-history) is batched
-  continuously. The rows of the requests being generated form one decoding batch
-  (``model.llm.DecodeBatch``). Between two decoding steps, queued calls join it, up to ``max_batch``
-  rows: their prefills (``Recommender.begin``, one per prefill group) run and their rows are merged
-  in, whatever their recommender (only the prefill differs between them). Admissions take turns, a
-  group each, with a decoding step after each turn; rows being prefilled count against ``max_batch``.
+- ``recommend`` of a greedy or beam-search recommender (the service's: automr, bigrec, full-history)
+  is batched continuously. The rows of the requests being generated form one decoding batch
+  (``model.llm.DecodeBatch``); a beam-search request holds one row per live beam (its prompt is
+  prefilled once and its KV row copied to the beams). Between two decoding steps, queued calls join
+  it, up to ``max_batch`` requests: their prefills (``Recommender.begin``, one per prefill group) run
+  and their rows are merged in, whatever their recommender (only the prefill and the rows' search
+  differ between them). Admissions take turns, a group each, with a decoding step after each turn;
+  requests being prefilled count against ``max_batch``.
   With ``prefill_chunk_tokens`` (0: off), while rows decode or other prefills wait, a turn runs that
   many padded tokens of a prefill (chunked prefill: ``SplitLM.advance``), so a long prompt does not
   stop the decoding rows for its whole length at once. A row leaves as soon as its answer line is
@@ -30,7 +32,8 @@ thread serves the queue.
   no longer stops the short modes' rows for its whole length. With nothing else live their chunks
   run back to back, as one whole prefill, but a call arriving meanwhile waits for one chunk, not for
   the rest. Their rows decode in the shared batch like any other: the answers are the same.
-- Other recommend calls (beam search, constrained) run whole: up to ``max_batch`` requests of one
+- Other recommend calls (unconstrained beams through HF ``generate``, which the service does not
+  configure, or a recommender on another model) run whole: up to ``max_batch`` requests of one
   recommender in one ``Recommender.recommend(all, topk=max topk)``, between two decoding steps.
 - ``encode``: up to ``max_batch`` calls whose windows fit in one encoder batch (``batch_size``
   windows; a longer first call runs alone), as one encoder call of the distinct windows, split back
@@ -129,6 +132,8 @@ class _Job:
 
     def __post_init__(self) -> None:
         self.texts: list[str | None] = [None] * len(self.call.items)  # None: the row is still decoding
+        self.searches: list = [None] * len(self.call.items)  # each request's beam search (constrained)
+        self.beams: list[list[int]] = [[] for _ in self.call.items]  # its beams' items, once finished
         self.done_at: float | None = None  # monotonic time its last row finished (waiting for grounding)
 
     @property
@@ -299,8 +304,9 @@ class ModelRunner:
         return self._generating or bool(self._grounding)
 
     def _room(self) -> int:
-        """Rows that can still join the decoding batch (rows being prefilled count as in it)."""
-        rows = (self._decoding.rows if self._decoding is not None else 0) + sum(a.rows for a in self._admitting)
+        """Requests that can still join the decoding batch (a beam search counts once; requests being
+        prefilled, a row each, count as in it)."""
+        rows = (self._decoding.requests if self._decoding is not None else 0) + sum(a.rows for a in self._admitting)
         return self.max_batch - rows
 
     def _takeable(self, c: _Call) -> bool:
@@ -382,10 +388,10 @@ class ModelRunner:
     # ---- continuous batching of greedy generation -----------------------------------------------
 
     def _stepwise(self, key: str | None) -> bool:
-        """Does the recommender ``key`` generate step-wise (greedy, on the pipeline's model), so that
-        its requests join and leave the decoding batch between steps?"""
+        """Does the recommender ``key`` generate step-wise (greedy or trie beams, on the pipeline's
+        model), so that its requests join and leave the decoding batch between steps?"""
         rec = self.recommenders.get(key)  # any object with ``recommend`` serves; step-wise is optional
-        return bool(getattr(rec, "steps_greedy", False)) and getattr(rec, "lm", None) is self.pipeline.lm
+        return bool(getattr(rec, "stepwise", False)) and getattr(rec, "lm", None) is self.pipeline.lm
 
     def _admit(self, calls: list[_Call], first: bool = False) -> None:
         """Take the calls' requests into generation: their prompts, memory picks and prefills, which
@@ -404,6 +410,9 @@ class ModelRunner:
         for job in jobs:
             job.admission_picks, job.first_row = picks, at
             at += len(job.texts)
+        for prefill in prefills:
+            for (job, j), search in zip(prefill.tags, prefill.searches or ()):
+                job.searches[j] = search
         admission = _Admission(calls, jobs, deque(prefills))
         if first:
             self._admitting.appendleft(admission)
@@ -509,6 +518,8 @@ class ModelRunner:
             self._decoding = None
         for (job, j), tokens in finished:
             job.texts[j] = lm.text(tokens)
+            if job.searches[j] is not None:
+                job.beams[j] = job.searches[j].result().items
         now = time.monotonic()
         for job in dict.fromkeys(job for (job, _), _ in finished):
             if job.done:
@@ -553,8 +564,9 @@ class ModelRunner:
         topks = [job.call.topk or rec.config.topk for job in jobs]
         requests = [r for job in jobs for r in job.call.items]
         try:
-            recs = rec.finish(requests, [t for job in jobs for t in job.texts], None,
-                              [p for job in jobs for p in job.picks], topk=max(topks))
+            texts = [t for job in jobs for t in job.texts]
+            beams = [b for job in jobs for b in job.beams]
+            recs = rec.finish(requests, texts, beams, [p for job in jobs for p in job.picks], topk=max(topks))
         except Exception as e:
             if len(jobs) > 1:
                 for job in jobs:

@@ -65,8 +65,8 @@ class Settings(BaseSettings):
     memory_element: Literal["window", "item"] | None = None
     max_new_tokens: int = Field(default=32, ge=1, le=256)
     # ranking: beams over the catalogue's title trie (seen items pruned) first, then L2 grounding of the
-    # best beam's title for the rest (model/beam_search.py); constrained=false: greedy (num_beams=1) + L2,
-    # BIGRec as its paper defines it
+    # best beam's title for the rest (model/beam_search.py); constrained=false: greedy + L2 (num_beams is
+    # then unused), BIGRec as its paper defines it
     constrained: bool = True
     num_beams: int = Field(default=20, ge=1, le=64)
     # beam search: gamma of the popularity prior (ARTEFACTS/popularity.json; 0 = the generator alone);
@@ -106,7 +106,7 @@ class Settings(BaseSettings):
 
     # ---- production serving (issue 6) ----
     # dynamic batching of concurrent /recommend calls into one LLM pass
-    batch_max_size: int = Field(default=16, ge=1)  # rows decoded together (continuous batching), requests per whole call
+    batch_max_size: int = Field(default=16, ge=1)  # requests decoded together (continuous batching; a request's beams count once)
     batch_max_wait_ms: float = Field(default=5.0, ge=0)  # how long the first request waits for company
     # how long an answer done decoding waits for others to be grounded with it, while other rows decode
     ground_max_wait_ms: float = Field(default=100.0, ge=0)
@@ -134,7 +134,8 @@ class Settings(BaseSettings):
     def generation(self) -> dict:
         """How the service generates (``RecommenderConfig`` fields). Also the LLM methods' defaults in
         ``automr evaluate`` and ``automr reproduce``, so that evaluated figures come from the served path."""
-        return dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, constrained=self.constrained,
+        return dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams if self.constrained else 1,
+                    constrained=self.constrained,
                     popularity_gamma=self.popularity_gamma,
                     head_cache=self.head_cache,
                     prefill_max_tokens=self.prefill_max_tokens, draft_tokens=self.draft_tokens,

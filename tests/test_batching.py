@@ -112,12 +112,14 @@ def _requests(p: Pipeline) -> list[tuple[RecommendRequest, int]]:
 
 async def test_requests_join_a_decoding_batch_and_get_their_own_answers(pipe, runners, monkeypatch):
     """Continuous batching: calls that arrive while others decode join the batch between steps (of
-    any recommender: automr, bigrec and full-history rows share steps), leave when done, and get what
-    each gets alone."""
+    any recommender: automr, bigrec and full-history rows, greedy or beams over the title trie, share
+    steps), leave when done, and get what each gets alone."""
     recs = {key: pipe.recommender("none" if key == "full-history" else key, full_history=key == "full-history",
                                   max_new_tokens=MAX_NEW) for key in ("learned", "none", "full-history")}
+    recs["beams"] = pipe.recommender("learned", max_new_tokens=MAX_NEW, constrained=True, num_beams=3,
+                                     popularity_gamma=1.0)
     reqs = _requests(pipe)
-    plan = [("learned", 0), ("none", 2), ("full-history", 4), ("learned", 1), ("none", 5), ("learned", 3)]
+    plan = [("learned", 0), ("none", 2), ("beams", 1), ("full-history", 4), ("beams", 5), ("learned", 3)]
     alone = [recs[key].recommend([reqs[i][0]], topk=reqs[i][1])[0] for key, i in plan]
 
     go, seen_keys = threading.Event(), []
@@ -140,10 +142,13 @@ async def test_requests_join_a_decoding_batch_and_get_their_own_answers(pipe, ru
 
     for want, have in zip(alone, got):
         assert have.items == want.items and have.generated == want.generated
+        assert have.beam_items == want.beam_items
         assert have.memory_indices == want.memory_indices
         np.testing.assert_allclose(have.distances, want.distances, rtol=1e-5, atol=1e-6)
+    assert [bool(w.beam_items) for w in alone] == [key == "beams" for key, _ in plan]
     assert len(admitted) > 1 and all(kind == "recommend" for kind, _ in admitted)  # several prefills...
     assert max(len(keys) for keys in seen_keys) >= 2  # ...whose rows decoded together across recommenders
+    assert any("beams" in keys and len(keys) >= 2 for keys in seen_keys)  # beams beside greedy rows
     assert runner._decoding is None and runner.queue_depth() == 0
 
 
@@ -166,14 +171,16 @@ async def test_a_failing_decoding_step_fails_its_calls_and_the_runner_goes_on(pi
     assert got.items == want.items and runner._decoding is None
 
 
-@pytest.mark.parametrize("key,draft", [("learned", 0), ("semantic", 0), ("random", 0), ("none", 0),
-                                       ("full-history", 0), ("learned", 8), ("full-history", 8)])
-async def test_batched_recommend_equals_one_at_a_time(pipe, runners, key, draft):
-    """Six requests batched by the runner get the answers each gets alone through ``recommend`` (HF
-    generate), also with speculative steps (``draft``: catalogue-drafted tokens while <= 8 rows decode)."""
+@pytest.mark.parametrize("key,draft,beams", [("learned", 0, 0), ("semantic", 0, 0), ("random", 0, 0),
+                                             ("none", 0, 0), ("full-history", 0, 0), ("learned", 8, 0),
+                                             ("full-history", 8, 0), ("learned", 0, 4), ("none", 8, 2)])
+async def test_batched_recommend_equals_one_at_a_time(pipe, runners, key, draft, beams):
+    """Six requests batched by the runner get the answers each gets alone through ``recommend``, also
+    with speculative steps (``draft``: catalogue-drafted tokens while <= 8 rows decode) and with beams
+    over the title trie (``beams``: a request's beams are rows of the shared decoding batch)."""
     policy = "none" if key == "full-history" else key
     rec = pipe.recommender(policy, full_history=key == "full-history", max_new_tokens=MAX_NEW,
-                           draft_tokens=draft, draft_max_rows=8)
+                           draft_tokens=draft, draft_max_rows=8, constrained=beams > 0, num_beams=max(beams, 1))
     reqs = _requests(pipe)
     alone = [rec.recommend([r], topk=k)[0] for r, k in reqs]  # the reference: each request by itself (HF generate)
 
@@ -186,6 +193,7 @@ async def test_batched_recommend_equals_one_at_a_time(pipe, runners, key, draft)
         assert len(want.items) == min(k, 18 - len(r.exclude)) and not set(want.items) & r.exclude
         assert got.items == want.items
         assert got.generated == want.generated
+        assert got.beam_items == want.beam_items and bool(want.beam_items) == (beams > 0)
         assert got.memory_indices == want.memory_indices
         np.testing.assert_allclose(got.memory_scores, want.memory_scores, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got.distances, want.distances, rtol=1e-5, atol=1e-6)
