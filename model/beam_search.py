@@ -28,12 +28,17 @@ class SeenPruner:
 
     Node ids are a preorder, so a node's subtree is the id range ``[v, end[v])`` and the items ending in
     it are ``term_ptr[end[v]] - term_ptr[v]``; the excluded ones are counted by binary search in the
-    sorted terminal nodes of the excluded items."""
+    sorted terminal nodes of the excluded items. With item ``weights``, ``excluded_mass`` sums the
+    weights of the excluded items under a node the same way."""
 
-    def __init__(self, trie: TitleTrie, item_node: np.ndarray, sub_end: np.ndarray, exclude: Iterable[int]):
+    def __init__(self, trie: TitleTrie, item_node: np.ndarray, sub_end: np.ndarray, exclude: Iterable[int],
+                 weights: np.ndarray | None = None):
         self.trie, self.sub_end = trie, sub_end
         ex = np.fromiter((int(i) for i in exclude if 0 <= int(i) < len(item_node)), dtype=np.int64)
-        self._ex = np.sort(item_node[ex])  # the excluded items' terminal nodes
+        nodes = item_node[ex]
+        order = np.argsort(nodes, kind="stable")
+        self._ex = nodes[order]  # the excluded items' terminal nodes, sorted
+        self._ex_cum = None if weights is None else np.concatenate([[0.0], np.cumsum(weights[ex][order])])
 
     def open(self, kids: np.ndarray) -> np.ndarray:
         """[k] bool: does the subtree of each node in ``kids`` hold an item that is not excluded?"""
@@ -42,6 +47,13 @@ class SeenPruner:
         if self._ex.size:
             total = total - (np.searchsorted(self._ex, ends) - np.searchsorted(self._ex, kids))
         return total > 0
+
+    def excluded_mass(self, kids: np.ndarray) -> np.ndarray:
+        """[k] the summed weights of the excluded items in the subtree of each node in ``kids``."""
+        if self._ex_cum is None or not self._ex.size:
+            return np.zeros(len(kids))
+        ends = self.sub_end[kids]
+        return self._ex_cum[np.searchsorted(self._ex, ends)] - self._ex_cum[np.searchsorted(self._ex, kids)]
 
 
 def trie_tables(trie: TitleTrie) -> tuple[np.ndarray, np.ndarray]:
@@ -70,11 +82,44 @@ def popularity_mass(trie: TitleTrie, counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(1.0 + counts[trie.term_items])])
 
 
+@dataclass(frozen=True)
+class PopularityPrior:
+    """The training counts folded into the beam scores. A title's popularity share is its (1 + count)
+    over that of the user's unseen catalogue; each step adds the log-share of the token's subtree among
+    the open ones (the steps telescope to the title's share).
+
+    - ``gamma`` (product): the score gains gamma x log(share), BIGRec's popularity weighting
+      (1 + pop)^gamma moved into the search.
+    - ``mix`` (mixture): the score is log((1 - mix) x P_model(title) + mix x share): a title either
+      expert ranks high stays high (the product keeps only titles both rank high).
+    Both only fall as a beam grows, so the search's exact stop still holds."""
+
+    cum: np.ndarray  # popularity_mass(trie, counts)
+    weights: np.ndarray  # [n_items] 1 + count
+    gamma: float = 0.0
+    mix: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.gamma < 0 or not 0.0 <= self.mix <= 1.0:
+            raise ValueError(f"need gamma >= 0 and 0 <= mix <= 1, got {self.gamma} and {self.mix}")
+
+    @classmethod
+    def from_counts(cls, trie: TitleTrie, counts, gamma: float = 0.0, mix: float = 0.0) -> "PopularityPrior":
+        counts = np.asarray(counts, dtype=np.float64)
+        return cls(popularity_mass(trie, counts), 1.0 + counts, float(gamma), float(mix))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.gamma or self.mix)
+
+
 @dataclass
 class _Beam:
-    score: float
+    score: float  # what ranks the beam (``lm`` without a mixture)
     node: int
     tokens: list[int] = field(default_factory=list)
+    lm: float = 0.0  # the model's log-probability of the prefix (+ gamma x its log popularity share)
+    pop: float = 0.0  # its log popularity share among the unseen titles
 
 
 @dataclass
@@ -110,20 +155,20 @@ class TrieBeams:
     title, so a title's score is its log-probability under the model restricted to the user's unseen
     catalogue (the scores of all titles sum to 1). Without it a token keeps its share of the whole
     vocabulary, and every token of a long title pays for the mass the model puts outside the catalogue.
-    ``prior`` (``popularity_mass``, gamma): each step also adds gamma x the log-share of the (1 + count)
-    popularity mass of the token's subtree among the open ones, so a title's score gains gamma x the log of
-    its popularity share (the steps telescope): BIGRec's popularity weighting, moved into the search."""
+    ``prior``: the popularity prior (``PopularityPrior``: product and/or mixture)."""
 
     def __init__(self, trie: TitleTrie, tables: tuple[np.ndarray, np.ndarray], exclude: set[int],
                  num_beams: int, max_new_tokens: int = 64, renormalize: bool = True,
-                 prior: tuple[np.ndarray, float] | None = None):
+                 prior: PopularityPrior | None = None):
         if num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
         self.trie, self.num_beams, self.max_new_tokens = trie, num_beams, max_new_tokens
-        self.renormalize, self.prior = renormalize, prior if prior is not None and prior[1] else None
+        self.renormalize = renormalize
+        self.prior = prior if prior is not None and prior.active else None
         self.exclude = exclude
         self.sub_end = tables[1]
-        self.pruner = SeenPruner(trie, tables[0], tables[1], exclude)
+        self.pruner = SeenPruner(trie, tables[0], tables[1], exclude,
+                                 weights=self.prior.weights if self.prior is not None else None)
         self.live: list[_Beam] = [_Beam(0.0, 0)]
         self.done: list[tuple[float, list[int], list[int]]] = []
         self.steps = 0
@@ -140,9 +185,9 @@ class TrieBeams:
     def _worst(self) -> float:
         return self.done[self.num_beams - 1][0] if len(self.done) >= self.num_beams else -np.inf
 
-    def _candidates(self, logp: np.ndarray) -> list[tuple[float, int, int, int]]:
-        """(score, beam, token, child node) of every open continuation of every live beam."""
-        trie, cands = self.trie, []
+    def _candidates(self, logp: np.ndarray) -> list[tuple[float, int, int, int, float, float]]:
+        """(score, beam, token, child node, lm, pop) of every open continuation of every live beam."""
+        trie, prior, cands = self.trie, self.prior, []
         for b, beam in enumerate(self.live):
             lo, hi = int(trie.child_ptr[beam.node]), int(trie.child_ptr[beam.node + 1])
             toks, kids = trie.child_tok[lo:hi], trie.child_node[lo:hi]
@@ -154,11 +199,21 @@ class TrieBeams:
             if self.renormalize:
                 top = lp.max()
                 lp = lp - (top + np.log(np.exp(lp - top).sum()))
-            if self.prior is not None:
-                cum, gamma = self.prior
-                mass = cum[trie.term_ptr[self.sub_end[kids]]] - cum[trie.term_ptr[kids]]
-                lp = lp + gamma * (np.log(mass) - np.log(mass.sum()))
-            cands.extend(zip((beam.score + lp).tolist(), [b] * len(toks), toks.tolist(), kids.tolist()))
+            lm = beam.lm + lp
+            pop = np.zeros_like(lm)
+            score = lm
+            if prior is not None:
+                mass = (prior.cum[trie.term_ptr[self.sub_end[kids]]] - prior.cum[trie.term_ptr[kids]]
+                        - self.pruner.excluded_mass(kids))  # the unseen titles' (1 + count) under each token
+                share = np.log(mass) - np.log(mass.sum())
+                lm = lm + prior.gamma * share
+                pop = beam.pop + share
+                score = lm
+                if prior.mix:
+                    score = np.logaddexp(np.log1p(-prior.mix) + lm if prior.mix < 1 else -np.inf,
+                                         np.log(prior.mix) + pop)
+            cands.extend(zip(score.tolist(), [b] * len(toks), toks.tolist(), kids.tolist(), lm.tolist(),
+                             pop.tolist()))
         return cands
 
     def expand(self, logp: np.ndarray) -> list[tuple[int, int]]:
@@ -171,7 +226,7 @@ class TrieBeams:
         trie = self.trie
         nxt: list[_Beam] = []
         plan: list[tuple[int, int]] = []
-        for sc, b, tok, kid in sorted(self._candidates(logp), key=lambda c: -c[0]):
+        for sc, b, tok, kid, lm, pop in sorted(self._candidates(logp), key=lambda c: -c[0]):
             if sc <= self._worst():
                 break  # nothing below can enter the finished top-B
             if trie.is_terminal(kid) and trie.child_ptr[kid + 1] == trie.child_ptr[kid]:
@@ -180,7 +235,7 @@ class TrieBeams:
                 self.done.sort(key=lambda d: -d[0])
                 del self.done[self.num_beams:]
             elif len(nxt) < self.num_beams:
-                nxt.append(_Beam(sc, kid, self.live[b].tokens + [tok]))
+                nxt.append(_Beam(sc, kid, self.live[b].tokens + [tok], lm, pop))
                 plan.append((b, tok))
         self.steps += 1
         keep = [i for i, beam in enumerate(nxt) if beam.score > self._worst()]
@@ -193,7 +248,7 @@ class TrieBeams:
 
 def trie_beam_search(lm: SplitLM, batch: DecodeBatch, trie: TitleTrie, tables: tuple[np.ndarray, np.ndarray],
                      excludes: Sequence[set[int]], num_beams: int, max_new_tokens: int = 64,
-                     renormalize: bool = True, prior: tuple[np.ndarray, float] | None = None) -> list[BeamResult]:
+                     renormalize: bool = True, prior: PopularityPrior | None = None) -> list[BeamResult]:
     """Beam search (``TrieBeams``) for every row of ``batch`` (row j = request j, prefilled, its next
     logits pending), stepped by ``SplitLM.step`` as the service steps it. Returns, per request, up to
     ``num_beams`` finished titles in score order. ``batch`` is consumed."""

@@ -369,7 +369,10 @@ class DecodeBatch:
 
     def select(self, keep: Sequence[int]) -> None:
         """Keep only rows ``keep`` (in that order; a row listed twice is copied: a beam that branches)."""
-        idx = torch.tensor(list(keep), dtype=torch.long)
+        keep = list(keep)
+        if keep == list(range(self.rows)):  # no copy of the cache (beams that each took one token)
+            return
+        idx = torch.tensor(keep, dtype=torch.long)
         self.cache.batch_select_indices(idx.to(self.mask.device))
         self.mask, self.last, self.logits = self.mask[idx.to(self.mask.device)], self.last[idx], self.logits[idx]
         self.tokens = [list(self.tokens[j]) for j in keep]

@@ -34,7 +34,7 @@ from model.llm import DecodeBatch, Prefill, SplitLM
 from model.prompts import PromptBuilder, PromptIds
 from model.retriever import Retriever
 from model.draft import NgramDrafter
-from model.beam_search import TrieBeams, popularity_mass, trie_tables
+from model.beam_search import PopularityPrior, TrieBeams, trie_tables
 from model.title_trie import TitleTrie
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,11 @@ class RecommenderConfig:
     constrained: bool = False  # beam search over a prefix tree of catalogue titles
     # constrained: normalise each step over the tokens that lead to an unseen title (model/beam_search.py)
     renormalize: bool = True
-    # constrained: gamma of the popularity prior (model/beam_search.py; needs the recommender's counts)
+    # constrained: the popularity prior (model/beam_search.py PopularityPrior; needs the recommender's
+    # counts): gamma x log(share) added to a title's score (product), and/or the weight of the share in
+    # a mixture with the model's probability
     popularity_gamma: float = 0.0
+    popularity_mix: float = 0.0
     batch_size: int = 16  # LLM batch (generation and grounding embeddings)
     # reuse the KV cache of the prompt template's head (exact in float32; in bfloat16 its rounding
     # differs from a full prefill's, which can flip near-tied greedy tokens: see BENCHMARKS.md §5)
@@ -118,6 +121,9 @@ class RecommenderConfig:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.prefill_max_tokens < 1:
             raise ValueError(f"prefill_max_tokens must be >= 1, got {self.prefill_max_tokens}")
+        if self.popularity_gamma < 0 or not 0.0 <= self.popularity_mix <= 1.0:
+            raise ValueError(f"need popularity_gamma >= 0 and 0 <= popularity_mix <= 1, got "
+                             f"{self.popularity_gamma} and {self.popularity_mix}")
         if self.draft_tokens < 0 or self.draft_max_rows < 1:
             raise ValueError(f"draft_tokens must be >= 0 and draft_max_rows >= 1, got {self.draft_tokens} "
                              f"and {self.draft_max_rows}")
@@ -151,12 +157,14 @@ class Recommender:
         self._trie_tables = None  # built with the trie's first beam search (model/beam_search.py)
         self._drafter = drafter  # None: built from the catalogue on first use
         self._ground_memo = ground_memo  # None: built on first use (config.ground_memo)
-        if self.config.popularity_gamma and popularity is None:  # artefacts without counts: the prior is off
-            log.warning("no item counts (ARTEFACTS/popularity.json): the popularity prior is off (gamma 0)")
-            self.config = dataclasses.replace(self.config, popularity_gamma=0.0)
+        cfg = self.config
+        if (cfg.popularity_gamma or cfg.popularity_mix) and popularity is None:  # artefacts without counts
+            log.warning("no item counts (ARTEFACTS/popularity.json): the popularity prior is off")
+            self.config = dataclasses.replace(cfg, popularity_gamma=0.0, popularity_mix=0.0)
         self._prior = None
-        if self.config.popularity_gamma:
-            self._prior = (popularity_mass(self.trie, popularity), float(self.config.popularity_gamma))
+        if self.config.popularity_gamma or self.config.popularity_mix:
+            self._prior = PopularityPrior.from_counts(self.trie, popularity, self.config.popularity_gamma,
+                                                      self.config.popularity_mix)
 
     @property
     def trie(self) -> TitleTrie:

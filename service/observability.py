@@ -370,7 +370,7 @@ def version_info(state: Any) -> dict:
         "settings": {
             **model,
             "max_new_tokens": s.max_new_tokens, "num_beams": s.generation()["num_beams"], "constrained": s.constrained,
-            "popularity_gamma": s.popularity_gamma,
+            "popularity_gamma": s.popularity_gamma, "popularity_mix": s.popularity_mix,
             "batch_max_size": s.batch_max_size, "batch_max_wait_ms": s.batch_max_wait_ms,
             "ground_max_wait_ms": s.ground_max_wait_ms, "max_queue": s.max_queue,
             "prefill_max_tokens": s.prefill_max_tokens, "prefill_chunk_tokens": s.prefill_chunk_tokens,

@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     # beam search: gamma of the popularity prior (ARTEFACTS/popularity.json; 0 = the generator alone);
     # 1 is the best of {0, 1} on validation (BENCHMARKS §4)
     popularity_gamma: float = Field(default=1.0, ge=0)
+    # beam search: weight of the popularity share in a mixture with the generator's probability (0 = off)
+    popularity_mix: float = Field(default=0.0, ge=0, le=1)
     llm_batch_size: int = Field(default=16, ge=1)
     head_cache: bool = True  # reuse the prompt template head's KV cache (RecommenderConfig.head_cache)
     # padded prompt tokens per prefill group (RecommenderConfig.prefill_max_tokens; longer prompts alone)
@@ -136,7 +138,7 @@ class Settings(BaseSettings):
         ``automr evaluate`` and ``automr reproduce``, so that evaluated figures come from the served path."""
         return dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams if self.constrained else 1,
                     constrained=self.constrained,
-                    popularity_gamma=self.popularity_gamma,
+                    popularity_gamma=self.popularity_gamma, popularity_mix=self.popularity_mix,
                     head_cache=self.head_cache,
                     prefill_max_tokens=self.prefill_max_tokens, draft_tokens=self.draft_tokens,
                     draft_max_rows=self.draft_max_rows, ground_memo=self.ground_memo)

@@ -104,7 +104,7 @@ def _items_under(trie, v):
 
 
 def test_popularity_prior_adds_gamma_times_the_log_share_of_each_title(tiny_split, tiny_titles):
-    from model.beam_search import popularity_mass
+    from model.beam_search import PopularityPrior
 
     builder = PromptBuilder(tiny_split.tokenizer, template="list")
     trie = TitleTrie.from_prompt_builder(tiny_titles, builder, progress=False)
@@ -115,7 +115,49 @@ def test_popularity_prior_adds_gamma_times_the_log_share_of_each_title(tiny_spli
     plain = {tuple(items): s for s, _, items in run(None).finished}
     gamma = 0.7
     share = np.log((1.0 + counts) / (1.0 + counts).sum())
-    for s, _, items in run((popularity_mass(trie, counts), gamma)).finished:
+    for s, _, items in run(PopularityPrior.from_counts(trie, counts, gamma=gamma)).finished:
         assert abs(s - (plain[tuple(items)] + gamma * share[items].sum())) < 1e-4  # one item per title here
-    top = run((popularity_mass(trie, counts), 50.0)).items[:3]  # a large gamma ranks by popularity
+    top = run(PopularityPrior.from_counts(trie, counts, gamma=50.0)).items[:3]  # a large gamma ranks by popularity
     assert top[0] == 7 and set(top[1:]) == {3, 14}  # counts 10, then 9 and 9 (the model breaks the tie)
+
+
+def test_popularity_mixture_scores_are_the_mixture_of_the_two_distributions(tiny_split, tiny_titles):
+    """With a mixture weight m every unseen title scores log((1 - m) P_model + m share), where share is its
+    (1 + count) over the unseen titles'; m = 1 ranks by popularity alone, and the product prior's
+    share is taken over the unseen titles too (the seen ones' mass is left out)."""
+    from model.beam_search import PopularityPrior
+
+    builder = PromptBuilder(tiny_split.tokenizer, template="list")
+    trie = TitleTrie.from_prompt_builder(tiny_titles, builder, progress=False)
+    p = builder.build(tiny_titles[1:5])
+    counts = np.arange(len(tiny_titles)) * 5 % 13
+    ex = {2, 7, 9}
+    run = lambda prior: trie_beam_search(tiny_split, tiny_split.start([p], stop_at_newline=False), trie,  # noqa: E731
+                                         trie_tables(trie), [ex], num_beams=len(tiny_titles), prior=prior)[0]
+    model = {tuple(items): s for s, _, items in run(None).finished}
+    unseen = [i for i in range(len(tiny_titles)) if i not in ex]
+    w = 1.0 + counts
+    share = {i: w[i] / w[unseen].sum() for i in unseen}
+    m = 0.4
+    got = run(PopularityPrior.from_counts(trie, counts, mix=m))
+    assert sorted(got.items) == sorted(unseen)
+    for s, _, items in got.finished:
+        (i,) = items  # one item per title here
+        assert abs(np.exp(s) - ((1 - m) * np.exp(model[(i,)]) + m * share[i])) < 1e-5
+    assert abs(sum(np.exp(s) for s, _, _ in got.finished) - 1.0) < 1e-4
+    pop_only = run(PopularityPrior.from_counts(trie, counts, mix=1.0))
+    assert [w[i] for i in pop_only.items] == sorted(w[unseen], reverse=True)
+    for s, _, (i,) in pop_only.finished:
+        assert abs(s - np.log(share[i])) < 1e-6
+    g = 0.8
+    for s, _, (i,) in run(PopularityPrior.from_counts(trie, counts, gamma=g)).finished:
+        assert abs(s - (model[(i,)] + g * np.log(share[i]))) < 1e-4
+
+
+def test_popularity_prior_settings_are_checked():
+    from model.beam_search import PopularityPrior
+
+    with pytest.raises(ValueError):
+        PopularityPrior(np.zeros(2), np.ones(1), mix=1.5)
+    with pytest.raises(ValueError):
+        PopularityPrior(np.zeros(2), np.ones(1), gamma=-1)

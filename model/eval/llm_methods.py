@@ -38,7 +38,7 @@ from model.recommend import Recommender, RecommendRequest
 
 # options that are RecommenderConfig fields (absent: RecommenderConfig's default)
 GENERATION_OPTIONS = {"max_new_tokens": int, "num_beams": int, "batch_size": int, "constrained": bool,
-                      "renormalize": bool, "popularity_gamma": float,
+                      "renormalize": bool, "popularity_gamma": float, "popularity_mix": float,
                       "head_cache": bool, "prefill_max_tokens": int, "draft_tokens": int, "draft_max_rows": int,
                       "ground_memo": bool}
 
@@ -76,6 +76,7 @@ class LLMRanker:
             "policy": rec.config.policy, "full_history": rec.config.full_history, "n_slots": rec.config.n_slots,
             "num_beams": rec.config.num_beams, "constrained": rec.config.constrained,
             "renormalize": rec.config.renormalize, "popularity_gamma": rec.config.popularity_gamma,
+            "popularity_mix": rec.config.popularity_mix,
             "max_new_tokens": rec.config.max_new_tokens, "head_cache": rec.config.head_cache,
             "draft_tokens": rec.config.draft_tokens, "draft_max_rows": rec.config.draft_max_rows,
             "ground_memo": rec.config.ground_memo,
