@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--generator-subset", choices=["latest", "random"], default=PAPER.generator_subset,
                     help="which train targets a budget keeps")
     rp.add_argument("--generator-samples", type=int, default=None,
-                    help="train targets (paper preset: the latest 24,000; 0: every one; BIGRec's own budget: 1024)")
+                    help="train targets (paper preset: the latest 48,000; 0: every one; BIGRec's own budget: 1024)")
     rp.add_argument("--generator-epochs", type=int, default=None)
     rp.add_argument("--generator-valid", type=int, default=None, help="valid samples for early stopping")
     rp.add_argument("--generator-batch", type=int, default=None, help="samples per optimizer step")

@@ -17,11 +17,11 @@ log = logging.getLogger(__name__)
 METHODS = ("popularity", "sasrec", "bigrec-greedy", "bigrec", "full-history", "random", "semantic", "automr")
 STAGES = ("data", "generator", "retriever")  # the stages before evaluation (``--until``)
 
-# The quick budget preset (``automr reproduce --budget quick``): the service's quick start and the layer
-# sweep, ~15 min on 2 cores; 16 optimizer steps of 16 samples, so the warm-up is short and the lr higher.
+# The quick budget preset (``automr reproduce --budget quick``): the service's quick start, within 15 min
+# on 2 cores: the latest 6,000 train targets, one packed row per optimizer step.
 # The paper preset is ``ReproduceConfig``'s defaults (``BUDGETS`` below the class).
-QUICK_BUDGET = dict(generator_samples=6_000, generator_epochs=1, generator_valid=64, generator_batch=8,
-                    generator_lr=3e-4, generator_warmup=5, label_train=48, label_valid=16)
+QUICK_BUDGET = dict(generator_samples=6_000, generator_epochs=1, generator_valid=64, generator_batch=1,
+                    generator_lr=3e-4, generator_warmup=20, label_train=48, label_valid=16)
 
 
 @dataclass
@@ -43,16 +43,18 @@ class ReproduceConfig:
     # the generator's tuning (model/train/generator.py). "packed": every train target, in packed rows of
     # the list template (model/train/packed.py); "sliding": BIGRec's one Alpaca prompt per sample
     generator_recipe: str = "packed"
-    # train targets (None: all 71,864 of ML-100K, ~2 h per epoch on the 2-core CPU); which ones:
+    # train targets (None: all 71,864 of ML-100K, ~70 min per epoch on the 2-core CPU); which ones:
     # generator_subset. The preset keeps the whole of `reproduce` within ~2.5 h there (BENCHMARKS §3)
-    generator_samples: int | None = 24_000
+    generator_samples: int | None = 48_000
     generator_subset: str = "latest"  # "latest" (nearest the validation period) | "random" (seeded)
-    generator_chunk: int = 64  # targets per packed row
+    generator_chunk: int = 32  # targets per packed row
     generator_epochs: int = 1
-    generator_valid: int = 256  # valid samples for early stopping
-    generator_batch: int = 8  # packed rows (sliding: samples) per optimizer step
+    generator_valid: int = 128  # valid samples for early stopping
+    # packed rows (sliding: samples) per optimizer step: one row (~25 targets) gave as low a valid loss as
+    # 8 rows of 64 targets, in 11x the steps and 0.8x the time (BENCHMARKS §3)
+    generator_batch: int = 1
     generator_lr: float = 3e-4
-    generator_warmup: int = 8  # linear warm-up steps (keep below the number of steps of a small budget)
+    generator_warmup: int = 20  # linear warm-up steps (keep below the number of steps of a small budget)
     element: str = "item"  # memory element kind (window is the paper's; item: ~160x cheaper, no worse, BENCHMARKS §4f)
     label_train: int = 128
     label_valid: int = 32

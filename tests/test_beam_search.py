@@ -161,3 +161,58 @@ def test_popularity_prior_settings_are_checked():
         PopularityPrior(np.zeros(2), np.ones(1), mix=1.5)
     with pytest.raises(ValueError):
         PopularityPrior(np.zeros(2), np.ones(1), gamma=-1)
+
+
+def test_beams_share_decoding_steps_with_greedy_rows_and_later_joiners(tiny_split, tiny_titles):
+    """A request's beams are rows of the shared DecodeBatch: beside greedy rows, with rows joining
+    mid-search, every request gets what it gets alone (beams: the same finished titles and scores;
+    greedy: the same tokens), and a search counts as one request however many beams it holds."""
+    from model.beam_search import TrieBeams
+
+    builder = PromptBuilder(tiny_split.tokenizer, template="list")
+    trie = TitleTrie.from_prompt_builder(tiny_titles, builder, progress=False)
+    tables = trie_tables(trie)
+    prompts = [builder.build(tiny_titles[a:b]) for a, b in ((0, 3), (4, 9), (2, 4), (10, 16))]
+    excludes = [{0, 1, 2}, {4, 5}, set(), {11}]
+
+    def search(i):
+        return TrieBeams(trie, tables, excludes[i], num_beams=4, max_new_tokens=12)
+
+    def alone_beams(i):
+        return trie_beam_search(tiny_split, tiny_split.start([prompts[i]], stop_at_newline=False), trie, tables,
+                                [excludes[i]], num_beams=4, max_new_tokens=12)[0].finished
+
+    def alone_greedy(i):
+        return tiny_split.decode(tiny_split.start([prompts[i]], max_new_tokens=12))[0]
+
+    def start(i, beams):
+        batch = tiny_split.start([prompts[i]], [i], max_new_tokens=12, stop_at_newline=not beams)
+        s = search(i) if beams else None
+        batch.searches = [s]
+        return batch, s
+
+    batch, s0 = start(0, True)  # beams
+    searches = {0: s0}
+    joins = {1: [(1, False)], 2: [(2, True), (3, False)]}  # step -> (request, beams?) joining before it
+    got, requests = {}, []
+    for step in range(40):
+        for i, beams in joins.get(step, []):
+            part, s = start(i, beams)
+            searches[i] = s
+            batch.merge(part)
+        requests.append((batch.rows, batch.requests))
+        for tag, tokens in tiny_split.step(batch):
+            got[tag] = tokens
+        if not batch.rows:
+            break
+    assert sorted(got) == [0, 1, 2, 3]
+    for i in (0, 2):
+        want = alone_beams(i)
+        assert [(t, it) for _, t, it in searches[i].result().finished] == [(t, it) for _, t, it in want]
+        np.testing.assert_allclose([sc for sc, _, _ in searches[i].result().finished], [sc for sc, _, _ in want],
+                                   atol=1e-4)
+        assert got[i] == searches[i].result().tokens
+    for i in (1, 3):
+        assert got[i] == alone_greedy(i)
+    assert max(r for _, r in requests) == 4  # all four decoded together...
+    assert any(rows > r for rows, r in requests)  # ...with more rows than requests while beams were live
