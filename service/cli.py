@@ -115,11 +115,16 @@ def cmd_serve(args, settings: Settings) -> int:
     updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if updates:
         settings = settings.model_copy(update=updates)
-    if settings.torch_threads:
-        import torch
+    from service import serve_env
+    from service.cpu_budget import apply_thread_plan, thread_plan
 
-        torch.set_num_threads(settings.torch_threads)
+    serve_env.reexec_for_serving(settings.malloc, sys.argv[1:])  # before torch loads: allocator, OpenMP
+    threads = apply_thread_plan(thread_plan(settings.torch_threads))
+    budget = threads["cpu_budget"]
     logging.getLogger().setLevel(settings.log_level.upper())
+    print(f"automr: torch threads: intra-op {threads['intra_op']} ({threads['source']}: affinity "
+          f"{budget['affinity']} CPUs, cgroup quota {budget['quota'] or 'none'}), inter-op {threads['inter_op']}; "
+          f"malloc {serve_env.describe()['malloc']}", flush=True)
     print(curl_examples(settings), flush=True)
     uvicorn.run(create_app(settings), **uvicorn_options(settings))
     return 0

@@ -33,11 +33,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
+                               generate_latest)
 from starlette.datastructures import MutableHeaders
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import serve_env
+from service.cpu_budget import thread_plan
 from service.errors import ERROR_SCOPE_KEY, internal_error
 
 log = logging.getLogger(__name__)
@@ -162,6 +165,7 @@ class Metrics:
     def __init__(self, state: Any = None):
         self.state = state
         self.registry = r = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds (Linux)
         self.requests = Counter("automr_http_requests", "HTTP requests answered, by route template, method and status",
                                 ["endpoint", "method", "status"], registry=r)
         self.latency = Histogram("automr_http_request_duration_seconds", "Time to answer an HTTP request",
@@ -343,6 +347,19 @@ def package_version() -> str:
     return _dist_version("automr") or "0+unknown"
 
 
+def threads_info(torch_threads: int | None, governor: Any = None) -> dict:
+    """The model's thread pools as torch reports them, beside the CPU budget they were sized from and,
+    with the adaptive governor, the count the model thread runs now and the CPU share it last saw."""
+    import torch
+
+    plan = thread_plan(torch_threads)
+    out = {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads(),
+           "planned": plan.intra_op, "source": plan.source, "cpu_budget": plan.budget.as_dict()}
+    if governor is not None:
+        out["adaptive"] = {"now": governor.threads, "cpu_share": governor.last_share, "changes": governor.changes}
+    return out
+
+
 def version_info(state: Any) -> dict:
     """What is running: package, model, commit, runtimes and the settings that change the answers.
     The model settings are the effective ones once loaded (injected components may differ from the
@@ -367,6 +384,8 @@ def version_info(state: Any) -> dict:
         "python": platform.python_version(),
         "torch": _dist_version("torch"),
         "transformers": _dist_version("transformers"),
+        "threads": threads_info(s.torch_threads, state.runner.governor if state.runner is not None else None),
+        "process": serve_env.describe(),
         "settings": {
             **model,
             "max_new_tokens": s.max_new_tokens, "num_beams": s.generation()["num_beams"], "constrained": s.constrained,

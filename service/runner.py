@@ -73,12 +73,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
+import torch
 
 from model.pipeline import Pipeline
 from model.llm import DecodeBatch
 from model.recommend import Recommendation, Recommender, RecommendRequest
 from service.errors import ApiError
 from service.priority import BackgroundPriority
+from service.thread_governor import ThreadGovernor
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +173,8 @@ class ModelRunner:
     def __init__(self, pipeline: Pipeline, recommenders: dict[str, Recommender], batch_size: int = 16, *,
                  max_batch: int = 8, max_wait_ms: float = 5.0, max_queue: int = 64, memory_dir=None,
                  ground_wait_ms: float = 0.0, prefill_chunk_tokens: int = 0, background: Collection[str] = (),
-                 background_share: float = 0.25, background_chunk_tokens: int = 256):
+                 background_share: float = 0.25, background_chunk_tokens: int = 256,
+                 governor: ThreadGovernor | None = None):
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or ground_wait_ms < 0 or prefill_chunk_tokens < 0:
             raise ValueError(f"need max_batch >= 1, max_queue >= 1, max_wait_ms >= 0, ground_wait_ms >= 0, "
                              f"prefill_chunk_tokens >= 0; got {max_batch}, {max_queue}, {max_wait_ms}, "
@@ -204,6 +207,8 @@ class ModelRunner:
         self.prefill_chunk_tokens = prefill_chunk_tokens  # 0: a prefill group runs whole
         self._grounding: list[_Job] = []  # calls whose rows are all done, waiting to be grounded together
         self.ground_wait_s = ground_wait_ms / 1e3
+        # intra-op threads from the CPU share the model thread gets (service/thread_governor.py)
+        self.governor = governor
         self._thread = threading.Thread(target=self._work, name="automr-model", daemon=True)
         self._thread.start()
 
@@ -274,7 +279,7 @@ class ModelRunner:
                 batch = self._take(wait=not self._generating) if self._queue else []
                 queued_background = any(c.background for c in self._queue)
                 self._busy = True
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.thread_time()
             try:
                 if batch and batch[0].kind == "recommend" and self._stepwise(batch[0].key):
                     self._admit(batch)
@@ -290,8 +295,17 @@ class ModelRunner:
             except Exception as e:  # never let the model thread die: fail what it holds, serve the rest
                 log.exception("the model thread failed; failing the calls it held")
                 self._fail_all(batch, e)
+            if self.governor is not None:
+                self._govern(time.perf_counter() - t0, time.thread_time() - cpu0)
             with self._cond:
                 self._busy = self._holding
+
+    def _govern(self, wall_s: float, cpu_s: float) -> None:
+        """Set this (the model) thread's intra-op threads to the governor's count when it changes."""
+        n = self.governor.observe(wall_s, cpu_s)
+        if n is not None:
+            torch.set_num_threads(n)
+            log.info("model threads: %d (CPU share of the model thread %.2f)", n, self.governor.last_share)
 
     @property
     def _generating(self) -> bool:

@@ -89,7 +89,15 @@ class Settings(BaseSettings):
     # last ground_memo_recent distinct other answers, embedded once; false = embed every answer
     ground_memo: bool = True
     ground_memo_recent: int = Field(default=10_000, ge=0)
-    torch_threads: int | None = Field(default=None, ge=1)  # intra-op threads of the model (None: torch's default)
+    # intra-op threads of the model; None = the CPUs this process may use (its affinity and cgroup
+    # quota: service/cpu_budget.py)
+    torch_threads: int | None = Field(default=None, ge=1)
+    # the model thread drops to one intra-op thread while another job takes the CPUs, and goes back
+    # to torch_threads once they are free (service/thread_governor.py)
+    adaptive_threads: bool = True
+    # `automr serve`'s allocator (service/serve_env.py): auto = jemalloc when libjemalloc.so.2 is
+    # installed, else glibc tuned to return memory; system = leave the process's environment alone
+    malloc: Literal["auto", "jemalloc", "glibc", "system"] = "auto"
     # POST /interactions: events per request (more: 413)
     max_batch_events: int = Field(default=1000, ge=1)
     # memory vectors of new events: encoded by a background worker right after the append

@@ -23,11 +23,14 @@ import threading
 import time
 from typing import Callable
 
+import torch
+
 from memory_store import EmbeddedRedis, MemoryStore, StoreUnavailable, open_store
 from service.components import Components, load_components
 from service.engine import MODE_RECOMMENDERS, EncoderWorker, Engine
 from service.runner import ModelRunner
 from service.settings import Settings
+from service.thread_governor import ThreadGovernor
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +152,8 @@ class AppState:
                                       background=[k for m in s.background_modes for k in MODE_RECOMMENDERS[m]
                                                   if k in recommenders],
                                       background_share=s.background_share,
-                                      background_chunk_tokens=s.background_chunk_tokens)
+                                      background_chunk_tokens=s.background_chunk_tokens,
+                                      governor=ThreadGovernor(torch.get_num_threads()) if s.adaptive_threads else None)
             engine = Engine(comp, self.store, self.runner, slot_policy=s.slot_policy,
                             max_batch_events=s.max_batch_events)
             self.phase = "warming up"

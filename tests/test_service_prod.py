@@ -418,6 +418,11 @@ async def test_version(world, comp, memory_store, redis_url, tmp_path, monkeypat
     assert v["git_sha"] == (git.stdout.strip() if git.returncode == 0 else None)
     assert v["python"] == platform.python_version()
     assert v["torch"] == torch.__version__ and v["transformers"] == transformers.__version__
+    # the thread pools as torch reports them, beside the CPU budget (service/cpu_budget.py)
+    t = v["threads"]
+    assert t["intra_op"] == torch.get_num_threads() and t["inter_op"] == torch.get_num_interop_threads()
+    assert t["source"] == "cpu budget" and 1 <= t["planned"] == t["cpu_budget"]["cpus"] <= t["cpu_budget"]["affinity"]
+    assert v["process"]["malloc"] in ("glibc", "jemalloc", "tcmalloc")
     s = v["settings"]
     # the loaded model's values (the injected tiny model is cut at L = 2, float32, K = 3)
     assert (s["cut_layer"], s["dtype"], s["slot_policy"], s["memory_element"], s["k_short"]) == (

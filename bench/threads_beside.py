@@ -1,0 +1,143 @@
+"""Throughput at c = 16 alone and beside another CPU job, for several thread and OpenMP settings.
+
+    python bench/threads_beside.py --artefacts runs/ml-100k/quickstart --seconds 60 --out runs/threads
+
+For each setting (``--configs``: ``name=VAR=value VAR=value;...``; ``baseline`` = none) it starts
+``automr serve`` with those variables, waits for /readyz, drives ``/recommend`` (automr) at
+``--concurrency`` for ``--seconds`` with ``bench/soak.py`` alone, then again beside ``--busy`` busy
+loops (one process each, as many as the CPUs by default), and stops the server with SIGTERM. One
+table: req/s and p50 alone and beside, beside / alone, and alone / the first setting's alone. Each
+server's /version ``threads`` and ``process`` are recorded, so the table says what actually ran.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+from bench_load import machine
+from pathlib import Path
+
+DEFAULT_CONFIGS = ("static=AUTOMR_TORCH_THREADS=2 AUTOMR_ADAPTIVE_THREADS=false;"
+                   "shipped=;"
+                   "threads1=AUTOMR_TORCH_THREADS=1;"
+                   "passive=AUTOMR_ADAPTIVE_THREADS=false OMP_WAIT_POLICY=PASSIVE")
+BUSY = "while True: pass"
+CELL = ("req_per_s", "recommend_p50_ms", "recommend_p99_ms", "errors", "http_5xx", "threads_after")
+
+
+def parse_configs(text: str) -> list[tuple[str, dict[str, str]]]:
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, rest = part.partition("=")
+        env = dict(kv.split("=", 1) for kv in rest.split())
+        out.append((name, env))
+    return out
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}")
+        try:
+            get_json(url + "/readyz")
+            return
+        except OSError:
+            time.sleep(1)
+    raise SystemExit("the server did not get ready")
+
+
+def soak(url: str, data: str, seconds: float, concurrency: int, out: Path) -> dict:
+    subprocess.run([sys.executable, str(Path(__file__).with_name("soak.py")), "--url", url, "--data", data,
+                    "--minutes", str(seconds / 60), "--concurrency", str(concurrency), "--ratio", "0",
+                    "--interval", str(seconds), "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+def now(cell: dict) -> int:
+    """The model thread's intra-op threads at the end of a cell (the governor's count when it runs)."""
+    t = cell["threads_after"]
+    return t["adaptive"]["now"] if "adaptive" in t else t["intra_op"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--artefacts", required=True)
+    ap.add_argument("--data", default="runs/ml-100k")
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--busy", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--port", type=int, default=8013)
+    ap.add_argument("--same-session", action="store_true", help="busy loops in the server's session")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    url = f"http://127.0.0.1:{a.port}"
+    results = []
+    try:
+        get_json(url + "/healthz")
+        raise SystemExit(f"something already answers on {url}: stop it or pass another --port")
+    except OSError:
+        pass
+    for name, extra in parse_configs(a.configs):
+        env = {**os.environ, "AUTOMR_DATA_DIR": a.data, "AUTOMR_ARTEFACTS_DIR": a.artefacts,
+               "AUTOMR_PORT": str(a.port), "AUTOMR_LOG_LEVEL": "warning", **extra}
+        log = open(out / f"server-{name}.log", "w")
+        server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log, stderr=log)
+        try:
+            wait_ready(url, server, 900)
+            version = get_json(url + "/version")
+            alone = soak(url, a.data, a.seconds, a.concurrency, out / f"{name}-alone")
+            alone["threads_after"] = get_json(url + "/version")["threads"]
+            # another job: its own session, as a job started elsewhere is (with the kernel's autogroup
+            # scheduling, CPU time is shared between sessions first); --same-session shares per thread
+            busy = [subprocess.Popen([sys.executable, "-c", BUSY], start_new_session=not a.same_session)
+                    for _ in range(a.busy)]
+            try:
+                beside = soak(url, a.data, a.seconds, a.concurrency, out / f"{name}-beside")
+                beside["threads_after"] = get_json(url + "/version")["threads"]
+            finally:
+                for b in busy:
+                    b.kill()
+                    b.wait()
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(120)
+        row = {"config": name, "env": extra, "threads": version["threads"], "process": version["process"],
+               "alone": {k: alone[k] for k in CELL}, "beside": {k: beside[k] for k in CELL}}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    base = results[0]["alone"]["req_per_s"]
+    lines = [f"machine: {machine()['cpu']['model']}, {len(os.sched_getaffinity(0))} CPUs; "
+             f"c = {a.concurrency}, {a.seconds:.0f} s per cell, {a.busy} busy loops beside "
+             f"({'in the server' + chr(39) + 's session' if a.same_session else 'in a session of their own'})",
+             "| setting | intra-op (alone → beside, at the end) | malloc | alone req/s | alone p50 ms | beside req/s | beside p50 ms | beside / alone "
+             f"| alone / {results[0]['config']} | errors |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        al, bs = r["alone"], r["beside"]
+        lines.append(f"| {r['config']} ({', '.join(f'{k}={v}' for k, v in r['env'].items()) or 'defaults'}) "
+                     f"| {now(al)} → {now(bs)} | {r['process']['malloc']} | {al['req_per_s']:.2f} | {al['recommend_p50_ms']} "
+                     f"| {bs['req_per_s']:.2f} | {bs['recommend_p50_ms']} | {bs['req_per_s'] / al['req_per_s']:.2f} "
+                     f"| {al['req_per_s'] / base:.2f} | {al['errors'] + bs['errors'] + al['http_5xx'] + bs['http_5xx']} |")
+    table = "\n".join(lines)
+    (out / "threads.md").write_text(table + "\n")
+    (out / "threads.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

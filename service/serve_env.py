@@ -1,0 +1,84 @@
+"""The process environment the server runs with: the memory allocator and OpenMP's waiting.
+
+Both must be in place before the process starts (``LD_PRELOAD``) or before torch loads its OpenMP
+runtime (``OMP_*`` / ``GOMP_*`` are read once, at load), so ``automr serve`` re-executes itself with
+them when they are missing (``reexec_for_serving``); the Dockerfile and the compose file run the same
+command. A variable the caller has already set is never overridden.
+
+- **Allocator.** glibc's malloc fragments under the service's tensors of many shapes: its RSS grew
+  for as long as the load lasted, while jemalloc's stays flat (docs/BENCHMARKS.md, memory). jemalloc
+  is Debian's ``libjemalloc2`` (in the image); ``AUTOMR_MALLOC=auto`` preloads it when it is found and
+  otherwise tunes glibc so that large blocks go back to the system (a fixed mmap threshold, few arenas).
+- **OpenMP.** The values in ``OMP_DEFAULTS`` are the ones measured best alone and beside another CPU
+  job at once (docs/BENCHMARKS.md, threads).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+JEMALLOC_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+    "/usr/lib/libjemalloc.so.2",
+    "/usr/local/lib/libjemalloc.so.2",
+)
+# jemalloc keeps the pages it has freed: the model allocates and frees buffers of hundreds of MB every
+# decoding step, and giving them back (jemalloc's default decay of 10 s, or 1 s) made the next step
+# fault them in again: 1.2 req/s against 2.1 at c = 16 (docs/BENCHMARKS.md, memory). The resident
+# set is then the largest working set seen, and stays there.
+JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+# glibc, where jemalloc is missing: a fixed mmap threshold (glibc raises it after every large free,
+# which moves big tensors into the fragmenting heap), trimming, and two arenas
+GLIBC_TUNED = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+OMP_DEFAULTS: dict[str, str] = {}
+REEXEC_MARK = "_AUTOMR_SERVE_ENV"
+
+
+def find_jemalloc(candidates: tuple[str, ...] = JEMALLOC_CANDIDATES) -> str | None:
+    return next((p for p in candidates if Path(p).is_file()), None)
+
+
+def allocator_env(malloc: str, environ: Mapping[str, str], jemalloc: str | None) -> dict[str, str]:
+    """Variables to add for ``AUTOMR_MALLOC`` (auto, jemalloc, glibc, system)."""
+    if malloc == "system" or "jemalloc" in environ.get("LD_PRELOAD", ""):
+        return {}
+    if malloc in ("auto", "jemalloc") and jemalloc:
+        preload = " ".join(p for p in (jemalloc, environ.get("LD_PRELOAD", "")) if p)
+        return {"LD_PRELOAD": preload, **({} if "MALLOC_CONF" in environ else {"MALLOC_CONF": JEMALLOC_CONF})}
+    if malloc == "jemalloc":
+        raise RuntimeError(f"AUTOMR_MALLOC=jemalloc but libjemalloc.so.2 is not in {list(JEMALLOC_CANDIDATES)}: "
+                           "install Debian's libjemalloc2, or set AUTOMR_MALLOC=auto")
+    if malloc == "glibc":
+        return {k: v for k, v in GLIBC_TUNED.items() if k not in environ}
+    return {}  # auto without jemalloc: glibc as it is (tuned, it halves the throughput)
+
+
+def serve_environ(malloc: str, environ: Mapping[str, str], jemalloc: str | None = None) -> dict[str, str]:
+    """The variables to add to ``environ`` before serving (empty: nothing to change)."""
+    jemalloc = jemalloc if jemalloc is not None else find_jemalloc()
+    env = allocator_env(malloc, environ, jemalloc)
+    env.update({k: v for k, v in OMP_DEFAULTS.items() if k not in environ})
+    return env
+
+
+def describe(environ: Mapping[str, str] = os.environ) -> dict:
+    """What this process runs with, for the start-up log and GET /version."""
+    preload = environ.get("LD_PRELOAD", "")
+    malloc = "jemalloc" if "jemalloc" in preload else "tcmalloc" if "tcmalloc" in preload else "glibc"
+    keys = ("MALLOC_CONF", *GLIBC_TUNED, "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
+    return {"malloc": malloc, "env": {k: environ[k] for k in keys if k in environ}}
+
+
+def reexec_for_serving(malloc: str, argv: list[str]) -> None:
+    """Replace this process (same pid, so signals and PID 1 behave) by ``python -m service.cli ARGV``
+    with the serving environment, unless it already runs with it. Returns only when nothing changes."""
+    if os.environ.get(REEXEC_MARK):
+        return
+    env = serve_environ(malloc, os.environ)
+    if not env:
+        return
+    os.execve(sys.executable, [sys.executable, "-m", "service.cli", *argv], {**os.environ, **env, REEXEC_MARK: "1"})

@@ -1,0 +1,130 @@
+"""The CPU budget (affinity, cgroup v1/v2 quota), the thread plan, and the serving environment."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from service import serve_env
+from service.cpu_budget import cgroup_quota, cpu_budget, thread_plan
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_v2_quota_is_the_smallest_on_the_path(tmp_path):
+    _write(tmp_path / "cpu.max", "max 100000\n")
+    _write(tmp_path / "kubepods" / "cpu.max", "250000 100000\n")
+    _write(tmp_path / "kubepods" / "pod1" / "cpu.max", "max 100000\n")
+    assert cgroup_quota(tmp_path, "0::/kubepods/pod1\n") == 2.5
+    _write(tmp_path / "kubepods" / "pod1" / "cpu.max", "50000 100000\n")
+    assert cgroup_quota(tmp_path, "0::/kubepods/pod1\n") == 0.5
+
+
+def test_cgroup_v2_unlimited_and_missing_files(tmp_path):
+    _write(tmp_path / "cpu.max", "max 100000\n")
+    assert cgroup_quota(tmp_path, "0::/\n") is None
+    assert cgroup_quota(tmp_path / "nothing-here", "0::/a/b\n") is None
+
+
+def test_cgroup_v1_quota(tmp_path):
+    cpu = tmp_path / "cpu,cpuacct"
+    _write(cpu / "docker" / "abc" / "cpu.cfs_quota_us", "150000\n")
+    _write(cpu / "docker" / "abc" / "cpu.cfs_period_us", "100000\n")
+    _write(cpu / "cpu.cfs_quota_us", "-1\n")
+    _write(cpu / "cpu.cfs_period_us", "100000\n")
+    text = "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n"
+    assert cgroup_quota(tmp_path, text) == 1.5
+
+
+@pytest.mark.parametrize("affinity, quota, cpus", [(8, None, 8), (8, 2.5, 3), (2, 4.0, 2), (4, 0.2, 1), (1, None, 1)])
+def test_budget_is_the_smaller_of_affinity_and_the_quota_rounded_up(affinity, quota, cpus):
+    assert cpu_budget(affinity=affinity, quota=quota).cpus == cpus
+
+
+def test_thread_plan_setting_overrides_the_budget():
+    budget = cpu_budget(affinity=4, quota=None)
+    assert (thread_plan(None, budget).intra_op, thread_plan(None, budget).inter_op) == (4, 1)
+    plan = thread_plan(3, budget)
+    assert (plan.intra_op, plan.source) == (3, "AUTOMR_TORCH_THREADS")
+
+
+@pytest.mark.skipif(not shutil.which("taskset") or len(os.sched_getaffinity(0)) < 2, reason="needs taskset, 2 CPUs")
+def test_one_cpu_under_taskset_gives_one_intra_op_thread():
+    code = ("import json; from service.cpu_budget import apply_thread_plan, thread_plan; "
+            "from service.observability import threads_info; apply_thread_plan(thread_plan(None)); "
+            "print(json.dumps(threads_info(None)))")
+    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["intra_op"] == 1 and info["inter_op"] == 1 and info["cpu_budget"]["affinity"] == 1
+
+
+def test_serve_env_prefers_jemalloc_and_keeps_what_the_caller_set():
+    env = serve_env.serve_environ("auto", {}, jemalloc="/lib/libjemalloc.so.2")
+    assert env["LD_PRELOAD"] == "/lib/libjemalloc.so.2" and "MALLOC_CONF" in env
+    env = serve_env.serve_environ("auto", {"LD_PRELOAD": "/x/libfoo.so", "MALLOC_CONF": "narenas:1"},
+                                  jemalloc="/lib/libjemalloc.so.2")
+    assert env["LD_PRELOAD"] == "/lib/libjemalloc.so.2 /x/libfoo.so" and "MALLOC_CONF" not in env
+    assert "LD_PRELOAD" not in serve_env.serve_environ("auto", {"LD_PRELOAD": "/y/libjemalloc.so"}, jemalloc="/j")
+    for k, v in serve_env.OMP_DEFAULTS.items():
+        assert serve_env.serve_environ("system", {}, jemalloc="/j")[k] == v
+        assert k not in serve_env.serve_environ("system", {k: "x"}, jemalloc="/j")
+
+
+def test_serve_env_without_jemalloc_keeps_glibc_tunes_it_on_request_or_fails_when_asked_for_it():
+    assert not set(serve_env.GLIBC_TUNED) & set(serve_env.serve_environ("auto", {}, jemalloc=""))
+    env = serve_env.serve_environ("glibc", {"MALLOC_ARENA_MAX": "4"}, jemalloc="/j")
+    assert "LD_PRELOAD" not in env and env["MALLOC_MMAP_THRESHOLD_"] and "MALLOC_ARENA_MAX" not in env
+    assert not set(serve_env.GLIBC_TUNED) & set(serve_env.serve_environ("system", {}, jemalloc=""))
+    with pytest.raises(RuntimeError, match="libjemalloc2"):
+        serve_env.serve_environ("jemalloc", {}, jemalloc="")
+    assert serve_env.describe({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"})["malloc"] == "jemalloc"
+
+
+# ---- the adaptive thread governor (service/thread_governor.py) ----------------------------------------
+
+from service.thread_governor import ThreadGovernor  # noqa: E402
+
+
+def _feed(g: ThreadGovernor, share: float, seconds: float, turn_s: float = 0.5) -> list[int]:
+    """Turns of ``turn_s`` wall seconds at CPU share ``share``; the thread counts the governor set."""
+    out = []
+    for _ in range(round(seconds / turn_s)):
+        n = g.observe(turn_s, share * turn_s)
+        if n is not None:
+            out.append(n)
+    return out
+
+
+def test_governor_keeps_all_threads_while_the_cpus_are_its_own():
+    g = ThreadGovernor(2)
+    assert _feed(g, 0.97, 120) == [] and g.threads == 2 and g.last_share == pytest.approx(0.97)
+
+
+def test_governor_drops_to_one_thread_when_preempted_and_probes_back_with_backoff():
+    g = ThreadGovernor(2, probe_s=20, max_probe_s=80)
+    assert _feed(g, 0.5, 2) == [1]  # one window of preemption
+    assert _feed(g, 0.66, 18) == []  # at one thread beside the other job: stay until the probe
+    assert _feed(g, 0.66, 2) == [2]  # the probe ...
+    assert _feed(g, 0.5, 2) == [1]  # ... fails at once: back to one, next probe after 40 s
+    assert _feed(g, 0.66, 38) == [] and _feed(g, 0.66, 2) == [2]
+    assert _feed(g, 0.5, 2) == [1]  # fails again: 80 s (the cap)
+    assert _feed(g, 0.66, 78) == [] and _feed(g, 0.66, 2) == [2]
+    assert _feed(g, 0.95, 10) == [] and g.threads == 2  # the other job left: the probe holds
+    assert _feed(g, 0.5, 2) == [1] and _feed(g, 0.66, 18) == [] and _feed(g, 0.66, 2) == [2]  # backoff reset
+
+
+def test_governor_is_inert_with_one_thread_and_ignores_empty_turns():
+    g = ThreadGovernor(1)
+    assert not g.active and _feed(g, 0.1, 60) == [] and g.threads == 1
+    g = ThreadGovernor(4)
+    assert g.observe(0.0, 0.0) is None and g.threads == 4
+    with pytest.raises(ValueError):
+        ThreadGovernor(0)
