@@ -128,3 +128,17 @@ def test_governor_is_inert_with_one_thread_and_ignores_empty_turns():
     assert g.observe(0.0, 0.0) is None and g.threads == 4
     with pytest.raises(ValueError):
         ThreadGovernor(0)
+
+
+def test_reexec_replaces_the_process_with_the_serving_environment():
+    """``reexec_for_serving`` execs ``python -m service.cli ARGV`` with the variables added (here the
+    glibc tuning, which needs no library) and a mark, so the new process does not exec again."""
+    code = ("import os; os.environ.pop('_AUTOMR_SERVE_ENV', None); from service import serve_env; "
+            "serve_env.reexec_for_serving('glibc', ['--help']); print('not replaced')")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and "not replaced" not in out.stdout and "usage: automr" in out.stdout
+    code = ("import os; os.environ['_AUTOMR_SERVE_ENV'] = '1'; from service import serve_env; "
+            "serve_env.reexec_for_serving('glibc', ['--help']); print('not replaced')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.strip() == "not replaced"
