@@ -30,7 +30,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench_load import CLIENT_ERRORS, HttpClient, items_from_dataset, machine, users_from_dataset, wait_ready
+try:
+    from bench.bench_load import CLIENT_ERRORS, HttpClient, items_from_dataset, machine, users_from_dataset, wait_ready
+except ImportError:  # run as a script: python bench/soak.py
+    from bench_load import CLIENT_ERRORS, HttpClient, items_from_dataset, machine, users_from_dataset, wait_ready
 
 
 @dataclass
@@ -75,7 +78,7 @@ class Soak:
         self.rng = random.Random(args.seed)
         self.counter = 0
         self.appends = 0
-        self.acked: dict[str, dict[str, str]] = defaultdict(dict)  # user -> event id -> item id
+        self.acked: dict[str, dict[str, tuple[str, int]]] = defaultdict(dict)  # user -> event id -> (item, ts)
         self.windows: list[Window] = []
         self.bad_statuses: Counter[int] = Counter()
         self.unexpected: Counter[str] = Counter()
@@ -102,9 +105,9 @@ class Soak:
             return "/interactions", {"events": [ev]}, "bad"
         if self.a.dup_every and n % self.a.dup_every == 0:
             done = [(u, e, it) for u, evs in self.acked.items() for e, it in list(evs.items())[-1:]]
-            if done:
-                u, e, it = self.rng.choice(done)
-                return "/interactions", {"events": [{"user_id": u, "item_id": it, "timestamp": int(time.time()),
+            if done:  # the same event again, as a client's retry sends it
+                u, e, (item, ts) = self.rng.choice(done)
+                return "/interactions", {"events": [{"user_id": u, "item_id": item, "timestamp": ts,
                                                      "event_id": e}]}, "retry"
         ev = {"user_id": user, "item_id": self.rng.choice(self.items), "timestamp": int(time.time()),
               "event_id": f"soak-{self.run_id}-{n}"}
@@ -148,7 +151,7 @@ class Soak:
                 out = r.json()
                 if kind == "retry" and out.get("duplicates") != 1:
                     self.retries_not_duplicate += 1
-                self.acked[ev["user_id"]][ev["event_id"]] = ev["item_id"]
+                self.acked[ev["user_id"]].setdefault(ev["event_id"], (ev["item_id"], ev["timestamp"]))
 
     async def sampler(self, deadline: float, t_start: float, rows: list[dict]) -> None:
         while True:
@@ -175,18 +178,26 @@ class Soak:
 
     async def verify(self) -> dict:
         """Every acknowledged event is in its user's history exactly once."""
-        missing = doubled = checked = 0
+        missing = doubled = checked = trimmed = 0
         for user, events in self.acked.items():
             r = await self.client.get(f"/users/{user}/history")
             if r.status_code != 200:
                 missing += len(events)
                 continue
-            ids = Counter(e["event_id"] for e in r.json()["events"])
-            for e in events:
+            window = r.json()["events"]
+            ids = Counter(e["event_id"] for e in window)
+            # the store keeps a user's newest ``--window`` events: when it is full, events no newer than
+            # its oldest may have been trimmed, by design
+            oldest = window[0]["timestamp"] if len(window) >= self.a.window else None
+            for e, (_, ts) in events.items():
                 checked += 1
+                if ids[e] == 0 and oldest is not None and ts <= oldest:
+                    trimmed += 1
+                    continue
                 missing += ids[e] == 0
                 doubled += ids[e] > 1
-        return {"acknowledged_events": checked, "missing": missing, "stored_twice": doubled}
+        return {"acknowledged_events": checked, "missing": missing, "stored_twice": doubled,
+                "trimmed_by_the_window": trimmed}
 
     async def run(self) -> dict:
         t_start = time.monotonic()
@@ -261,7 +272,7 @@ async def amain(a) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--data", default="runs/ml-100k", help="prepared dataset: its users and catalogue items")
@@ -275,8 +286,9 @@ def main() -> None:
     ap.add_argument("--api-key")
     ap.add_argument("--wait-ready", type=float, default=600.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--window", type=int, default=100, help="events the store keeps per user (AUTOMR's cap)")
     ap.add_argument("--out", required=True, help="path prefix of the .csv, .png and .json written")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.concurrency < 1 or a.ratio < 0 or a.interval <= 0 or a.minutes <= 0:
         ap.error("--concurrency and --minutes must be positive, --ratio >= 0, --interval > 0")
     summary = asyncio.run(amain(a))
@@ -291,6 +303,7 @@ def main() -> None:
                                         f"{summary['req_per_s']} req/s")
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
+    return summary
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@ import sys
 import time
 import urllib.request
 
-from bench_load import machine
+try:
+    from bench.bench_load import machine
+except ImportError:  # run as a script: python bench/threads_beside.py
+    from bench_load import machine
 from pathlib import Path
 
 DEFAULT_CONFIGS = ("static=AUTOMR_TORCH_THREADS=2 AUTOMR_ADAPTIVE_THREADS=false;"

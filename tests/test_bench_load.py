@@ -174,3 +174,25 @@ def test_a_refused_connection_is_counted_as_an_exception():
 
     cell = asyncio.run(go())
     assert cell.latencies_s == [] and sum(cell.exceptions.values()) == 3 and not cell.statuses
+
+
+def test_soak_mixed_load_bad_input_retries_and_no_acknowledged_event_lost(tiny, memory_store, redis_url, tmp_path):
+    """bench/soak.py for a few seconds against the real app: every window sampled, bad appends
+    rejected with 4xx, retries counted as duplicates, every acknowledged event stored exactly once."""
+    from bench.soak import main as soak_main
+
+    comps, data_dir = tiny
+    settings = Settings(redis_url=redis_url, home=tmp_path, max_new_tokens=4, encode_on_write=True)
+    out = tmp_path / "soak"
+    with ThreadedServer(create_app(settings, components=comps)) as url:
+        s = soak_main(["--url", url, "--data", str(data_dir), "--minutes", "0.1", "--interval", "2",
+                       "--concurrency", "4", "--ratio", "1", "--bad-every", "3", "--dup-every", "2",
+                       "--wait-ready", "30", "--out", str(out)])
+    assert s["answered"] > 10 and (s["errors"], s["http_5xx"], s["unexpected"]) == (0, 0, {})
+    assert s["bad_input_statuses"] and all(400 <= int(k) < 500 for k in s["bad_input_statuses"])
+    assert s["acknowledged_events"] > 0 and (s["missing"], s["stored_twice"]) == (0, 0)
+    assert s["trimmed_by_the_window"] < s["acknowledged_events"]
+    assert s["retries_not_counted_as_duplicate"] == 0 and s["rss_mb_end"] > 0
+    rows = out.with_suffix(".csv").read_text().splitlines()
+    assert rows[0].startswith("t_s,rss_mb,") and len(rows) - 1 >= 3  # a sample every 2 s for 6 s
+    assert out.with_suffix(".png").stat().st_size > 0 and json.loads(out.with_suffix(".json").read_text())["minutes"] == 0.1
