@@ -57,8 +57,11 @@ def load_steps(data: str, artefacts: str) -> list[dict]:
     return rows
 
 
-async def burst(url: str, users: list[str], pid: int, stop: threading.Event, peak: list[float]) -> float:
+async def burst(url: str, users: list[str], pid: int) -> tuple[float, float]:
+    """One /recommend per user, all at once; (seconds, the server's peak RSS in MB meanwhile)."""
     import aiohttp
+
+    stop, peak = threading.Event(), [rss(pid)]
 
     def sample() -> None:
         while not stop.is_set():
@@ -77,7 +80,7 @@ async def burst(url: str, users: list[str], pid: int, stop: threading.Event, pea
     stop.set()
     t.join()
     assert all(x == 200 for x in statuses), statuses
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, peak[0]
 
 
 def main() -> None:
@@ -108,12 +111,11 @@ def main() -> None:
         print(f"server idle: {idle:.0f} MB")
         bursts = []
         for b in range(a.bursts):
-            peak = [rss(a.pid)]
-            before = peak[0]
-            took = asyncio.run(burst(a.url, users[b * a.batch:(b + 1) * a.batch], a.pid, threading.Event(), peak))
+            before = rss(a.pid)
+            took, peak = asyncio.run(burst(a.url, users[b * a.batch:(b + 1) * a.batch], a.pid))
             time.sleep(2)
-            bursts.append({"before_mb": before, "peak_mb": peak[0], "after_2s_mb": rss(a.pid), "seconds": took})
-            print(f"burst {b + 1}: {a.batch} requests in {took:.1f} s, RSS {before:.0f} -> peak {peak[0]:.0f} "
+            bursts.append({"before_mb": before, "peak_mb": peak, "after_2s_mb": rss(a.pid), "seconds": took})
+            print(f"burst {b + 1}: {a.batch} requests in {took:.1f} s, RSS {before:.0f} -> peak {peak:.0f} "
                   f"-> {bursts[-1]['after_2s_mb']:.0f} MB 2 s later")
         result["server"] = {"idle_mb": idle, "bursts": bursts}
     if a.out:

@@ -1,16 +1,15 @@
-"""The process environment the server runs with: the memory allocator and OpenMP's waiting.
+"""The process environment the server runs with: its memory allocator.
 
-Both must be in place before the process starts (``LD_PRELOAD``) or before torch loads its OpenMP
-runtime (``OMP_*`` / ``GOMP_*`` are read once, at load), so ``automr serve`` re-executes itself with
-them when they are missing (``reexec_for_serving``); the Dockerfile and the compose file run the same
-command. A variable the caller has already set is never overridden.
+``LD_PRELOAD`` takes effect only when a process starts, so ``automr serve`` re-executes itself (same
+pid) with jemalloc preloaded when it is installed (``reexec_for_serving``); the Dockerfile and the
+compose file run the same command. A variable the caller has already set is never overridden.
 
-- **Allocator.** glibc's malloc fragments under the service's tensors of many shapes: its RSS grew
-  for as long as the load lasted, while jemalloc's stays flat (docs/BENCHMARKS.md, memory). jemalloc
-  is Debian's ``libjemalloc2`` (in the image); ``AUTOMR_MALLOC=auto`` preloads it when it is found and
-  otherwise tunes glibc so that large blocks go back to the system (a fixed mmap threshold, few arenas).
-- **OpenMP.** The values in ``OMP_DEFAULTS`` are the ones measured best alone and beside another CPU
-  job at once (docs/BENCHMARKS.md, threads).
+The model allocates and frees buffers of hundreds of MB every decoding step. glibc's malloc as it is
+reuses them but its heap fragments; glibc tuned to give them back (``AUTOMR_MALLOC=glibc``) and jemalloc
+with its default decay both fault them in again at the next step and lose a third to a half of the
+throughput; jemalloc with decay off reuses them and keeps the resident set at the largest working set
+seen (docs/BENCHMARKS.md §7b-§7c). OpenMP's settings are left alone: its passive wait policy helped
+beside another job but lost 14-23% alone (§7a); the thread governor does that job instead.
 """
 from __future__ import annotations
 
@@ -31,10 +30,9 @@ JEMALLOC_CANDIDATES = (
 # fault them in again: 1.2 req/s against 2.1 at c = 16 (docs/BENCHMARKS.md, memory). The resident
 # set is then the largest working set seen, and stays there.
 JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"
-# glibc, where jemalloc is missing: a fixed mmap threshold (glibc raises it after every large free,
+# AUTOMR_MALLOC=glibc (flat, but half the throughput at c = 16): a fixed mmap threshold (glibc raises it after every large free,
 # which moves big tensors into the fragmenting heap), trimming, and two arenas
 GLIBC_TUNED = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-OMP_DEFAULTS: dict[str, str] = {}
 REEXEC_MARK = "_AUTOMR_SERVE_ENV"
 
 
@@ -60,9 +58,7 @@ def allocator_env(malloc: str, environ: Mapping[str, str], jemalloc: str | None)
 def serve_environ(malloc: str, environ: Mapping[str, str], jemalloc: str | None = None) -> dict[str, str]:
     """The variables to add to ``environ`` before serving (empty: nothing to change)."""
     jemalloc = jemalloc if jemalloc is not None else find_jemalloc()
-    env = allocator_env(malloc, environ, jemalloc)
-    env.update({k: v for k, v in OMP_DEFAULTS.items() if k not in environ})
-    return env
+    return allocator_env(malloc, environ, jemalloc)
 
 
 def describe(environ: Mapping[str, str] = os.environ) -> dict:

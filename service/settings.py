@@ -97,7 +97,8 @@ class Settings(BaseSettings):
     # to torch_threads once they are free (service/thread_governor.py)
     adaptive_threads: bool = True
     # `automr serve`'s allocator (service/serve_env.py): auto = jemalloc when libjemalloc.so.2 is
-    # installed, else glibc tuned to return memory; system = leave the process's environment alone
+    # installed, else glibc as it is; glibc = glibc tuned to return memory (slower); system = leave the
+    # process's environment alone
     malloc: Literal["auto", "jemalloc", "glibc", "system"] = "auto"
     # POST /interactions: events per request (more: 413)
     max_batch_events: int = Field(default=1000, ge=1)
