@@ -47,7 +47,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     AUTOMR_PORT=8000
 
 # libjemalloc2: `automr serve` preloads it (AUTOMR_MALLOC=auto, service/serve_env.py): with glibc's
-# malloc the server's RSS grows under load (docs/BENCHMARKS.md, memory). /app belongs to the service's
+# malloc the server's RSS grows under load (docs/BENCHMARKS.md §5, §7.2). /app belongs to the service's
 # user, which writes nothing there but must own what it runs.
 # hadolint ignore=DL3008
 RUN apt-get update \

@@ -12,8 +12,8 @@ RUNTIME = $(VENV)/.installed-runtime
 RUNS   ?= runs
 DATA    = $(RUNS)/ml-100k
 # trained artefacts the service loads: those of `automr reproduce` when present, else a quick-start
-# set trained once on a small budget (`--budget quick`: generator 256 samples x 1 epoch, retriever on 48+16
-# labelled samples)
+# set trained once on a small budget (`--budget quick`: generator on the latest 6,000 train targets x 1
+# epoch, retriever on 48+16 labelled samples)
 ART    ?= $(if $(wildcard $(DATA)/artefacts/retriever/retriever.safetensors),$(DATA)/artefacts,$(DATA)/quickstart)
 
 # the runtime (what the service and the offline commands need; the Docker image stops here), then the

@@ -9,8 +9,8 @@ and the ratios automr/bigrec p50, automr/full-history p50 (per concurrency) and 
 the highest over the lowest concurrency per mode. With ``--mixed A,F`` also a mixed cell: A workers
 send automr requests while F workers send full-history ones until the automr requests are done.
 It measures how long prompts' prefills delay the short requests that share the model with them
-(chunked prefill, ``AUTOMR_PREFILL_CHUNK_TOKENS``); ``mixed automr / automr p50`` compares it with
-the automr-only cell at concurrency A, when there is one.
+(the priority between modes, ``AUTOMR_BACKGROUND_MODES``); ``mixed automr / automr p50`` compares it
+with the automr-only cell at concurrency A, when there is one.
 
 Users: ``--users FILE`` (one id per line) or ``--data DIR`` (a prepared dataset: the users of
 ``interactions.csv`` with more than 10 interactions). Before the cells, every selected user gets one
@@ -26,7 +26,7 @@ The API key comes from ``--api-key`` or ``AUTOMR_API_KEY``; it is never written 
 
 The client is aiohttp, not httpx: at concurrency 16 on the 2-core machine, httpx's connection pool
 spent so much CPU that it measured itself (GET /healthz, which touches nothing: p99 150-200 ms and
-~450 req/s with httpx against 6 ms and ~4,800 req/s with aiohttp; docs/BENCHMARKS.md §6c).
+~450 req/s with httpx against 6 ms and ~4,800 req/s with aiohttp; docs/BENCHMARKS.md §4.1).
 """
 from __future__ import annotations
 

@@ -1,14 +1,14 @@
-"""Model costs behind the service's batching choices, in one process (BENCHMARKS.md §6c).
+"""Model costs behind the service's batching choices, in one process (BENCHMARKS.md §3.3).
 
 Prints, for the served recommender (greedy, template head cached), best of ``--repeats``:
   prefill     ``Recommender.start`` of B 10-title prompts (random catalogue items), ms per row
-  step        one greedy decode step of those B rows (``SplitLM.step``)
+  step        one greedy decode step of those B rows (``generation.step``)
   ground      grounding of B catalogue titles without the grounding memo (base-model embedding + L2
               ranking); with ``--draft-requests``, also the validation answers one by one with a
               fresh memo and without (model/grounding_memo.py)
   long        four full-history prompts of unequal length (15-90 titles), prefilled together in one
               padded batch and one by one (``prefill_max_tokens`` 1 forces one by one)
-  draft       speculative steps (model/draft.py): ``--draft-requests`` validation contexts (the last K
+  draft       speculative steps (model/generation/draft.py): ``--draft-requests`` validation contexts (the last K
               items, distinct users), generated step-wise in batches of B, plain and with
               ``--draft-tokens`` drafted tokens per row, drafted from the catalogue alone and from the
               catalogue + the answers seen so far in the run (``NgramDrafter.observe``), and the latter
@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-from model.draft import NgramDrafter
+from model import generation
+from model.generation.draft import NgramDrafter
+from model.generation.stop import stop_rule
 from model.grounding_memo import GroundingMemo
 from model.recommend import Recommender, RecommenderConfig, RecommendRequest
 from service.components import load_components
@@ -60,7 +62,7 @@ def main() -> dict:
     settings = Settings(data_dir=args.data, artefacts_dir=args.artefacts)
     pipe = load_components(settings).pipeline
     lm = pipe.lm
-    lm.line_tables()  # as the service does at start-up: not in the first step's time
+    stop_rule(lm)  # as the service does at start-up: not in the first step's time
     rng = random.Random(args.seed)
     n_items = len(pipe.titles)
 
@@ -81,7 +83,7 @@ def main() -> dict:
             batch, _ = rec.start(reqs, list(range(b)))
             t0, k = time.perf_counter(), 0
             while batch.rows == b and k < 6:  # while every row is still decoding
-                lm.step(batch)
+                generation.step(lm, batch)
                 k += 1
             return (time.perf_counter() - t0) / max(k, 1)
 
@@ -127,7 +129,7 @@ def speculative(pipe, args) -> dict:
             batch, _ = rec.start(reqs[s:s + b], list(range(s, min(s + b, len(reqs)))))
             while batch.rows:
                 forwards += batch.rows  # row-steps (a batch's last step may run no forward)
-                answers.update(lm.step(batch))
+                answers.update(generation.step(lm, batch))
         return time.perf_counter() - t0, forwards, [answers[i] for i in range(len(reqs))]
 
     for b in (int(x) for x in args.batches.split(",")):
@@ -143,7 +145,7 @@ def speculative(pipe, args) -> dict:
                                     draft_max_rows=b)
             rec = Recommender(pipe.lm, pipe.builder, pipe.titles, pipe.index, config=cfg, drafter=drafter)
             begin = lm.begin
-            if not in_prefill:  # the sixth session's drafting: guesses in the decode steps only
+            if not in_prefill:  # guesses in the decode steps only, none in the prefill
                 def begin_plain(*a, drafter=None, draft_tokens=0, draft_max_rows=1, **k):
                     prefill = begin(*a, **k)  # a prefill without guesses, then the batch's policy
                     prefill.policy = dict(drafter=drafter, draft_tokens=draft_tokens, draft_max_rows=draft_max_rows)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Layer sensitivity (issue 4, METHOD.md §3): the automr - bigrec gain for several cut layers L, on the
 # VALIDATION split (never test). For each L: a quick-budget generator and retriever (`--budget quick`,
-# the service's quick start: BIGRec tuning 256 samples x 1 epoch, labels 48 + 16 samples, item
-# elements), then bigrec and automr on one seeded validation subset, then the paired bootstrap.
+# the service's quick start: service/reproduce.py QUICK_BUDGET, item elements), then bigrec and automr
+# on one seeded validation subset, then the paired bootstrap.
 #
 #   bench/sweep_layers.sh [RUNS=runs] [LIMIT=200] [LAYERS="10 20 25"]
 # Results: RUNS/ml-100k/sweep/L<L>/{bigrec,automr,compare}.json; artefacts in RUNS/ml-100k/sweep/L<L>/art

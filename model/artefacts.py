@@ -16,6 +16,7 @@ from typing import Sequence
 
 from model.assets import asset_paths
 from model.grounding import CatalogueIndex, StaleIndexError
+from model.checkpoint import fingerprint, load_upper
 from model.llm import SplitLM
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def load_lm(model_path: str | Path | None = None, cut: int = 20, dtype: str = "a
         lm = SplitLM.load(path, cut=cut, dtype=dtype)
         lm.snapshot_base_upper()  # grounding embeds with the base model, also after tuning
         if has_upper:
-            lm.load_upper(gen)
+            load_upper(lm, gen)
             log.info("loaded tuned upper layers from %s", gen)
         elif gen is not None:
             log.warning("no tuned generator in %s: using the base model's upper layers", gen)
@@ -55,7 +56,7 @@ def load_lm(model_path: str | Path | None = None, cut: int = 20, dtype: str = "a
 
 def index_fingerprint(lm: SplitLM) -> str:
     """The grounding embedder: the base model's final layer (lower fingerprint + 'base-final')."""
-    return f"{lm.fingerprint()}|base-final-last-token"
+    return f"{fingerprint(lm)}|base-final-last-token"
 
 
 def load_or_build_index(lm: SplitLM, titles: Sequence[str], directory: str | Path, progress: bool = True) -> CatalogueIndex:

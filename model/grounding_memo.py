@@ -11,7 +11,7 @@ embedded before:
 
 Only the texts in neither are embedded, each distinct text once per call. The memo is valid as long
 as the index is (the same embedder: the index's fingerprint covers the lower layers and the dtype; the
-base upper layers never change). One model thread uses it (``service/runner.py``), as does the
+base upper layers never change). One model thread uses it (``service/worker.py``), as does the
 evaluator; it is not locked.
 """
 from __future__ import annotations

@@ -39,7 +39,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from model import context
+from model.checkpoint import fingerprint
 from model.data.types import Sample
+from model.generation.kv_cache import expand_prefix
 from model.prompts import one_line
 
 ELEMENT_KINDS = ("window", "item")
@@ -199,36 +202,28 @@ def lower_last_states(split_lm, seqs: Sequence[Sequence[int]], batch_size: int =
     shared. The suffixes are right-padded: under the causal mask a real token never sees the padding
     after it, so no padding mask is needed and positions simply continue from the prefix.
 
-    Uses the transformers 5.23 pieces that ``model/llm.py`` uses (``rotary_emb``,
-    ``create_causal_mask``, ``DynamicCache``); tests compare it with the full forward.
+    The layers run through ``SplitLM.run_layers`` (the loop every hand-written forward shares); tests
+    compare it with the full forward.
     """
     from transformers import DynamicCache
-    from transformers.masking_utils import create_causal_mask
 
     if len(seqs) == 0:
         return torch.zeros(0, split_lm.hidden_size)
     if any(len(s) == 0 for s in seqs):
         raise ValueError("a sequence to encode has no tokens")
-    model, L = split_lm.model, split_lm.cut
-    base, cfg, dev = model.model, model.config, split_lm.device
-    layers = base.layers[:L]
+    cfg, dev, embed = split_lm.config, split_lm.device, split_lm.model.model.embed_tokens
     p = min(_common_prefix_len(seqs), min(len(s) for s in seqs) - 1)  # every suffix keeps >= 1 token
 
     def run(h, pos, cache, n_seen):
-        mask = create_causal_mask(config=cfg, inputs_embeds=h,
-                                  attention_mask=torch.ones(h.shape[0], n_seen + h.shape[1], dtype=torch.long, device=dev),
-                                  past_key_values=cache, position_ids=pos)
-        pe = base.rotary_emb(h, position_ids=pos)
-        for layer in layers:
-            h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=cache is not None,
-                      position_embeddings=pe)
-        return h
+        mask = split_lm.causal_mask(h, torch.ones(h.shape[0], n_seen + h.shape[1], dtype=torch.long, device=dev),
+                                    pos, cache)
+        return split_lm.run_layers(split_lm.lower_layers(), h, mask, pos, cache)
 
     prefix = None
     if p > 0:
         prefix = DynamicCache(config=cfg)
         ids = torch.tensor([list(seqs[0][:p])], dtype=torch.long, device=dev)
-        run(base.embed_tokens(ids), torch.arange(p, device=dev)[None], prefix, 0)
+        run(embed(ids), torch.arange(p, device=dev)[None], prefix, 0)
 
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = torch.empty(len(seqs), split_lm.hidden_size, dtype=torch.float32)
@@ -241,13 +236,11 @@ def lower_last_states(split_lm, seqs: Sequence[Sequence[int]], batch_size: int =
             ids[r, : len(x)] = torch.tensor(x, dtype=torch.long)
         ids = ids.to(dev)
         cache = None
-        if prefix is not None:
-            cache = DynamicCache(config=cfg)
-            for li in range(L):
-                k, v = prefix.layers[li].keys, prefix.layers[li].values  # [1, kv, p, d]
-                cache.layers[li].update(k.expand(len(idx), -1, -1, -1), v.expand(len(idx), -1, -1, -1))
+        if prefix is not None:  # the prefix's KV of layers 1..L, one copy per row
+            cache = expand_prefix(DynamicCache(config=cfg),
+                                  [(layer.keys, layer.values) for layer in prefix.layers[:split_lm.cut]], len(idx))
         pos = (p + torch.arange(T, device=dev))[None].expand(len(idx), -1)
-        h = run(base.embed_tokens(ids), pos, cache, p)  # [b, T, H]
+        h = run(embed(ids), pos, cache, p)  # [b, T, H]
         last = torch.tensor([len(x) - 1 for x in suf], device=dev)
         out[idx] = h[torch.arange(len(idx), device=dev), last].float().cpu()
     return out
@@ -300,7 +293,7 @@ class MemoryEncoder:
         """What a cache of this encoder's elements must be keyed by: the lower part's fingerprint
         (model, lower weights, L, dtype, tokenizer) + the prompt template's signature for windows."""
         element = element or self.element
-        fp = self.lm.fingerprint()
+        fp = fingerprint(self.lm)
         if element == "window":
             return f"{fp}|window|prompt:{self.builder.signature()}"
         return f"{fp}|item|bare-title"
@@ -308,16 +301,13 @@ class MemoryEncoder:
     # ---- keys ----------------------------------------------------------------------------------
     def element_keys(self, sample: Sample) -> list[Key]:
         """One key per memory position (oldest first); empty when the history has only K items."""
-        hist, K = sample.history, self.k_short
-        n_mem = max(len(hist) - K, 0)
-        if self.element == "item":
-            return [(hist[m],) for m in range(n_mem)]
-        return [tuple(hist[max(0, m - K + 1) : m + 1]) for m in range(n_mem)]
+        hist, k = sample.history, self.k_short
+        return [context.element_key(hist, m, k, self.element) for m in range(context.n_memory(len(hist), k))]
 
     elements_for_sample = element_keys
 
     def query_key(self, sample: Sample) -> Key:
-        return tuple(sample.short_term(self.k_short))
+        return tuple(context.short_term(sample.history, self.k_short))
 
     # ---- raw encoding (no cache) ---------------------------------------------------------------
     def _window_ids(self, window: Sequence[int]) -> list[int]:

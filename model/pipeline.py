@@ -18,9 +18,10 @@ from typing import Sequence
 import numpy as np
 
 from model.artefacts import load_lm, load_or_build_index, load_popularity
-from model.draft import NgramDrafter
+from model.generation.draft import NgramDrafter
 from model.grounding import CatalogueIndex, titles_hash
 from model.grounding_memo import GroundingMemo
+from model.checkpoint import fingerprint
 from model.llm import SplitLM
 from model.memory import ELEMENT_KINDS, MemoryCache, MemoryEncoder
 from model.prompts import PromptBuilder
@@ -65,7 +66,7 @@ class Pipeline:
 
     @property
     def drafter(self) -> NgramDrafter:
-        """The catalogue's draft table for speculative steps (model/draft.py), built once and shared
+        """The catalogue's draft table for speculative steps (model/generation/draft.py), built once and shared
         by every recommender of this pipeline."""
         if self._drafter is None:
             self._drafter = NgramDrafter.from_prompt_builder(self.titles, self.builder, max_recent=self.draft_learn)
@@ -119,7 +120,7 @@ class Pipeline:
         """A short identifier of the model that answers: lower part, tuned upper layers, retriever."""
         gen = _file_digest(self.generator_dir / "upper.safetensors") if self.generator_dir else None
         ret = _file_digest(self.retriever_dir / RETRIEVER_WEIGHTS) if self.retriever_dir else None
-        return (f"L{self.lm.cut}-lm:{self.lm.fingerprint()[:10]}-gen:{gen or 'base'}"
+        return (f"L{self.lm.cut}-lm:{fingerprint(self.lm)[:10]}-gen:{gen or 'base'}"
                 f"-ret:{ret or 'none'}-{self.element}")
 
 

@@ -73,7 +73,7 @@ class PromptIds:
     n_titles: int = 0  # titles kept in the prompt
     n_dropped: int = 0  # oldest titles dropped to fit the token budget
     n_shared: int = 0  # leading tokens every prompt of its builder shares (the template head): their
-    #                    KV cache can be computed once and reused by generation (SplitLM.generate)
+    #                    KV cache can be computed once and reused by generation (``model/generation/prefill.py``)
 
 
 def one_line(title: str) -> str:

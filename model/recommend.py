@@ -13,10 +13,11 @@ What fills the memory slot is the *slot policy*:
 
 ``full_history=True`` is the context-window baseline: every history title in the prompt, no slot.
 
-Decoding: greedy (default) or beam search for one title, grounded to the catalogue by L2 (BIGRec).
-``constrained=True`` is the measured alternative ("Decoding Matters", Bao et al. 2024): beam search
-restricted to a prefix tree of real titles, ``num_beams`` beams returned; the ranking is the beams'
-items (best first, seen items dropped) followed by the L2 grounding of the best beam for the rest.
+Decoding: greedy, grounded to the catalogue by L2 (BIGRec), or, with ``constrained=True`` ("Decoding
+Matters", Bao et al. 2024), beam search restricted to a prefix tree of the user's unseen titles,
+``num_beams`` beams; the ranking is then the beams' items (best first) followed by the L2 grounding of
+the best beam for the rest. Both run on the engine of ``model/generation/``, a batch at a time here,
+continuously batched in the service (``begin`` / ``advance`` / ``generation.step`` / ``finish``).
 """
 from __future__ import annotations
 
@@ -28,19 +29,23 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from model import generation
+from model.generation import DecodeBatch, Prefill
+from model.generation.beams import PopularityPrior, TrieBeams, trie_tables
+from model.generation.draft import NgramDrafter
+from model.generation.prefill import prefill_groups
 from model.grounding import CatalogueIndex, clean_generated
 from model.grounding_memo import GroundingMemo
-from model.llm import DecodeBatch, Prefill, SplitLM
+from model.llm import SplitLM
 from model.prompts import PromptBuilder, PromptIds
 from model.retriever import Retriever
-from model.draft import NgramDrafter
-from model.beam_search import PopularityPrior, TrieBeams, trie_tables
 from model.title_trie import TitleTrie
 
 log = logging.getLogger(__name__)
 
 SlotPolicy = Literal["none", "learned", "random", "semantic"]
 SLOT_POLICIES: tuple[str, ...] = ("none", "learned", "random", "semantic")
+Pick = tuple[list[int], list[float]]  # the memory positions that fill the slots ([] = none), their scores
 
 
 @dataclass
@@ -64,16 +69,18 @@ class Recommendation:
     beam_items: list[int] = field(default_factory=list)  # constrained decoding: the beams' items
 
 
-def prefill_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Row indices in prefill groups: by increasing length, each group as long as its rows x its
-    longest length stays within ``max_tokens`` (a row longer than that forms a group alone)."""
-    groups: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        if groups and (len(groups[-1]) + 1) * lengths[i] <= max_tokens:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
+@dataclass(eq=False)
+class PrefillGroup:
+    """One prefill of some requests' prompts (``Recommender.begin``) and what their memory pick needs."""
+
+    prefill: Prefill
+    rows: list[int]  # the requests' positions in the call to ``begin``
+    requests: list[RecommendRequest]
+    picks: list[Pick | None]  # made before the prefill (None: from its z_t, in ``Recommender.advance``)
+
+    @property
+    def tags(self) -> list:
+        return self.prefill.tags
 
 
 @dataclass
@@ -85,25 +92,25 @@ class RecommenderConfig:
     max_new_tokens: int = 32
     num_beams: int = 1
     constrained: bool = False  # beam search over a prefix tree of catalogue titles
-    # constrained: normalise each step over the tokens that lead to an unseen title (model/beam_search.py)
+    # constrained: normalise each step over the tokens that lead to an unseen title (model/generation/beams.py)
     renormalize: bool = True
-    # constrained: the popularity prior (model/beam_search.py PopularityPrior; needs the recommender's
+    # constrained: the popularity prior (model/generation/beams.py PopularityPrior; needs the recommender's
     # counts): gamma x log(share) added to a title's score (product), and/or the weight of the share in
     # a mixture with the model's probability
     popularity_gamma: float = 0.0
     popularity_mix: float = 0.0
     batch_size: int = 16  # LLM batch (generation and grounding embeddings)
     # reuse the KV cache of the prompt template's head (exact in float32; in bfloat16 its rounding
-    # differs from a full prefill's, which can flip near-tied greedy tokens: see BENCHMARKS.md §5)
+    # differs from a full prefill's, which can flip near-tied greedy tokens: see BENCHMARKS.md §3.2)
     head_cache: bool = True
     # step-wise generation (``start``): rows sorted by prompt length are prefilled in groups of at
     # most this many padded prompt tokens (rows x longest prompt); a longer prompt is prefilled alone.
     # Padding wastes compute and a padded batch takes torch's masked attention path: four
-    # full-history prompts of 262-1,233 tokens took 7.4 s together and 3.6 s one by one (BENCHMARKS §6c)
+    # full-history prompts of 262-1,233 tokens took 7.4 s together and 3.6 s one by one (BENCHMARKS §4.5)
     prefill_max_tokens: int = 2048
     # speculative steps (step-wise generation only): while the decoding batch has at most
     # ``draft_max_rows`` rows, a step also checks up to ``draft_tokens`` tokens per row guessed from
-    # the catalogue's titles (model/draft.py); the answers stay the greedy ones. 0 = off
+    # the catalogue's titles (model/generation/draft.py); the answers stay the greedy ones. 0 = off
     draft_tokens: int = 0
     draft_max_rows: int = 1
     # grounding embeddings by text (model/grounding_memo.py): an answer equal to a catalogue title takes
@@ -119,6 +126,8 @@ class RecommenderConfig:
             raise ValueError(f"n_slots must be >= 1, got {self.n_slots}")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_beams > 1 and not self.constrained:
+            raise ValueError("beams run over the catalogue's title trie: num_beams > 1 needs constrained=true")
         if self.prefill_max_tokens < 1:
             raise ValueError(f"prefill_max_tokens must be >= 1, got {self.prefill_max_tokens}")
         if self.popularity_gamma < 0 or not 0.0 <= self.popularity_mix <= 1.0:
@@ -154,7 +163,7 @@ class Recommender:
         if index.n_items != len(self.titles):
             raise ValueError(f"the index holds {index.n_items} items, the catalogue {len(self.titles)}")
         self._trie: TitleTrie | None = None
-        self._trie_tables = None  # built with the trie's first beam search (model/beam_search.py)
+        self._trie_tables = None  # built with the trie's first beam search (model/generation/beams.py)
         self._drafter = drafter  # None: built from the catalogue on first use
         self._ground_memo = ground_memo  # None: built on first use (config.ground_memo)
         cfg = self.config
@@ -175,7 +184,7 @@ class Recommender:
 
     @property
     def trie_tables(self):
-        """The trie's node tables for pruning seen items (``model/beam_search.py``), built once."""
+        """The trie's node tables for pruning seen items (``model/generation/beams.py``), built once."""
         if self._trie_tables is None:
             self._trie_tables = trie_tables(self.trie)
         return self._trie_tables
@@ -200,12 +209,12 @@ class Recommender:
         with_slot = not self.config.full_history
         return [self.builder.build([self.titles[i] for i in r.context], with_slot=with_slot) for r in requests]
 
-    def select_memory(self, requests: Sequence[RecommendRequest]) -> list[tuple[list[int], list[float]] | None]:
+    def select_memory(self, requests: Sequence[RecommendRequest]) -> list[Pick | None]:
         """Per request: the memory positions that fill the slots and their scores ([] = no memory), or
-        ``None`` when the pick needs z_t that the caller did not give: it is then made during the
-        generator's own prefill (``generate``), from the same layer-L state, without a second pass."""
+        ``None`` when the pick needs z_t that the caller did not give: it is then made from the
+        prefill's own layer-L state (``choose``), without a second lower-layer pass."""
         policy, k = self.config.policy, self.config.n_slots
-        out: list[tuple[list[int], list[float]] | None] = [([], []) for _ in requests]
+        out: list[Pick | None] = [([], []) for _ in requests]
         if policy == "none":
             return out
         for i, r in enumerate(requests):
@@ -216,12 +225,12 @@ class Recommender:
                 pick = np.random.default_rng(r.seed).choice(m, size=min(k, m), replace=False).tolist()
                 out[i] = (pick, [float("nan")] * len(pick))
             elif r.query is None:
-                out[i] = None  # picked lazily from the prefill's z_t
+                out[i] = None  # picked from the prefill's z_t
             else:
                 out[i] = self.pick(r.memory, r.query.float())
         return out
 
-    def pick(self, memory: torch.Tensor, query: torch.Tensor) -> tuple[list[int], list[float]]:
+    def pick(self, memory: torch.Tensor, query: torch.Tensor) -> Pick:
         """The top-``n_slots`` elements of ``memory`` [M, H] for the query z_t [H] under the policy."""
         mem = memory.float()  # [M, H]
         if self.config.policy == "semantic":
@@ -232,58 +241,21 @@ class Recommender:
         top = torch.topk(s, min(self.config.n_slots, len(s)))
         return top.indices.tolist(), top.values.tolist()
 
-    def _slot_select(self, requests: Sequence[RecommendRequest], rows: Sequence[int],
-                     picks: list[tuple[list[int], list[float]] | None]):
-        """The prefill's slot filler for one generation batch (``SplitLM.generate(slot_select=...)``):
-        rows with a full pick take its vectors, lazy rows are picked from their z_t here (``picks`` is
-        completed in place), the others keep the placeholder. None when no row takes memory."""
-        k, h = self.config.n_slots, self.lm.hidden_size
-        if not any(picks[i] is None or len(picks[i][0]) == k for i in rows):
-            return None
-
-        def select(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # z [b, H]
-            vec = torch.zeros(len(rows), k, h)  # [b, k, H]
-            use = torch.zeros(len(rows), dtype=torch.bool)  # [b]
-            for j, i in enumerate(rows):
-                if picks[i] is None:
-                    picks[i] = self.pick(requests[i].memory, z[j])
-                if len(picks[i][0]) == k:
-                    vec[j] = requests[i].memory[picks[i][0]].float()
-                    use[j] = True
-            return vec, use
-
-        return select
-
-    def generate(
-        self, requests: Sequence[RecommendRequest], prompts: Sequence[PromptIds],
-        picks: list[tuple[list[int], list[float]] | None],
-    ) -> tuple[list[str], list[list[int]]]:
-        """Generated text per request (and, when constrained, the items of its beams, best first).
-
-        Per ``batch_size`` requests: greedy decoding and the beam search over the title trie run the
-        service's step-wise path (``_begin`` + ``SplitLM.step``: prefill groups, drafting per the config
-        for greedy rows), unconstrained beams one HF ``generate`` call. Rows with a full set of slot
-        vectors get them at layer L, rows without memory keep the placeholder state; lazy picks
-        (``None``) are made inside the prefill and written back into ``picks``."""
-        cfg = self.config
-        texts: list[str] = [""] * len(requests)
-        beams: list[list[int]] = [[] for _ in requests]
-        for s in range(0, len(requests), cfg.batch_size):
-            rows = list(range(s, min(s + cfg.batch_size, len(requests))))
-            if self.stepwise:  # the service's step-wise path (``begin``): a batch at a time here
-                batch = self._prefill(self._begin(requests, prompts, picks, rows, rows))
-                searches = dict(zip(batch.tags, batch.searches))
-                for i, tokens in self.lm.decode(batch).items():
-                    texts[i] = self.lm.text(tokens)
-                    if searches[i] is not None:
-                        beams[i] = searches[i].result().items
-                continue
-            batch = [prompts[i] for i in rows]
-            common = dict(slot_select=self._slot_select(requests, rows, picks), n_slots=cfg.n_slots,
-                          max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, reuse_head=cfg.head_cache)
-            for i, t in zip(rows, self.lm.generate(batch, **common)):  # unconstrained beams: HF generate
-                texts[i] = t
-        return texts, beams
+    def choose(self, requests: Sequence[RecommendRequest], picks: Sequence[Pick | None],
+               z: torch.Tensor) -> tuple[list[Pick], torch.Tensor | None, torch.Tensor | None]:
+        """The memory of one prefill's rows, from their z_t ``z`` [b, H] (the prefill's layer-L state
+        of each prompt's last token): the picks made (a ``None`` pick is made from z here), the slot
+        vectors [b, k, H] and which rows take them [b] bool (None, None: no row takes memory; a row
+        whose pick is short of ``n_slots`` keeps the placeholder)."""
+        k = self.config.n_slots
+        picks = [self.pick(r.memory, z[j]) if p is None else p for j, (r, p) in enumerate(zip(requests, picks))]
+        use = torch.tensor([len(p[0]) == k for p in picks], dtype=torch.bool)  # [b]
+        if not bool(use.any()):
+            return picks, None, None
+        vectors = torch.zeros(len(requests), k, self.lm.hidden_size)  # [b, k, H]
+        for j in use.nonzero()[:, 0].tolist():
+            vectors[j] = requests[j].memory[picks[j][0]].float()
+        return picks, vectors, use
 
     def ground(self, requests: Sequence[RecommendRequest], texts: Sequence[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
         """BIGRec grounding of the generated texts (clean -> base-model embedding -> L2 rank); the
@@ -297,21 +269,24 @@ class Recommender:
     # ---- the whole path ------------------------------------------------------------------------
 
     def recommend(self, requests: Sequence[RecommendRequest], topk: int | None = None) -> list[Recommendation]:
-        """Recommend for a batch of requests (results in request order)."""
+        """Recommend for a batch of requests (results in request order): ``batch_size`` requests at a
+        time are prefilled and decoded (``start`` + ``generation.decode``), then all are grounded."""
         if not requests:
             return []
-        prompts = self.prompts(requests)
-        picks = self.select_memory(requests)
-        texts, beams = self.generate(requests, prompts, picks)
+        texts: list[str] = []
+        beams: list[list[int]] = []
+        picks: list[Pick] = []
+        for s in range(0, len(requests), self.config.batch_size):
+            part = list(requests[s:s + self.config.batch_size])
+            batch, part_picks = self.start(part, list(range(len(part))))
+            searches = dict(zip(batch.tags, batch.searches))
+            done = generation.decode(self.lm, batch)
+            texts += [self.lm.text(done[i]) for i in range(len(part))]
+            beams += [searches[i].result().items if searches[i] is not None else [] for i in range(len(part))]
+            picks += part_picks
         return self.finish(requests, texts, beams, picks, topk)
 
-    # ---- the same path in steps (the service's continuous batching: model/llm.py DecodeBatch) ------
-
-    @property
-    def stepwise(self) -> bool:
-        """Can generation run as ``start`` + ``SplitLM.step``: greedy, or beams over the title trie
-        (not unconstrained beams, which HF ``generate`` runs)?"""
-        return self.config.constrained or self.config.num_beams == 1
+    # ---- the same path in steps (the service's continuous batching) ----------------------------
 
     def search(self, request: RecommendRequest) -> TrieBeams:
         """A beam search over the title trie for ``request`` (its seen items pruned), to be stepped
@@ -320,56 +295,54 @@ class Recommender:
         return TrieBeams(self.trie, self.trie_tables, request.exclude, cfg.num_beams, cfg.max_new_tokens,
                          renormalize=cfg.renormalize, prior=self._prior)
 
-    def start(self, requests: Sequence[RecommendRequest], tags: Sequence) -> tuple[DecodeBatch, list]:
-        """``recommend`` up to its generation: the prompts, the memory picks and the prefill, as a
-        ``DecodeBatch`` whose rows are named by ``tags``; decode it with ``self.lm.step`` (it can be
-        merged with other batches of the same model) and pass the texts to ``finish``."""
-        prefills, picks = self.begin(requests, tags)
-        return self._prefill(prefills), picks  # the prefills made the lazy picks
-
-    def begin(self, requests: Sequence[RecommendRequest], tags: Sequence) -> tuple[list[Prefill], list]:
-        """``start`` without running the prefills: one ``Prefill`` per prefill group, for
-        ``self.lm.advance`` (whole or in chunks: the service feeds long prefills between decoding
-        steps), and the memory picks, completed in place by the prefills' last chunks. With a
-        constrained config each prefill carries its rows' beam searches (``Prefill.searches``)."""
-        if not self.stepwise:
-            raise ValueError("step-wise generation is greedy or beams over the title trie: set num_beams=1 or "
-                             "constrained=true")
-        if not requests:
-            raise ValueError("start needs at least one request")
-        picks = self.select_memory(requests)
-        return self._begin(requests, self.prompts(requests), picks, range(len(requests)), tags), picks
-
-    def _begin(self, requests: Sequence[RecommendRequest], prompts: Sequence[PromptIds],
-               picks: list[tuple[list[int], list[float]] | None], rows: Sequence[int],
-               tags: Sequence) -> list[Prefill]:
-        """The prefills of ``rows`` (named by ``tags``, one per row): in groups of similar length
-        (``prefill_max_tokens``), with the drafting policy of the config for greedy rows (a group of
-        at most ``draft_max_rows`` rows feeds the drafted start of an answer in its prefill); a
+    def begin(self, requests: Sequence[RecommendRequest], tags: Sequence) -> list[PrefillGroup]:
+        """``recommend`` up to its prefill: the prompts, the picks that need no z_t, and one
+        ``PrefillGroup`` per group of similar prompt length (``prefill_max_tokens``), whose rows are
+        named by ``tags`` (one per request). Run each with ``advance``, whole or in chunks (the service
+        feeds background prefills between decoding steps). A group of at most ``draft_max_rows``
+        greedy rows feeds the drafted start of an answer in its prefill (the config's drafting); a
         constrained config gives each row its beam search (``search``)."""
+        if not requests:
+            raise ValueError("begin needs at least one request")
+        if len(tags) != len(requests):
+            raise ValueError(f"{len(tags)} tags for {len(requests)} requests")
         cfg = self.config
+        prompts, picks = self.prompts(requests), self.select_memory(requests)
         policy = dict(drafter=self.drafter, draft_tokens=cfg.draft_tokens,
                       draft_max_rows=cfg.draft_max_rows) if cfg.draft_tokens and not cfg.constrained else {}
         out = []
-        for group in prefill_groups([len(prompts[i].input_ids) for i in rows], cfg.prefill_max_tokens):
-            at = [rows[g] for g in group]
-            prefill = self.lm.begin([prompts[i] for i in at], [tags[g] for g in group],
-                                    slot_select=self._slot_select(requests, at, picks), n_slots=cfg.n_slots,
-                                    max_new_tokens=cfg.max_new_tokens, reuse_head=cfg.head_cache, **policy)
+        for rows in prefill_groups([len(p.input_ids) for p in prompts], cfg.prefill_max_tokens):
+            prefill = generation.begin(self.lm, [prompts[i] for i in rows], [tags[i] for i in rows],
+                                       max_new_tokens=cfg.max_new_tokens, reuse_head=cfg.head_cache, **policy)
             if cfg.constrained:
-                prefill.searches = [self.search(requests[i]) for i in at]
-            out.append(prefill)
+                prefill.searches = [self.search(requests[i]) for i in rows]
+            out.append(PrefillGroup(prefill, rows, [requests[i] for i in rows], [picks[i] for i in rows]))
         return out
 
-    def _prefill(self, prefills: Sequence[Prefill]) -> DecodeBatch:
-        """Run ``prefills`` whole, one after the other, into one decoding batch."""
-        batch = None
-        for part in (self.lm.advance(p) for p in prefills):
+    def advance(self, group: PrefillGroup, max_tokens: int | None = None) -> tuple[DecodeBatch, list[Pick]] | None:
+        """Feed ``group``'s next chunk (at most ``max_tokens`` padded tokens; None: all that is left).
+        After its last chunk: its rows as a ``DecodeBatch`` (to decode with ``generation.step``, alone
+        or merged with other batches of the same model) and the memory picks of its rows, made from
+        the prefill's own z_t; before it, None."""
+        z = generation.advance(self.lm, group.prefill, max_tokens)
+        if z is None:
+            return None
+        picks, vectors, use = self.choose(group.requests, group.picks, z)
+        return generation.complete(self.lm, group.prefill, vectors, use), picks
+
+    def start(self, requests: Sequence[RecommendRequest], tags: Sequence) -> tuple[DecodeBatch, list[Pick]]:
+        """``begin`` and every group's prefill run whole, into one decoding batch; the memory picks
+        in request order."""
+        batch, picks = None, [([], [])] * len(requests)
+        for group in self.begin(requests, tags):
+            part, group_picks = self.advance(group)
+            for i, p in zip(group.rows, group_picks):
+                picks[i] = p
             if batch is None:
                 batch = part
             else:
                 batch.merge(part)
-        return batch
+        return batch, picks
 
     def finish(self, requests: Sequence[RecommendRequest], texts: Sequence[str], beams: Sequence[list[int]] | None,
                picks: Sequence[tuple[list[int], list[float]] | None], topk: int | None = None) -> list[Recommendation]:

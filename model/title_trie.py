@@ -15,8 +15,7 @@ numbers the nodes each sequence adds in order (a preorder of the tree): one pass
 the number of tokens.
 
 Duplicate titles: several items can share a title and so a token sequence; they end at the same
-node and ``items_of`` returns all of them, ascending by item index. A ranker that needs one list of
-items per beam expands each beam to all its items in that order (``beams_to_items``).
+node and ``items_of`` returns all of them, ascending by item index.
 
 Stopping: with eos at the end of every sequence (the ``response_ids`` form) no sequence is a proper
 prefix of another and decoding stops by itself. If ``encode`` does not append eos, a terminal node can
@@ -180,7 +179,7 @@ class TitleTrie:
         """Items whose sequence is exactly ``tokens`` (ascending item index; several for a duplicated title).
 
         With a known eos, everything after the first eos is dropped (padding of a finished row) and a
-        missing final eos is implied (``SplitLM.generate(return_ids=True)`` strips it). A sequence that
+        missing final eos is implied (``generation.generate(return_ids=True)`` strips it). A sequence that
         is no complete title gives [].
         """
         toks = [int(t) for t in tokens]
@@ -208,49 +207,3 @@ class TitleTrie:
             lo, hi = int(self.child_ptr[v]), int(self.child_ptr[v + 1])
             for j in range(hi - 1, lo - 1, -1):
                 stack.append((int(self.child_node[j]), path + [int(self.child_tok[j])]))
-
-    # -- generation ------------------------------------------------------------------------------
-
-    def prefix_allowed_tokens_fn(
-        self, prompt_lengths: int | Sequence[int], fallback_token_id: int | None = None
-    ) -> Callable[[int, Any], list[int]]:
-        """A ``prefix_allowed_tokens_fn(batch_id, input_ids)`` for transformers ``generate``.
-
-        ``prompt_lengths``: where the response starts in each row's ``input_ids`` (index by the
-        ``batch_id`` transformers passes, i.e. the input row, shared by its beams). With a left-padded
-        batch every row's response starts at the padded input length: pass that int. (Sampling with
-        ``num_return_sequences > 1`` and no beams expands the rows before the processor sees them:
-        pass an int there too.)
-
-        A row that has left the trie (a finished row being padded, or a prefix that is no title)
-        gets ``[fallback_token_id]`` (default: the trie's eos) so that the mask is never empty.
-        """
-        fallback = self.eos_token_id if fallback_token_id is None else fallback_token_id
-        if fallback is None:
-            raise ValueError("prefix_allowed_tokens_fn needs an eos_token_id on the trie or a fallback_token_id")
-        fixed = prompt_lengths if isinstance(prompt_lengths, int) else None
-        lengths = None if fixed is not None else [int(x) for x in prompt_lengths]
-
-        def fn(batch_id: int, input_ids: Any) -> list[int]:
-            start = fixed if fixed is not None else lengths[batch_id]
-            ids = input_ids[start:]
-            ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-            return self.allowed(ids) or [fallback]
-
-        return fn
-
-
-def beams_to_items(trie: TitleTrie, beams: Sequence[Sequence[int]]) -> list[int]:
-    """Response token sequences, best first -> unique item indices, best first.
-
-    A duplicated title expands to all its items (ascending index) at its beam's rank; sequences that
-    are no complete title are skipped.
-    """
-    seen: set[int] = set()
-    out: list[int] = []
-    for b in beams:
-        for i in trie.items_of(b):
-            if i not in seen:
-                seen.add(i)
-                out.append(i)
-    return out

@@ -1,4 +1,4 @@
-"""The HTTP API of automr (docs/SERVICE.md): FastAPI over the engine.
+"""The HTTP API of automr (docs/SERVICE.md): FastAPI over the users-and-memory service (``service/users.py``).
 
     create_app(settings, components=None, store=None) -> FastAPI
 
@@ -85,10 +85,10 @@ def create_app(settings: Settings | None = None, components: ComponentsSource = 
     if api_key is not None:
         _document_bearer(app)
 
-    def engine():
-        if state.engine is None:
+    def users():
+        if state.users is None:
             raise not_ready(state.error if state.phase == "failed" else f"the service is {state.phase}")
-        return state.engine
+        return state.users
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -120,22 +120,22 @@ def create_app(settings: Settings | None = None, components: ComponentsSource = 
     @app.post("/recommend", response_model=RecommendOut, responses={**E400, **E401, **E413, **E422, **E429, **E503})
     async def recommend(body: RecommendIn) -> RecommendOut:
         """Top-k items for a user from the stored context and memory (or ``recent_items``)."""
-        return await engine().recommend(body)
+        return await users().recommend(body)
 
     @app.post("/interactions", response_model=InteractionsOut, responses={**E400, **E401, **E413, **E422, **E503})
     async def interactions(body: InteractionsIn) -> InteractionsOut:
         """Store a batch of events (all or nothing); answered once they are in Redis."""
-        return await engine().append(body.events)
+        return await users().append(body.events)
 
     @app.get("/users/{user_id}/history", response_model=HistoryOut, responses={**E401, **E404, **E422, **E503})
     async def history(user_id: str) -> HistoryOut:
         """The user's stored events, oldest first, with titles (404 ``unknown_user`` if none)."""
-        return await engine().history(_user_id(user_id))
+        return await users().history(_user_id(user_id))
 
     @app.delete("/users/{user_id}", status_code=204, responses={**E401, **E422, **E503})
     async def delete_user(user_id: str) -> Response:
         """Erase every stored event and memory vector of the user. Idempotent: 204 also when nothing was stored."""
-        await engine().delete(_user_id(user_id))
+        await users().delete(_user_id(user_id))
         return Response(status_code=204)
 
     return app

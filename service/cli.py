@@ -11,10 +11,10 @@ from service.reproduce import ReproduceConfig
 from service.settings import Settings
 
 # the single-stage commands (train generator / retriever) default to what `automr reproduce` runs (its
-# paper budget), so a stage run alone gives the artefact the one command gives (BENCHMARKS §4d)
+# paper budget), so a stage run alone gives the artefact the one command gives (BENCHMARKS §2.4)
 PAPER = ReproduceConfig()
 ELEMENT_HELP = ("memory element kind (window: the paper's, one per interaction, ~160x costlier than item "
-                "elements to encode for ML-100K on a CPU and no better on validation: BENCHMARKS §4f)")
+                "elements to encode for ML-100K on a CPU and no better on validation: BENCHMARKS §2.5)")
 
 LLM_METHODS = ("bigrec", "bigrec-greedy", "full-history", "automr", "random", "semantic")
 
@@ -56,7 +56,7 @@ def cmd_data_prepare(args, settings: Settings) -> int:
 
 
 def cmd_evaluate(args, settings: Settings) -> int:
-    from model.eval.evaluator import run_evaluation
+    from model.eval.run import run_evaluation
 
     options = _parse_options(args.option)
     if args.method in LLM_METHODS:  # the generator's and the served generation's settings as defaults
@@ -311,12 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--dataset", default="ml-100k")
     rp.add_argument("--path", default=None, help="raw data (ml-100k: the fetched copy)")
     rp.add_argument("--runs", type=Path, default=Path("runs"), help="RUNS/<dataset>: data, artefacts, results")
-    rp.add_argument("--docs", type=Path, default=Path("docs/results"), help="reports go to DOCS/<dataset>")
+    rp.add_argument("--docs", type=Path, default=Path("docs/results/quality"), help="reports go to DOCS/<dataset>")
     rp.add_argument("--limit", type=int, default=PAPER.limit, help="seeded test subset, the same for every method")
     rp.add_argument("--titles", choices=["as-is", "natural"], default=PAPER.titles,
                     help="natural: 'Fugitive, The (1993)' -> 'The Fugitive (1993)' (data prepare --titles)")
     rp.add_argument("--no-head-cache", action="store_true",
-                    help="prefill whole prompts instead of reusing the template head's KV cache (BENCHMARKS.md §5)")
+                    help="prefill whole prompts instead of reusing the template head's KV cache (BENCHMARKS.md §3.2)")
     rp.add_argument("--budget", choices=["paper", "quick"], default="paper",
                     help="preset of the budgets below (service/reproduce.py: BUDGETS); a flag given overrides it")
     rp.add_argument("--generator-recipe", choices=["packed", "sliding"], default=PAPER.generator_recipe,

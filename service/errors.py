@@ -2,7 +2,7 @@
 
 ``ApiError`` is what the service's own code raises; the handlers below turn it, FastAPI's request
 validation errors (malformed JSON included), Starlette's 404/405, ``StoreUnavailable``, the model
-runner's ``QueueFull`` (429) and any unexpected exception into that shape. The middlewares
+worker's ``QueueFull`` (429) and any unexpected exception into that shape. The middlewares
 (``service/security.py``, ``service/observability.py``) answer 401/413/500 with the same shape.
 
 Every error response records its code in the ASGI scope (``ERROR_SCOPE_KEY``) so that the metrics
@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from memory_store import StoreUnavailable
+from service.scheduler import QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,13 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
         super().__init__(f"{status} {code}: {detail}")
         self.status, self.code, self.detail, self.headers = status, code, detail, headers
+
+
+class RunnerClosed(ApiError):
+    """The model worker is shutting down: 503 ``shutting_down`` (another replica, or this one restarted, can answer)."""
+
+    def __init__(self, detail: str = "the server is shutting down"):
+        super().__init__(503, "shutting_down", detail, headers={"Retry-After": "1"})
 
 
 def not_ready(detail: str = "the model is still loading") -> ApiError:
@@ -154,7 +162,7 @@ async def _store_unavailable(request: Request, exc: StoreUnavailable) -> JSONRes
 
 
 async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
-    """``service.runner.QueueFull``: the model's queue holds ``AUTOMR_MAX_QUEUE`` requests already."""
+    """``QueueFull``: the model's queue holds ``AUTOMR_MAX_QUEUE`` requests already."""
     wait = retry_after(getattr(exc, "retry_after_s", None))
     detail = str(exc) or "the model queue is full (AUTOMR_MAX_QUEUE requests waiting)"
     return error_response(429, "overloaded", f"{detail}; retry in {wait} s", {"Retry-After": wait}, request.scope)
@@ -175,16 +183,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
-    queue_full = _queue_full_class()
-    if queue_full is not None:
-        app.add_exception_handler(queue_full, _overloaded)
-
-
-def _queue_full_class() -> type[Exception] | None:
-    """The runner's back-pressure exception, imported late (the runner may import this module)."""
-    try:
-        from service.runner import QueueFull
-    except ImportError:  # a runner without a bounded queue never raises it
-        return None
-    return QueueFull
+    app.add_exception_handler(QueueFull, _overloaded)
     app.add_exception_handler(Exception, _unexpected)

@@ -9,7 +9,7 @@ the ``/version`` document.
 The request id is taken from the ``X-Request-ID`` request header when it is 1..128 visible ASCII
 characters, else a fresh uuid4 hex; it is echoed in the ``X-Request-ID`` response header of every
 response (errors included) and is in every log record of the request (``request_id_var``, a
-ContextVar: ``Engine._io`` copies it to the Redis threads).
+ContextVar: ``UserService._io`` copies it to the Redis threads).
 
 The metrics middleware is the outermost layer: it sees the 401/413 answers of the security
 middleware and answers unexpected exceptions itself (500 ``internal_error``), so that those too carry
@@ -365,16 +365,16 @@ def version_info(state: Any) -> dict:
     The model settings are the effective ones once loaded (injected components may differ from the
     environment's), the configured ones before (``null`` = decided at load time)."""
     s = state.settings
-    engine, comps = state.engine, state.components
+    users, comps = state.users, state.components
     model: dict[str, Any] = {"cut_layer": s.cut_layer, "dtype": s.dtype, "slot_policy": s.slot_policy,
                              "memory_element": s.memory_element, "k_short": None}
     if comps is not None:
         lm = comps.pipeline.lm
         model.update(cut_layer=lm.cut, dtype=str(lm.dtype).removeprefix("torch."),
                      memory_element=comps.pipeline.element, k_short=comps.pipeline.k_short)
-    if engine is not None:
-        model["slot_policy"] = engine.slot_policy
-        model["memory_fingerprint"] = engine.fingerprint
+    if users is not None:
+        model["slot_policy"] = users.slot_policy
+        model["memory_fingerprint"] = users.fingerprint
     return {
         "version": package_version(),
         "model_version": comps.model_version if comps is not None else None,
@@ -392,7 +392,7 @@ def version_info(state: Any) -> dict:
             "popularity_gamma": s.popularity_gamma, "popularity_mix": s.popularity_mix,
             "batch_max_size": s.batch_max_size, "batch_max_wait_ms": s.batch_max_wait_ms,
             "ground_max_wait_ms": s.ground_max_wait_ms, "max_queue": s.max_queue,
-            "prefill_max_tokens": s.prefill_max_tokens, "prefill_chunk_tokens": s.prefill_chunk_tokens,
+            "prefill_max_tokens": s.prefill_max_tokens,
             "background_modes": list(s.background_modes), "background_share": s.background_share,
             "background_chunk_tokens": s.background_chunk_tokens,
             "draft_tokens": s.draft_tokens, "draft_max_rows": s.draft_max_rows, "draft_learn": s.draft_learn,

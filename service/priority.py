@@ -4,7 +4,7 @@ A call is background when its recommender is (``keys``: the service's full-histo
 ``AUTOMR_BACKGROUND_MODES``), unless its request says otherwise (``"priority"`` in ``POST /recommend``:
 ``"background"`` for work nobody waits for, such as precomputing recommendations; ``"interactive"``).
 Full-history prompts (~1,200 tokens, ~1.2 s of prefill) would otherwise stop the short modes' rows
-for their whole length (BENCHMARKS §6f, §6h). ``ModelRunner`` asks this policy three things:
+for their whole length (BENCHMARKS §4.3, §8). The scheduler (``service/scheduler.py``) asks this policy three things:
 
 - which queued call to take next (``first``): the oldest call that is not background; a
   background call when no other is queued, or when its credit allows and it fits now, so that it is

@@ -29,11 +29,11 @@ class ReproduceConfig:
     dataset: str = "ml-100k"
     path: str | None = None  # raw data (ml-100k: the fetched copy)
     runs: Path = Path("runs")  # runs/<dataset>: prepared data, artefacts/, results/
-    docs: Path = Path("docs/results")  # where the markdown and PNG reports go
+    docs: Path = Path("docs/results/quality")  # where the markdown and PNG reports go (DOCS/<dataset>)
     min_item: int = 5  # the protocol (docs/METHOD.md §1)
     min_user: int = 20
     k_short: int = 10
-    titles: str = "as-is"  # as-is | natural (a trailing article moves to the front: BENCHMARKS §4b)
+    titles: str = "as-is"  # as-is | natural (a trailing article moves to the front: BENCHMARKS §2.5)
     cut: int = 20
     dtype: str = "auto"
     # the LLM methods' generation options (RecommenderConfig fields; the CLI passes the service's,
@@ -44,18 +44,18 @@ class ReproduceConfig:
     # the list template (model/train/packed.py); "sliding": BIGRec's one Alpaca prompt per sample
     generator_recipe: str = "packed"
     # train targets (None: all 71,864 of ML-100K, ~70 min per epoch on the 2-core CPU); which ones:
-    # generator_subset. The preset keeps the whole of `reproduce` within ~2.5 h there (BENCHMARKS §3)
+    # generator_subset. The preset keeps the whole of `reproduce` within ~2.5 h there (BENCHMARKS §2.2)
     generator_samples: int | None = 48_000
     generator_subset: str = "latest"  # "latest" (nearest the validation period) | "random" (seeded)
     generator_chunk: int = 32  # targets per packed row
     generator_epochs: int = 1
     generator_valid: int = 128  # valid samples for early stopping
     # packed rows (sliding: samples) per optimizer step: one row (~25 targets) gave as low a valid loss as
-    # 8 rows of 64 targets, in 11x the steps and 0.8x the time (BENCHMARKS §3)
+    # 8 rows of 64 targets, in 11x the steps and 0.8x the time (BENCHMARKS §2.2)
     generator_batch: int = 1
     generator_lr: float = 3e-4
     generator_warmup: int = 20  # linear warm-up steps (keep below the number of steps of a small budget)
-    element: str = "item"  # memory element kind (window is the paper's; item: ~160x cheaper, no worse, BENCHMARKS §4f)
+    element: str = "item"  # memory element kind (window is the paper's; item: ~160x cheaper, no worse, BENCHMARKS §2.5)
     label_train: int = 128
     label_valid: int = 32
     per_user: int = 8
@@ -72,8 +72,8 @@ class ReproduceConfig:
             raise ValueError(f"until must be one of {STAGES}, got {self.until!r}")
 
 
-# Budget presets (``automr reproduce --budget``). "paper": the run behind docs/BENCHMARKS.md (BIGRec's
-# 1,024 tuning samples): the config's defaults, which ``automr train generator|retriever`` also use.
+# Budget presets (``automr reproduce --budget``). "paper": the config's defaults (the latest 48,000 train
+# targets, BENCHMARKS §2.2), which ``automr train generator|retriever`` also use.
 BUDGETS: dict[str, dict] = {
     "paper": {k: getattr(ReproduceConfig, k) for k in QUICK_BUDGET},
     "quick": QUICK_BUDGET,
@@ -123,7 +123,7 @@ def _warn_budget(generator_dir: Path, cfg: ReproduceConfig) -> None:
 def reproduce(cfg: ReproduceConfig) -> dict:
     from model.assets import fetch_assets
     from model.data.prepared import PreparedDataset, prepare_cmd
-    from model.eval.evaluator import run_evaluation
+    from model.eval.run import run_evaluation
     from model.eval.paper_reports import figure2, figure3, table1
     from model.eval.report import memory_size_table
 

@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 
 from memory_store.keys import MAX_EVENT_ID_CHARS, MAX_ITEM_ID_CHARS, MAX_USER_ID_CHARS, check_text
+from service.modes import Mode
 
-Mode = Literal["automr", "bigrec", "full-history"]
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_RECENT_ITEMS = 100
 

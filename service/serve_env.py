@@ -8,8 +8,8 @@ The model allocates and frees buffers of hundreds of MB every decoding step. gli
 reuses them but its heap fragments; glibc tuned to give them back (``AUTOMR_MALLOC=glibc``) and jemalloc
 with its default decay both fault them in again at the next step and lose a third to a half of the
 throughput; jemalloc with decay off reuses them and keeps the resident set at the largest working set
-seen (docs/BENCHMARKS.md §7b-§7c). OpenMP's settings are left alone: its passive wait policy helped
-beside another job but lost 14-23% alone (§7a); the thread governor does that job instead.
+seen (docs/BENCHMARKS.md §5, §7.2). OpenMP's settings are left alone: its passive wait policy helped
+beside another job but lost 14-23% alone (§7.1); the thread governor does that job instead.
 """
 from __future__ import annotations
 

@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.modes import Mode, SlotPolicy
+
 
 def _default_home() -> Path:
     return Path.home() / ".cache" / "automr"
@@ -52,7 +54,7 @@ class Settings(BaseSettings):
     # an idle keep-alive connection is closed after this long. Keep it above the idle timeout of the
     # clients and load balancers in front (aiohttp 15 s, AWS ALB and nginx 60 s): when the server
     # closes first, a request sent on that connection at the same moment is dropped, which the client
-    # sees as a disconnect (uvicorn's own default, 5 s, did that in a load run: BENCHMARKS §6i)
+    # sees as a disconnect (uvicorn's own default, 5 s, did that in a load run: BENCHMARKS §4)
     keep_alive_s: float = Field(default=75.0, gt=0)
 
     # ---- the online service (`automr serve`; docs/SERVICE.md) ----
@@ -60,18 +62,18 @@ class Settings(BaseSettings):
     generator_dir: Path | None = None
     retriever_dir: Path | None = None
     # what fills the memory slot; None = "learned" when a retriever artefact exists, else "none"
-    slot_policy: Literal["learned", "none", "random", "semantic"] | None = None
+    slot_policy: SlotPolicy | None = None
     # memory element kind; None = the retriever's (train_report.json), else window
     memory_element: Literal["window", "item"] | None = None
     max_new_tokens: int = Field(default=32, ge=1, le=256)
     # ranking: beams over the catalogue's title trie (seen items pruned) first, then L2 grounding of the
-    # best beam's title for the rest (model/beam_search.py); constrained=false: greedy + L2 (num_beams is
+    # best beam's title for the rest (model/generation/beams.py); constrained=false: greedy + L2 (num_beams is
     # then unused), BIGRec as its paper defines it
     constrained: bool = True
     num_beams: int = Field(default=20, ge=1, le=64)
     # beam search: gamma of the popularity prior (ARTEFACTS/popularity.json; 0 = the generator alone);
     # 3 is the best of {1, 3} on validation for the quick-start model, and of {3, 6} for an 8,000-target
-    # one (BENCHMARKS §4)
+    # one (BENCHMARKS §2.3)
     popularity_gamma: float = Field(default=3.0, ge=0)
     # beam search: weight of the popularity share in a mixture with the generator's probability (0 = off)
     popularity_mix: float = Field(default=0.0, ge=0, le=1)
@@ -81,7 +83,7 @@ class Settings(BaseSettings):
     prefill_max_tokens: int = Field(default=2048, ge=1)
     # speculative decoding steps (RecommenderConfig.draft_tokens / draft_max_rows): while at most
     # draft_max_rows rows decode, each step also checks up to draft_tokens tokens guessed from the
-    # catalogue's titles; 0 = off (BENCHMARKS §6d)
+    # catalogue's titles; 0 = off (BENCHMARKS §3.3)
     draft_tokens: int = Field(default=8, ge=0, le=64)
     draft_max_rows: int = Field(default=2, ge=1)
     # contexts of recent answers the draft table learns from (NgramDrafter.max_recent); 0 = catalogue only
@@ -122,16 +124,11 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(default=5.0, ge=0)  # how long the first request waits for company
     # how long an answer done decoding waits for others to be grounded with it, while other rows decode
     ground_max_wait_ms: float = Field(default=100.0, ge=0)
-    # chunked prefill: while rows decode, a prefill runs this many padded prompt tokens between two
-    # decoding steps, so a long prompt (full-history: ~1,200 tokens, ~1.2 s) does not stop them for
-    # its whole length at once; 0 = every prefill group runs whole (the default: with whole answers
-    # per response, 512 changed no end-to-end latency under load, BENCHMARKS §6f)
-    prefill_chunk_tokens: int = Field(default=0, ge=0)
-    # priority between modes (service/runner.py): requests of these modes yield to the others. They
+    # priority between modes (service/priority.py): requests of these modes yield to the others. They
     # are taken after them, their prefills run in chunks of background_chunk_tokens padded tokens
     # (back to back when nothing else is live) and, while other work is live, only within
-    # background_share of the model's time. [] = first come, first served (BENCHMARKS §6h)
-    background_modes: list[Literal["automr", "bigrec", "full-history"]] = ["full-history"]
+    # background_share of the model's time. [] = first come, first served (BENCHMARKS §4.3)
+    background_modes: list[Mode] = ["full-history"]
     background_share: float = Field(default=0.25, ge=0, lt=1)
     background_chunk_tokens: int = Field(default=256, ge=1)
     max_queue: int = Field(default=64, ge=1)  # requests waiting for the model; more -> 429 + Retry-After

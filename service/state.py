@@ -9,7 +9,7 @@ loader thread then
 3. seeds it from the prepared dataset's ``interactions.csv`` unless the marker key
    ``<ns>:seeded:<dataset id>`` says this dataset was loaded before (so users erased later are not
    brought back by a restart); while Redis is unreachable it retries every few seconds,
-4. builds the runner and the engine and flips ``/readyz`` to 200.
+4. builds the model worker and the users service and flips ``/readyz`` to 200.
 
 A failure in 1 or 4 leaves the process up with ``/readyz`` 503 and the reason in ``detail``.
 """
@@ -26,11 +26,15 @@ from typing import Callable
 import torch
 
 from memory_store import EmbeddedRedis, MemoryStore, StoreUnavailable, open_store
+from model.generation.stop import stop_rule
 from service.components import Components, load_components
-from service.engine import MODE_RECOMMENDERS, EncoderWorker, Engine
-from service.runner import ModelRunner
+from service.background_encoder import BackgroundEncoder
+from service.memory_elements import MemoryElements
+from service.modes import build_recommenders, recommender_keys
 from service.settings import Settings
 from service.thread_governor import ThreadGovernor
+from service.users import UserService
+from service.worker import ModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +74,9 @@ class AppState:
         self._own_store = store is None
         self.server: EmbeddedRedis | None = None
         self.components: Components | None = None
-        self.engine: Engine | None = None
-        self.runner: ModelRunner | None = None
-        self.encoder: EncoderWorker | None = None
+        self.users: UserService | None = None
+        self.runner: ModelWorker | None = None
+        self.encoder: BackgroundEncoder | None = None
         self.phase = "starting"
         self.error: str | None = None
         self.seeded: dict | None = None
@@ -86,7 +90,7 @@ class AppState:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None
+        return self.users is not None
 
     def status(self) -> dict:
         out = {"status": "ready" if self.ready else self.phase}
@@ -95,10 +99,10 @@ class AppState:
         if self.components is not None:
             out["model_version"] = self.components.model_version
             out["dataset"] = self.components.dataset_name
-        if self.engine is not None:
-            out["slot_policy"] = self.engine.slot_policy
-            out["k_short"] = self.engine.k
-            out["memory_fingerprint"] = self.engine.fingerprint
+        if self.users is not None:
+            out["slot_policy"] = self.users.slot_policy
+            out["k_short"] = self.users.k
+            out["memory_fingerprint"] = self.users.fingerprint
         return out
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -139,46 +143,41 @@ class AppState:
                 return
             p = comp.pipeline
             p.draft_learn, p.ground_memo_recent = s.draft_learn, s.ground_memo_recent  # before they are built
-            cfg = dict(batch_size=s.llm_batch_size, **s.generation())
             # the draft table and the grounding memo are built here with the recommenders, not in a request
-            recommenders = {pol: p.recommender(pol, **cfg) for pol in ("none", "random", "semantic")}
-            if p.retriever is not None:
-                recommenders["learned"] = p.recommender("learned", **cfg)
-            recommenders["full-history"] = p.recommender("none", full_history=True, **cfg)
-            self.runner = ModelRunner(p, recommenders, batch_size=s.llm_batch_size, max_batch=s.batch_max_size,
+            recommenders = build_recommenders(p, batch_size=s.llm_batch_size, **s.generation())
+            elements = MemoryElements(p, batch_size=s.llm_batch_size, memory_dir=self._memory_dir(comp))
+            self.runner = ModelWorker(p, recommenders, elements, max_batch=s.batch_max_size,
                                       max_wait_ms=s.batch_max_wait_ms, max_queue=s.max_queue,
-                                      memory_dir=self._memory_dir(comp), ground_wait_ms=s.ground_max_wait_ms,
-                                      prefill_chunk_tokens=s.prefill_chunk_tokens,
-                                      background=[k for m in s.background_modes for k in MODE_RECOMMENDERS[m]
-                                                  if k in recommenders],
+                                      ground_wait_ms=s.ground_max_wait_ms,
+                                      background=recommender_keys(s.background_modes, recommenders),
                                       background_share=s.background_share,
                                       background_chunk_tokens=s.background_chunk_tokens,
                                       governor=ThreadGovernor(torch.get_num_threads()) if s.adaptive_threads else None)
-            engine = Engine(comp, self.store, self.runner, slot_policy=s.slot_policy,
-                            max_batch_events=s.max_batch_events)
+            users = UserService(comp, self.store, self.runner, elements, slot_policy=s.slot_policy,
+                                max_batch_events=s.max_batch_events)
             self.phase = "warming up"
-            p.lm.line_tables()  # the decoding stop's token tables: once here, not in the first request
-            if engine.uses_memory:
-                self.runner.warm_items()  # item elements: every title encoded (no-op for windows)
+            stop_rule(p.lm)  # the decoding stop's token tables: once here, not in the first request
+            if users.uses_memory:
+                elements.warm()  # item elements: every title encoded (no-op for windows)
         except Exception as e:  # keep the process up: /readyz tells why
             self.phase = "failed"
             self.error = f"start-up failed: {type(e).__name__}: {e}"
             log.exception("start-up failed")
             return
         try:
-            self._loop.call_soon_threadsafe(self._became_ready, engine)
+            self._loop.call_soon_threadsafe(self._became_ready, users)
         except RuntimeError:  # the loop closed while we loaded (shutdown)
             pass
 
-    def _became_ready(self, engine: Engine) -> None:
+    def _became_ready(self, users: UserService) -> None:
         if self._stop.is_set():
             return
         s = self.settings
-        if s.encode_on_write and engine.uses_memory:
-            self.encoder = EncoderWorker(engine, queue_size=s.encoder_queue_size, batch_users=s.encoder_batch_users)
+        if s.encode_on_write and users.uses_memory:
+            self.encoder = BackgroundEncoder(users, queue_size=s.encoder_queue_size, batch_users=s.encoder_batch_users)
             self.encoder.start()
-            engine.encoder_worker = self.encoder
-        self.engine = engine
+            users.background_encoder = self.encoder
+        self.users = users
         if s.gc_freeze:
             gc.collect()
             gc.freeze()  # the loaded model and catalogue are never garbage: full collections skip them
@@ -199,7 +198,7 @@ class AppState:
     async def stop(self) -> None:
         """Graceful shutdown, within ``shutdown_grace_s`` in all (idempotent).
 
-        1. No new work: ``engine`` is unset, so ``/readyz`` and every API call answer 503 ``not_ready``
+        1. No new work: ``users`` is unset, so ``/readyz`` and every API call answer 503 ``not_ready``
            (handlers already running keep their reference and finish). Under ``automr serve`` uvicorn
            has already stopped accepting connections and waited for the running requests.
         2. The background encoder takes no more users and drains its queue (bounded by the grace).
@@ -221,7 +220,7 @@ class AppState:
         left = lambda: max(self.settings.shutdown_grace_s - (time.monotonic() - t0), 0.0)  # noqa: E731
         self._stop.set()
         self.phase = "stopping"
-        engine, self.engine = self.engine, None
+        users, self.users = self.users, None
         if self.encoder is not None:
             drained = await self.encoder.stop(timeout=left())
             log.info("shutdown: background encoder %s", "drained" if drained else "stopped with work left")
@@ -231,8 +230,8 @@ class AppState:
             done = await asyncio.to_thread(self.runner.close, left())
             log.info("shutdown: model runner %s after %.1fs", "drained" if done else "abandoned",
                      time.monotonic() - t0)
-        if engine is not None:
-            engine.close()
+        if users is not None:
+            users.close()
         if self._own_store and self.store is not None:
             self.store.close()
         if self.server is not None and self.server.owned:

@@ -1,9 +1,7 @@
-"""Dynamic batching in ``service/runner.py``: concurrent calls -> one model call, each caller its rows.
-
-The model-level tests use a tiny random Llama: the batched answer of every request is compared with
-``Recommender.recommend`` on that request alone (and the encoder's vectors with a direct encoder
-call). The scheduling tests (max_wait, keys, queue bound, cancellation, errors, close) use a fake
-recommender that records each model call and can be held on a ``threading.Event``.
+"""Continuous batching by the model worker (``service/worker.py``) on a tiny random Llama: the batched
+answer of every request is compared with ``Recommender.recommend`` on that request alone (and the
+encoder's vectors with a direct encoder call), whatever joined or left the decoding batch around it.
+The scheduler's decisions on their own, on plain data, are in ``tests/test_scheduler.py``.
 """
 from __future__ import annotations
 
@@ -15,13 +13,18 @@ import numpy as np
 import pytest
 import torch
 
+from model import generation
+from model.generation.prefill import prefill_groups
 from model.grounding import CatalogueIndex
 from model.llm import SplitLM
 from model.pipeline import Pipeline
 from model.prompts import PromptBuilder
-from model.recommend import Recommendation, RecommenderConfig, RecommendRequest, prefill_groups
+from model.recommend import Recommendation, RecommendRequest
 from model.retriever import Retriever, RetrieverConfig
-from service.runner import ModelRunner, QueueFull, RunnerClosed
+from service.errors import RunnerClosed
+from service.memory_elements import MemoryElements
+from service.scheduler import QueueFull
+from service.worker import ModelWorker
 from tests.conftest import TINY_TITLES, build_tiny_lm, build_tiny_tokenizer
 
 pytestmark = pytest.mark.anyio
@@ -48,11 +51,12 @@ def pipe():
 
 @pytest.fixture
 def runners():
-    """``make(pipeline, recommenders, **kw)`` -> a ModelRunner, closed after the test."""
-    made: list[ModelRunner] = []
+    """``make(pipeline, recommenders, batch_size=16, memory_dir=None, **kw)`` -> a ModelWorker, closed
+    after the test."""
+    made: list[ModelWorker] = []
 
-    def make(p, recs, **kw):
-        made.append(ModelRunner(p, recs, **kw))
+    def make(p, recs, batch_size=16, memory_dir=None, **kw):
+        made.append(ModelWorker(p, recs, MemoryElements(p, batch_size, memory_dir), **kw))
         return made[-1]
 
     yield make
@@ -60,7 +64,7 @@ def runners():
         r.close(5)
 
 
-def _record(runner: ModelRunner, kinds: tuple[str, ...] = ("recommend", "encode")) -> list[tuple[str, int]]:
+def _record(runner: ModelWorker, kinds: tuple[str, ...] = ("recommend", "encode")) -> list[tuple[str, int]]:
     """(kind, size) of the runner's model calls of these kinds ("ground": grounding passes), in order."""
     seen: list[tuple[str, int]] = []
     runner.add_listener(lambda kind, size, seconds: seen.append((kind, size)) if kind in kinds else None)
@@ -76,13 +80,13 @@ async def _until(cond, timeout: float = 10.0) -> None:
 
 def _hold_steps(pipe, monkeypatch) -> threading.Event:
     """Decoding steps wait until the returned event is set (so that later calls queue meanwhile)."""
-    go, step = threading.Event(), pipe.lm.step
+    go, step = threading.Event(), generation.step
 
-    def held_step(batch):
+    def held_step(lm, batch):
         assert go.wait(10)
-        return step(batch)
+        return step(lm, batch)
 
-    monkeypatch.setattr(pipe.lm, "step", held_step, raising=False)
+    monkeypatch.setattr(generation, "step", held_step)
     return go
 
 
@@ -123,14 +127,14 @@ async def test_requests_join_a_decoding_batch_and_get_their_own_answers(pipe, ru
     alone = [recs[key].recommend([reqs[i][0]], topk=reqs[i][1])[0] for key, i in plan]
 
     go, seen_keys = threading.Event(), []
-    step = pipe.lm.step
+    step = generation.step
 
-    def held_step(batch):  # the first step waits until every other call is queued
+    def held_step(lm, batch):  # the first step waits until every other call is queued
         assert go.wait(10)
         seen_keys.append(sorted({key for job, _ in batch.tags for key, r in recs.items() if r is job.recommender}))
-        return step(batch)
+        return step(lm, batch)
 
-    monkeypatch.setattr(pipe.lm, "step", held_step, raising=False)
+    monkeypatch.setattr(generation, "step", held_step)
     runner = runners(pipe, recs, max_batch=4, max_wait_ms=0)
     admitted = _record(runner)
     first = asyncio.ensure_future(runner.recommend("learned", [reqs[0][0]], topk=reqs[0][1]))
@@ -149,26 +153,26 @@ async def test_requests_join_a_decoding_batch_and_get_their_own_answers(pipe, ru
     assert len(admitted) > 1 and all(kind == "recommend" for kind, _ in admitted)  # several prefills...
     assert max(len(keys) for keys in seen_keys) >= 2  # ...whose rows decoded together across recommenders
     assert any("beams" in keys and len(keys) >= 2 for keys in seen_keys)  # beams beside greedy rows
-    assert runner._decoding is None and runner.queue_depth() == 0
+    assert runner.decoding is None and runner.queue_depth() == 0
 
 
 async def test_a_failing_decoding_step_fails_its_calls_and_the_runner_goes_on(pipe, runners, monkeypatch):
     rec = pipe.recommender("none", max_new_tokens=MAX_NEW)
     req, k = _requests(pipe)[2]
     want = rec.recommend([req], topk=k)[0]
-    step, failures = pipe.lm.step, [RuntimeError("out of memory in a step")]
+    step, failures = generation.step, [RuntimeError("out of memory in a step")]
 
-    def flaky(batch):
+    def flaky(lm, batch):
         if failures:
             raise failures.pop()
-        return step(batch)
+        return step(lm, batch)
 
-    monkeypatch.setattr(pipe.lm, "step", flaky, raising=False)
+    monkeypatch.setattr(generation, "step", flaky)
     runner = runners(pipe, {"none": rec}, max_batch=4, max_wait_ms=0)
     with pytest.raises(RuntimeError, match="out of memory"):
         await runner.recommend("none", [req], topk=k)
     got = (await runner.recommend("none", [req], topk=k))[0]  # the model thread is still serving
-    assert got.items == want.items and runner._decoding is None
+    assert got.items == want.items and runner.decoding is None
 
 
 @pytest.mark.parametrize("key,draft,beams", [("learned", 0, 0), ("semantic", 0, 0), ("random", 0, 0),
@@ -182,7 +186,7 @@ async def test_batched_recommend_equals_one_at_a_time(pipe, runners, key, draft,
     rec = pipe.recommender(policy, full_history=key == "full-history", max_new_tokens=MAX_NEW,
                            draft_tokens=draft, draft_max_rows=8, constrained=beams > 0, num_beams=max(beams, 1))
     reqs = _requests(pipe)
-    alone = [rec.recommend([r], topk=k)[0] for r, k in reqs]  # the reference: each request by itself (HF generate)
+    alone = [rec.recommend([r], topk=k)[0] for r, k in reqs]  # the reference: each request by itself
 
     runner = runners(pipe, {key: rec}, max_batch=len(reqs), max_wait_ms=5000)
     seen = _record(runner)
@@ -249,47 +253,6 @@ async def test_a_lone_answer_does_not_wait_for_grounding_company(pipe, runners):
     assert got.items == rec.recommend([req], topk=k)[0].items
 
 
-class _Finisher:
-    """A recommender's ``finish`` alone: one Recommendation per text."""
-
-    config = RecommenderConfig()
-
-    def finish(self, requests, texts, beams, picks, topk=None):
-        return [Recommendation(items=[0], distances=[0.0], generated=t, memory_indices=[], memory_scores=[])
-                for t in texts]
-
-
-def test_grounding_policy_waits_until_a_batch_is_full_the_wait_is_over_or_nothing_decodes(pipe, runners):
-    """``_ground`` on its own (the model thread sleeps: nothing was submitted)."""
-    from service.runner import _Call, _Job
-
-    runner = runners(pipe, {}, max_batch=3, ground_wait_ms=60_000)
-    passes = _record(runner, ("ground",))
-    fin = _Finisher()
-
-    def done_job(rows: int, waited_s: float = 0.0) -> _Job:
-        job = _Job(_Call("recommend", "fake", [_req(j) for j in range(rows)], None), fin)
-        job.texts = [f"t{j}" for j in range(rows)]
-        job.done_at = time.monotonic() - waited_s
-        runner._grounding.append(job)
-        return job
-
-    runner._decoding = object()  # other rows are decoding
-    a = done_job(1)
-    runner._ground()
-    assert passes == [] and not a.call.future.done()  # waits for company
-    b = done_job(2)
-    runner._ground()  # 3 rows = max_batch
-    assert passes == [("ground", 3)] and a.call.future.done() and b.call.future.done()
-    c = done_job(1, waited_s=61)
-    runner._ground()  # waited longer than ground_wait_ms
-    assert passes[-1] == ("ground", 1) and c.call.future.result()[0].generated == "t0"
-    runner._decoding = None
-    d = done_job(1)
-    runner._ground()  # nothing else decodes
-    assert passes[-1] == ("ground", 1) and d.call.future.done() and runner._grounding == []
-
-
 def test_prefill_groups_sorted_within_the_token_budget():
     lengths = [30, 10, 500, 12, 31, 11, 200]
     groups = prefill_groups(lengths, 64)
@@ -307,13 +270,13 @@ async def test_prefill_in_groups_equals_one_at_a_time(pipe, runners, monkeypatch
     reqs = _requests(pipe)
     alone = [pipe.recommender("learned", max_new_tokens=MAX_NEW).recommend([r], topk=k)[0] for r, k in reqs]
     lengths = [len(p.input_ids) for p in rec.prompts([r for r, _ in reqs])]
-    starts, begin = [], pipe.lm.begin
+    starts, begin = [], generation.begin
 
-    def counted(prompts, *args, **kwargs):
+    def counted(lm, prompts, *args, **kwargs):
         starts.append(len(prompts))
-        return begin(prompts, *args, **kwargs)
+        return begin(lm, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(pipe.lm, "begin", counted, raising=False)
+    monkeypatch.setattr(generation, "begin", counted)
     runner = runners(pipe, {"learned": rec}, max_batch=len(reqs), max_wait_ms=5000)
     got = await asyncio.gather(*(runner.recommend("learned", [r], topk=k) for r, k in reqs))
     assert starts == [len(g) for g in prefill_groups(lengths, budget)] and len(starts) > 1
@@ -324,58 +287,32 @@ async def test_prefill_in_groups_equals_one_at_a_time(pipe, runners, monkeypatch
 
 def _trace(pipe, monkeypatch) -> tuple[list[str], list[int], list[int]]:
     """What the model thread does, in order: "chunk" (a prefill chunk), "prefill" (a prefill's last
-    forward) and "step" (a decoding step); the rows of each step; the prompt length of each prefill
+    chunk) and "step" (a decoding step); the rows of each step; the prompt length of each prefill
     done, in order."""
-    events, rows, done, advance, step = [], [], [], pipe.lm.advance, pipe.lm.step
+    events, rows, done = [], [], []
+    advance, complete, step = generation.advance, generation.complete, generation.step
 
-    def traced_advance(prefill, max_tokens=None):
-        out = advance(prefill, max_tokens)
-        events.append("chunk" if out is None else "prefill")
-        if out is not None:
-            done.append(prefill.prompt_len)
+    def traced_advance(lm, prefill, max_tokens=None):
+        out = advance(lm, prefill, max_tokens)
+        if out is None:
+            events.append("chunk")
         return out
 
-    def traced_step(batch):
+    def traced_complete(lm, prefill, *args, **kwargs):
+        out = complete(lm, prefill, *args, **kwargs)
+        events.append("prefill")
+        done.append(prefill.prompt_len)
+        return out
+
+    def traced_step(lm, batch):
         events.append("step")
         rows.append(batch.rows)
-        return step(batch)
+        return step(lm, batch)
 
-    monkeypatch.setattr(pipe.lm, "advance", traced_advance, raising=False)
-    monkeypatch.setattr(pipe.lm, "step", traced_step, raising=False)
+    monkeypatch.setattr(generation, "advance", traced_advance)
+    monkeypatch.setattr(generation, "complete", traced_complete)
+    monkeypatch.setattr(generation, "step", traced_step)
     return events, rows, done
-
-
-async def test_a_long_prefill_runs_in_chunks_between_the_steps_of_decoding_rows(pipe, runners, monkeypatch):
-    """Chunked prefill: a full-history call arriving while a call decodes is prefilled a chunk at a
-    time, with a decoding step after each chunk; a short call queued after it is prefilled between
-    two of its chunks (round robin); all get the answers they get alone."""
-    recs = {"learned": pipe.recommender("learned", max_new_tokens=MAX_NEW),
-            "full-history": pipe.recommender("none", full_history=True, max_new_tokens=MAX_NEW)}
-    reqs = _requests(pipe)
-    short, long_, later = reqs[0], (RecommendRequest(context=list(range(18)), exclude={0}, seed=9), 5), reqs[1]
-    want = [recs[key].recommend([r], topk=k)[0] for key, (r, k) in
-            (("learned", short), ("full-history", long_), ("learned", later))]
-    n_tokens = len(recs["full-history"].prompts([long_[0]])[0].input_ids)
-    events, _, done = _trace(pipe, monkeypatch)
-    go = _hold_steps(pipe, monkeypatch)  # the first step waits until the long call is queued
-    runner = runners(pipe, recs, max_batch=4, max_wait_ms=0, prefill_chunk_tokens=8)
-    first = asyncio.ensure_future(runner.recommend("learned", [short[0]], topk=short[1]))
-    await _until(lambda: runner.calls == 1)
-    second = asyncio.ensure_future(runner.recommend("full-history", [long_[0]], topk=long_[1]))
-    await _until(lambda: runner.queue_depth() == 1)
-    third = asyncio.ensure_future(runner.recommend("learned", [later[0]], topk=later[1]))
-    await _until(lambda: runner.queue_depth() == 2)
-    go.set()
-    got = [x[0] for x in await asyncio.gather(first, second, third)]
-    for w, g in zip(want, got):
-        assert g.items == w.items and g.generated == w.generated and g.memory_indices == w.memory_indices
-    assert done[1] < n_tokens == done[2]  # the later short call's prefill was done before the long one's
-    # the first prefill ran whole (nothing was decoding), the long one in chunks of 8 columns with the
-    # short row's steps between them, as long as it was decoding
-    assert events[0] == "prefill" and n_tokens > 5 * 8
-    chunks = [j for j, e in enumerate(events) if e == "chunk"]
-    assert len(chunks) >= 3 and all(events[j + 1] == "step" for j in chunks[:3])
-    assert runner._decoding is None and not runner._admitting
 
 
 def _mixed(pipe, max_new: int = MAX_NEW):
@@ -431,7 +368,7 @@ async def test_background_calls_go_after_the_others_and_get_the_same_answers(pip
         assert done[-1] == n_tokens != done[1]  # the later short call was prefilled first
     else:
         assert done[1] == n_tokens != done[-1]  # in the order they came
-    assert runner._decoding is None and not runner._admitting
+    assert runner.decoding is None and not runner.scheduler.admitting
 
 
 @pytest.mark.parametrize("share", [0.0, 0.9])
@@ -443,15 +380,15 @@ async def test_background_prefill_takes_its_share_while_other_rows_decode(pipe, 
     short = _requests(pipe)[0]
     want = [recs["learned"].recommend([short[0]], topk=short[1])[0],
             recs["full-history"].recommend([long_[0]], topk=long_[1])[0]]
-    go, advance, beside = _hold_steps(pipe, monkeypatch), pipe.lm.advance, []
+    go, advance, beside = _hold_steps(pipe, monkeypatch), generation.advance, []
 
-    def watched_advance(prefill, max_tokens=None):  # does a long-prompt chunk run beside a short row?
+    def watched_advance(lm, prefill, max_tokens=None):  # does a long-prompt chunk run beside a short row?
         if prefill.prompt_len == n_tokens:
-            dec = runner._decoding
+            dec = runner.decoding
             beside.append((dec is not None and any(job.call.key == "learned" for job, _ in dec.tags), max_tokens))
-        return advance(prefill, max_tokens)
+        return advance(lm, prefill, max_tokens)
 
-    monkeypatch.setattr(pipe.lm, "advance", watched_advance, raising=False)
+    monkeypatch.setattr(generation, "advance", watched_advance)
     runner = runners(pipe, recs, max_batch=4, max_wait_ms=0, background=("full-history",),
                      background_share=share, background_chunk_tokens=4)
     got = await _second_while_first_runs(runner, ("learned", short), ("full-history", long_),
@@ -471,15 +408,15 @@ async def test_a_call_arriving_during_a_background_prefill_waits_for_one_chunk(p
     want = [recs["full-history"].recommend([long_[0]], topk=long_[1])[0],
             recs["learned"].recommend([short[0]], topk=short[1])[0]]
     events, _, done = _trace(pipe, monkeypatch)
-    started, go, advance = threading.Event(), threading.Event(), pipe.lm.advance
+    started, go, advance = threading.Event(), threading.Event(), generation.advance
 
-    def held_advance(prefill, max_tokens=None):  # the long prompt's first chunk waits for the short call
+    def held_advance(lm, prefill, max_tokens=None):  # the long prompt's first chunk waits for the short call
         if prefill.prompt_len == n_tokens and not started.is_set():
             started.set()
             assert go.wait(10)
-        return advance(prefill, max_tokens)
+        return advance(lm, prefill, max_tokens)
 
-    monkeypatch.setattr(pipe.lm, "advance", held_advance, raising=False)
+    monkeypatch.setattr(generation, "advance", held_advance)
     runner = runners(pipe, recs, max_batch=4, max_wait_ms=0, background=("full-history",), background_chunk_tokens=8)
     got = await _second_while_first_runs(runner, ("full-history", long_), ("learned", short), started.is_set, go)
     for g, w in zip(got, want):
@@ -497,7 +434,7 @@ async def test_a_background_prefill_alone_runs_its_chunks_back_to_back(pipe, run
     go = _hold_steps(pipe, monkeypatch)
     runner = runners(pipe, recs, max_batch=4, max_wait_ms=0, background=("full-history",), background_chunk_tokens=8)
     got = await _second_while_first_runs(runner, ("full-history", long_), ("full-history", other),
-                                         lambda: runner._decoding is not None, go)
+                                         lambda: runner.decoding is not None, go)
     for g, w in zip(got, want):
         _same(g, w)
     # the first prefill's chunks, one step (held while the second call queued), then the second's
@@ -522,7 +459,7 @@ async def test_a_background_call_is_not_starved_when_the_others_fill_every_row(p
     go = _hold_steps(pipe, monkeypatch)
     runner = runners(pipe, recs, max_batch=1, max_wait_ms=0, background=("full-history",), background_share=share)
     calls = [asyncio.ensure_future(runner.recommend(plan[0][0], [plan[0][1][0]], topk=plan[0][1][1]))]
-    await _until(lambda: runner._decoding is not None)
+    await _until(lambda: runner.decoding is not None)
     for n, (key, (r, k)) in enumerate(plan[1:], start=1):
         calls.append(asyncio.ensure_future(runner.recommend(key, [r], topk=k)))
         await _until(lambda: runner.queue_depth() == n)
@@ -550,7 +487,7 @@ async def test_a_failing_prefill_takes_its_rows_back_and_retries_its_calls_alone
     bad = RecommendRequest(context=list(range(9)), memory=torch.zeros(3, pipe.lm.hidden_size + 1), seed=5)
     want = rec.recommend([good[0]], topk=good[1])[0]
     events, rows, _ = _trace(pipe, monkeypatch)
-    runner = runners(pipe, {"learned": rec}, max_batch=2, max_wait_ms=5000, prefill_chunk_tokens=1000)  # 2 calls fill it
+    runner = runners(pipe, {"learned": rec}, max_batch=2, max_wait_ms=5000)  # 2 calls fill it
     got = await asyncio.gather(runner.recommend("learned", [good[0]], topk=good[1]),
                                runner.recommend("learned", [bad], topk=3), return_exceptions=True)
     assert isinstance(got[1], RuntimeError) and not isinstance(got[0], BaseException)
@@ -558,7 +495,7 @@ async def test_a_failing_prefill_takes_its_rows_back_and_retries_its_calls_alone
     # the good row prefilled, stepped once, was taken back when the bad group failed, then ran alone
     assert events[:2] == ["prefill", "step"] and events.count("prefill") == 2
     assert set(rows) == {1}  # the row taken back never decoded beside its retry
-    assert runner._decoding is None and not runner._admitting and runner.queue_depth() == 0
+    assert runner.decoding is None and not runner.scheduler.admitting and runner.queue_depth() == 0
 
 
 async def test_batched_encode_splits_back(pipe, runners):
@@ -582,184 +519,133 @@ async def test_batched_encode_splits_back(pipe, runners):
     assert (await runner.encode([])).shape == (0, pipe.lm.hidden_size)
 
 
-# ---- scheduling, with a fake recommender ---------------------------------------------------------------
+# ---- the queue, close and failures, with the model thread held ------------------------------------------
 
 
-class FakeRec:
-    """Records each model call (start time, each request's ``context[0]``, topk); the ranking of a
-    request is ``context[0] + i`` for i < topk. Held on ``gate`` when given; a request whose
-    ``context[0]`` is negative makes the call fail."""
+class Gate:
+    """Holds the model thread at the start of ``rec``'s next calls (``begin``: their prompts and picks)
+    until ``open``; ``started`` is set when the first one arrives."""
 
-    def __init__(self, gate: threading.Event | None = None):
-        self.config = RecommenderConfig(topk=20)
-        self.gate = gate
-        self.started = threading.Event()
-        self.batches: list[tuple[float, list[int], int]] = []
+    def __init__(self, rec):
+        self.started, self.go, begin = threading.Event(), threading.Event(), rec.begin
 
-    def recommend(self, requests, topk=None):
-        self.batches.append((time.monotonic(), [r.context[0] for r in requests], topk))
-        self.started.set()
-        if self.gate is not None:
-            assert self.gate.wait(20)
-        if any(r.context[0] < 0 for r in requests):
-            raise ValueError("bad request")
-        return [Recommendation(items=[r.context[0] + i for i in range(topk)], distances=[float(i) for i in range(topk)],
-                               generated=f"t{r.context[0]}", memory_indices=[], memory_scores=[]) for r in requests]
+        def held(*args, **kwargs):
+            self.started.set()
+            assert self.go.wait(20)
+            return begin(*args, **kwargs)
+
+        rec.begin = held
+
+    def open(self) -> None:
+        self.go.set()
 
 
-def _req(x: int) -> RecommendRequest:
-    return RecommendRequest(context=[x])
-
-
-async def test_max_wait_is_respected(pipe, runners):
-    rec = FakeRec()
-    runner = runners(pipe, {"a": rec}, max_batch=8, max_wait_ms=1000)
-    t0 = time.monotonic()
-    first = asyncio.ensure_future(runner.recommend("a", [_req(10)], topk=2))
-    await asyncio.sleep(0.05)  # well inside the first call's 1 s: joins it
-    second = asyncio.ensure_future(runner.recommend("a", [_req(20)], topk=3))
-    r1, r2 = await first, await second
-    assert [b[1:] for b in rec.batches] == [([10, 20], 3)]
-    assert rec.batches[0][0] - t0 >= 1.0  # waited the full max_wait for company (the batch was not full)
-    assert r1[0].items == [10, 11] and r2[0].items == [20, 21, 22]  # each its own rows, cut to its own topk
-    # a lone call waits max_wait too, then goes alone
-    t1 = time.monotonic()
-    [r3] = await runner.recommend("a", [_req(30)], topk=1)
-    assert rec.batches[1][1:] == ([30], 1) and 1.0 <= rec.batches[1][0] - t1 < 6.0
-    assert r3.items == [30]
-    # a full batch does not wait
-    fast = runners(pipe, {"a": FakeRec()}, max_batch=2, max_wait_ms=30_000)
-    t2 = time.monotonic()
-    out = await asyncio.gather(fast.recommend("a", [_req(1)], topk=1), fast.recommend("a", [_req(2)], topk=1))
-    assert time.monotonic() - t2 < 10.0 and [o[0].items for o in out] == [[1], [2]]
-
-
-async def test_keys_and_kinds_not_mixed_and_fifo(pipe, runners):
-    gate = threading.Event()
-    block, a, b = FakeRec(gate), FakeRec(), FakeRec()
-    runner = runners(pipe, {"block": block, "a": a, "b": b}, max_batch=3, max_wait_ms=0)
-    seen = _record(runner)
-    held = asyncio.ensure_future(runner.recommend("block", [_req(0)], topk=1))
-    await asyncio.to_thread(block.started.wait, 10)  # the model thread is busy; the rest queues
-    order = [("b", 1), ("a", 2), ("b", 3), ("a", 4), ("a", 5), ("a", 6), ("b", 7)]
-    tasks = [asyncio.ensure_future(runner.recommend(k, [_req(x)], topk=1)) for k, x in order]
-    enc = asyncio.ensure_future(runner.encode([(1, 2, 3)]))
-    await _until(lambda: runner.queue_depth() == len(order) + 1)
-    gate.set()
-    results = await asyncio.gather(held, *tasks, enc)
-    # oldest first; a batch takes only its own key, at most max_batch (3) requests, in arrival order
-    assert [x[1] for x in b.batches] == [[1, 3, 7]]
-    assert [x[1] for x in a.batches] == [[2, 4, 5], [6]]
-    assert seen == [("recommend", 1), ("recommend", 3), ("recommend", 3), ("recommend", 1), ("encode", 1)]
-    assert [r[0].items for r in results[1:-1]] == [[x] for _, x in order]
-    assert results[-1].shape == (1, pipe.lm.hidden_size)
-    assert runner.queue_depth() == 0 and runner.calls == 5
+async def _held_runner(pipe, runners, **kw):
+    """A worker whose first call (request 2 of ``_requests``) is held at its start until the gate opens."""
+    rec = pipe.recommender("none", max_new_tokens=MAX_NEW)
+    gate = Gate(rec)
+    runner = runners(pipe, {"none": rec}, **kw)
+    req, k = _requests(pipe)[2]
+    held = asyncio.ensure_future(runner.recommend("none", [req], topk=k))
+    await asyncio.to_thread(gate.started.wait, 10)
+    return gate, rec, runner, held
 
 
 async def test_queue_full_at_the_bound(pipe, runners):
-    gate = threading.Event()
-    rec = FakeRec(gate)
-    runner = runners(pipe, {"a": rec}, max_batch=1, max_wait_ms=0, max_queue=3)
-    held = asyncio.ensure_future(runner.recommend("a", [_req(0)], topk=1))
-    await asyncio.to_thread(rec.started.wait, 10)
+    gate, rec, runner, held = await _held_runner(pipe, runners, max_batch=1, max_wait_ms=0, max_queue=3)
+    reqs = _requests(pipe)
     assert runner.queue_depth() == 0  # the running call is not waiting
-    waiting = [asyncio.ensure_future(runner.recommend("a", [_req(x)], topk=1)) for x in (1, 2, 3)]
+    waiting = [asyncio.ensure_future(runner.recommend("none", [reqs[i][0]], topk=reqs[i][1])) for i in (0, 1, 3)]
     await _until(lambda: runner.queue_depth() == 3)
     with pytest.raises(QueueFull) as e:
-        await runner.recommend("a", [_req(4)], topk=1)
+        await runner.recommend("none", [reqs[4][0]], topk=1)
     # no call has finished yet: 1 s per call (the floor) x (3 queued batches of 1 + the running one)
     assert e.value.retry_after_s == 4.0 and e.value.depth == 3
     with pytest.raises(QueueFull):
         await runner.encode([(1, 2, 3)])  # encode calls share the bound
     assert runner.queue_depth() == 3
-    gate.set()
+    gate.open()
     out = await asyncio.gather(held, *waiting)
-    assert [o[0].items for o in out] == [[0], [1], [2], [3]]
+    for (r, k), [got] in zip([reqs[i] for i in (2, 0, 1, 3)], out):
+        assert got.items == rec.recommend([r], topk=k)[0].items
     assert runner.queue_depth() == 0
-    assert (await runner.recommend("a", [_req(5)], topk=1))[0].items == [5]  # room again
+    assert len(await runner.recommend("none", [reqs[5][0]], topk=2)) == 1  # room again
 
 
 async def test_cancelled_caller_is_skipped_and_errors_stay_with_their_request(pipe, runners):
-    gate = threading.Event()
-    block, a = FakeRec(gate), FakeRec()
-    runner = runners(pipe, {"block": block, "a": a}, max_batch=4, max_wait_ms=0)
-    held = asyncio.ensure_future(runner.recommend("block", [_req(0)], topk=1))
-    await asyncio.to_thread(block.started.wait, 10)
-    gone = asyncio.ensure_future(runner.recommend("a", [_req(1)], topk=1))
-    good = asyncio.ensure_future(runner.recommend("a", [_req(2)], topk=1))
-    bad = asyncio.ensure_future(runner.recommend("a", [_req(-3)], topk=1))
-    good2 = asyncio.ensure_future(runner.recommend("a", [_req(4)], topk=1))
+    """Queued behind a held call: one caller goes away (its call never reaches the model), one request
+    is bad (a memory of the wrong width). The batch they were taken in fails at its prefill and is
+    retried a call at a time: the bad call fails alone, the good ones get their answers alone."""
+    gate, _, runner, held = await _held_runner(pipe, runners, max_batch=4, max_wait_ms=0)
+    rec = runner.recommenders["none"]
+    reqs = _requests(pipe)
+    bad = RecommendRequest(context=[1, 2], memory=torch.zeros(3, pipe.lm.hidden_size + 1), seed=5)
+    runner.recommenders["learned"] = learned = pipe.recommender("learned", max_new_tokens=MAX_NEW)
+    gone = asyncio.ensure_future(runner.recommend("learned", [reqs[0][0]], topk=2))
+    good = asyncio.ensure_future(runner.recommend("learned", [reqs[1][0]], topk=2))
+    wrong = asyncio.ensure_future(runner.recommend("learned", [bad], topk=2))
+    good2 = asyncio.ensure_future(runner.recommend("learned", [reqs[3][0]], topk=2))
     await _until(lambda: runner.queue_depth() == 4)
     gone.cancel()
     await asyncio.sleep(0.01)
-    gate.set()
-    await held
-    assert (await good)[0].items == [2] and (await good2)[0].items == [4]
-    with pytest.raises(ValueError, match="bad request"):
-        await bad
+    seen = _record(runner, ("recommend",))
+    gate.open()
+    assert (await held)[0].items == rec.recommend([reqs[2][0]], topk=reqs[2][1])[0].items
+    assert (await good)[0].items == learned.recommend([reqs[1][0]], topk=2)[0].items
+    assert (await good2)[0].items == learned.recommend([reqs[3][0]], topk=2)[0].items
+    with pytest.raises(RuntimeError):
+        await wrong
     assert gone.cancelled()
-    # the cancelled call never reached the model; the failed batch was retried one call at a time
-    assert [x[1] for x in a.batches] == [[2, -3, 4], [2], [-3], [4]]
+    assert [n for _, n in seen] == [1, 1, 1]  # the held call, then the two good calls, each alone after the failure
     with pytest.raises(KeyError):
-        await runner.recommend("nope", [_req(1)], topk=1)
-
-
-async def _held(pipe, runners):
-    """A runner whose first model call (request 0) is held on ``gate`` until the test sets it."""
-    gate = threading.Event()
-    rec = FakeRec(gate)
-    runner = runners(pipe, {"a": rec}, max_batch=1, max_wait_ms=0)
-    held = asyncio.ensure_future(runner.recommend("a", [_req(0)], topk=1))
-    await asyncio.to_thread(rec.started.wait, 10)
-    return gate, rec, runner, held
+        await runner.recommend("nope", [reqs[0][0]], topk=1)
 
 
 async def test_close_drains_then_refuses(pipe, runners):
-    gate, rec, runner, held = await _held(pipe, runners)
-    queued = [asyncio.ensure_future(runner.recommend("a", [_req(x)], topk=1)) for x in (1, 2)]
+    gate, rec, runner, held = await _held_runner(pipe, runners, max_batch=1, max_wait_ms=0)
+    reqs = _requests(pipe)
+    queued = [asyncio.ensure_future(runner.recommend("none", [reqs[i][0]], topk=2)) for i in (0, 1)]
     await _until(lambda: runner.queue_depth() == 2)
     closing = asyncio.ensure_future(asyncio.to_thread(runner.close, 20))
     await _until(lambda: runner.closing)
     with pytest.raises(RunnerClosed) as e:
-        await runner.recommend("a", [_req(9)], topk=1)
+        await runner.recommend("none", [reqs[3][0]], topk=1)
     assert e.value.status == 503 and e.value.code == "shutting_down"
-    gate.set()
+    gate.open()
     assert await closing is True  # everything finished
-    assert [(await t)[0].items for t in (held, *queued)] == [[0], [1], [2]]
+    assert [len((await t)[0].items) for t in queued] == [2, 2] and (await held)[0].items
 
 
 async def test_close_after_grace_fails_the_queued(pipe, runners):
-    gate, rec, runner, held = await _held(pipe, runners)
-    queued = asyncio.ensure_future(runner.recommend("a", [_req(1)], topk=1))
+    gate, rec, runner, held = await _held_runner(pipe, runners, max_batch=1, max_wait_ms=0)
+    queued = asyncio.ensure_future(runner.recommend("none", [_requests(pipe)[0][0]], topk=1))
     await _until(lambda: runner.queue_depth() == 1)
     t0 = time.monotonic()
     assert await asyncio.to_thread(runner.close, 0.3) is False  # the model call is still held
     assert 0.3 <= time.monotonic() - t0 < 5.0
     with pytest.raises(RunnerClosed):
         await queued
-    gate.set()
-    assert (await held)[0].items == [0]  # the running call was not interrupted
-    assert [x[1] for x in rec.batches] == [[0]]
+    gate.open()
+    assert (await held)[0].items  # the running call was not interrupted
 
 
 async def test_item_elements_are_warmed_once_and_cached_on_disk(pipe, runners, tmp_path):
-    """Item elements: ``warm_items`` encodes every title at start-up into ARTEFACTS/memory; a restart
-    (a new runner on the same folder) encodes none; ``encode`` then serves the warmed table (float16,
-    as the store keeps them), equal to a direct encoding of the bare titles so rounded, and the
-    encoder's cache is let go (the vectors are held once)."""
+    """Item elements: ``MemoryElements.warm`` encodes every title at start-up into ARTEFACTS/memory; a
+    restart (new elements on the same folder) encodes none; the worker's ``encode`` then serves the
+    warmed table (float16, as the store keeps them), equal to a direct encoding of the bare titles so
+    rounded, and the encoder's cache is let go (the vectors are held once)."""
     from dataclasses import replace
 
     items = replace(pipe, element="item")
-    first = runners(items, {}, batch_size=16, memory_dir=tmp_path / "memory")
-    assert first.warm_items() == len(TINY_TITLES)
+    assert MemoryElements(items, 16, tmp_path / "memory").warm() == len(TINY_TITLES)
     assert any((tmp_path / "memory").glob("item-*/part-*.safetensors"))
     again = runners(items, {}, batch_size=16, memory_dir=tmp_path / "memory")
-    assert again.warm_items() == 0
+    assert again.elements.warm() == 0
     seen = _record(again)
-    assert again.encoder is None and again.warm_items() == 0  # warm once
+    assert again.elements.encoder is None and again.elements.warm() == 0  # warm once
     got = await again.encode([(0, 1, 5), (7,), (2, 3)])  # an item element is the window's last item
     want = items.memory_encoder().encode_items([5, 7, 3]).numpy()
-    assert got.dtype == np.float32 and np.array_equal(got, again.item_table[[5, 7, 3]].astype(np.float32))
+    assert got.dtype == np.float32 and np.array_equal(got, again.elements.table[[5, 7, 3]].astype(np.float32))
     np.testing.assert_allclose(got, want.astype(np.float16).astype(np.float32), rtol=1e-3, atol=1e-4)
     assert seen == [("encode", 3)]
-    assert runners(pipe, {}, memory_dir=tmp_path / "memory").warm_items() == 0  # window elements: nothing to warm
+    assert MemoryElements(pipe, 16, tmp_path / "memory").warm() == 0  # window elements: nothing to warm

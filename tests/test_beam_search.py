@@ -1,11 +1,13 @@
-"""Beam search over the title trie (model/beam_search.py) against brute-force scores of every title."""
+"""Beam search over the title trie (model/generation/beams.py) against brute-force scores of every title."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from model.beam_search import SeenPruner, trie_beam_search, trie_tables
+from model.generation.beams import SeenPruner, trie_tables
+from model.generation import decode, step
+from tests.generation_helpers import start, trie_beam_search
 from model.prompts import PromptBuilder
 from model.title_trie import TitleTrie
 
@@ -30,7 +32,7 @@ def test_wide_beams_rank_every_unseen_title_by_its_exact_score(tiny_split, tiny_
     tables = trie_tables(trie)
     prompts = [builder.build(tiny_titles[:3]), builder.build(tiny_titles[5:9])]
     excludes = [{0, 1, 2, 13}, set()]
-    batch = tiny_split.start(prompts, stop_at_newline=False)
+    batch = start(tiny_split, prompts, stop_at_newline=False)
     found = trie_beam_search(tiny_split, batch, trie, tables, excludes, num_beams=len(tiny_titles),
                              renormalize=False)
     for p, ex, res in zip(prompts, excludes, found):
@@ -46,7 +48,7 @@ def test_narrow_beams_are_the_best_titles_and_stop_early(tiny_split, tiny_titles
     trie = TitleTrie.from_prompt_builder(tiny_titles, builder, progress=False)
     p = builder.build(tiny_titles[2:6])
     scores = _title_scores(tiny_split, builder, p.input_ids, tiny_titles)
-    res = trie_beam_search(tiny_split, tiny_split.start([p], stop_at_newline=False), trie, trie_tables(trie),
+    res = trie_beam_search(tiny_split, start(tiny_split, [p], stop_at_newline=False), trie, trie_tables(trie),
                            [set()], num_beams=3, renormalize=False)[0]
     assert len(res.finished) == 3
     # every finished title's score is its exact score, in order; beams may miss a title, never misrank
@@ -74,7 +76,7 @@ def test_renormalized_scores_are_a_distribution_over_the_unseen_titles(tiny_spli
     trie = TitleTrie.from_prompt_builder(tiny_titles, builder, progress=False)
     p = builder.build(tiny_titles[1:5])
     ex = {0, 3, 7}
-    res = trie_beam_search(tiny_split, tiny_split.start([p], stop_at_newline=False), trie, trie_tables(trie),
+    res = trie_beam_search(tiny_split, start(tiny_split, [p], stop_at_newline=False), trie, trie_tables(trie),
                            [ex], num_beams=len(tiny_titles))[0]
     assert sorted(res.items) == sorted(set(range(len(tiny_titles))) - ex)
     total = sum(np.exp(s) for s, _, _ in res.finished)
@@ -104,13 +106,13 @@ def _items_under(trie, v):
 
 
 def test_popularity_prior_adds_gamma_times_the_log_share_of_each_title(tiny_split, tiny_titles):
-    from model.beam_search import PopularityPrior
+    from model.generation.beams import PopularityPrior
 
     builder = PromptBuilder(tiny_split.tokenizer, template="list")
     trie = TitleTrie.from_prompt_builder(tiny_titles, builder, progress=False)
     p = builder.build(tiny_titles[1:5])
     counts = np.arange(len(tiny_titles)) * 3 % 11
-    run = lambda prior: trie_beam_search(tiny_split, tiny_split.start([p], stop_at_newline=False), trie,  # noqa: E731
+    run = lambda prior: trie_beam_search(tiny_split, start(tiny_split, [p], stop_at_newline=False), trie,  # noqa: E731
                                          trie_tables(trie), [set()], num_beams=len(tiny_titles), prior=prior)[0]
     plain = {tuple(items): s for s, _, items in run(None).finished}
     gamma = 0.7
@@ -125,14 +127,14 @@ def test_popularity_mixture_scores_are_the_mixture_of_the_two_distributions(tiny
     """With a mixture weight m every unseen title scores log((1 - m) P_model + m share), where share is its
     (1 + count) over the unseen titles'; m = 1 ranks by popularity alone, and the product prior's
     share is taken over the unseen titles too (the seen ones' mass is left out)."""
-    from model.beam_search import PopularityPrior
+    from model.generation.beams import PopularityPrior
 
     builder = PromptBuilder(tiny_split.tokenizer, template="list")
     trie = TitleTrie.from_prompt_builder(tiny_titles, builder, progress=False)
     p = builder.build(tiny_titles[1:5])
     counts = np.arange(len(tiny_titles)) * 5 % 13
     ex = {2, 7, 9}
-    run = lambda prior: trie_beam_search(tiny_split, tiny_split.start([p], stop_at_newline=False), trie,  # noqa: E731
+    run = lambda prior: trie_beam_search(tiny_split, start(tiny_split, [p], stop_at_newline=False), trie,  # noqa: E731
                                          trie_tables(trie), [ex], num_beams=len(tiny_titles), prior=prior)[0]
     model = {tuple(items): s for s, _, items in run(None).finished}
     unseen = [i for i in range(len(tiny_titles)) if i not in ex]
@@ -155,7 +157,7 @@ def test_popularity_mixture_scores_are_the_mixture_of_the_two_distributions(tiny
 
 
 def test_popularity_prior_settings_are_checked():
-    from model.beam_search import PopularityPrior
+    from model.generation.beams import PopularityPrior
 
     with pytest.raises(ValueError):
         PopularityPrior(np.zeros(2), np.ones(1), mix=1.5)
@@ -167,7 +169,7 @@ def test_beams_share_decoding_steps_with_greedy_rows_and_later_joiners(tiny_spli
     """A request's beams are rows of the shared DecodeBatch: beside greedy rows, with rows joining
     mid-search, every request gets what it gets alone (beams: the same finished titles and scores;
     greedy: the same tokens), and a search counts as one request however many beams it holds."""
-    from model.beam_search import TrieBeams
+    from model.generation.beams import TrieBeams
 
     builder = PromptBuilder(tiny_split.tokenizer, template="list")
     trie = TitleTrie.from_prompt_builder(tiny_titles, builder, progress=False)
@@ -179,29 +181,29 @@ def test_beams_share_decoding_steps_with_greedy_rows_and_later_joiners(tiny_spli
         return TrieBeams(trie, tables, excludes[i], num_beams=4, max_new_tokens=12)
 
     def alone_beams(i):
-        return trie_beam_search(tiny_split, tiny_split.start([prompts[i]], stop_at_newline=False), trie, tables,
+        return trie_beam_search(tiny_split, start(tiny_split, [prompts[i]], stop_at_newline=False), trie, tables,
                                 [excludes[i]], num_beams=4, max_new_tokens=12)[0].finished
 
     def alone_greedy(i):
-        return tiny_split.decode(tiny_split.start([prompts[i]], max_new_tokens=12))[0]
+        return decode(tiny_split, start(tiny_split, [prompts[i]], max_new_tokens=12))[0]
 
-    def start(i, beams):
-        batch = tiny_split.start([prompts[i]], [i], max_new_tokens=12, stop_at_newline=not beams)
+    def joining(i, beams):
+        batch = start(tiny_split, [prompts[i]], [i], max_new_tokens=12, stop_at_newline=not beams)
         s = search(i) if beams else None
         batch.searches = [s]
         return batch, s
 
-    batch, s0 = start(0, True)  # beams
+    batch, s0 = joining(0, True)  # beams
     searches = {0: s0}
     joins = {1: [(1, False)], 2: [(2, True), (3, False)]}  # step -> (request, beams?) joining before it
     got, requests = {}, []
-    for step in range(40):
-        for i, beams in joins.get(step, []):
-            part, s = start(i, beams)
+    for n in range(40):
+        for i, beams in joins.get(n, []):
+            part, s = joining(i, beams)
             searches[i] = s
             batch.merge(part)
         requests.append((batch.rows, batch.requests))
-        for tag, tokens in tiny_split.step(batch):
+        for tag, tokens in step(tiny_split, batch):
             got[tag] = tokens
         if not batch.rows:
             break

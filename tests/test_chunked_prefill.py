@@ -1,4 +1,4 @@
-"""Chunked prefill (``SplitLM.begin`` / ``advance``): a prefill fed in chunks between decoding steps
+"""Chunked prefill (``generation.begin`` / ``advance``): a prefill fed in chunks between decoding steps
 must give what one forward gives (float32 tiny model): the same next-token scores, memory pick, z_t,
 kept guess and greedy tokens; chunks other than the last stop before the first slot."""
 from __future__ import annotations
@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model.generation import advance, begin, complete, step
 from model.llm import SplitLM
 from model.prompts import PromptBuilder
+from tests.generation_helpers import start
 
 H = 64
 
@@ -27,13 +29,18 @@ def _prompts(split: SplitLM, titles, sizes, with_slot=True):
     return [b.build(titles[:k], with_slot=with_slot) for k in sizes]
 
 
-def _run(split: SplitLM, prefill, max_tokens):
-    """Advance to the end in chunks of ``max_tokens``; (batch, [columns fed per forward])."""
+def _run(split: SplitLM, prefill, max_tokens, select=None, vectors=None):
+    """Advance to the end in chunks of ``max_tokens``, then complete with the slot vectors that
+    ``select(z_t)`` picks (or ``vectors``); (batch, [columns fed per forward])."""
     fed = []
     hook = split.model.model.embed_tokens.register_forward_hook(lambda m, a, o: fed.append(a[0].shape[1]))
     try:
-        while (batch := split.advance(prefill, max_tokens)) is None:
+        while (z := advance(split, prefill, max_tokens)) is None:
             pass
+        use = None
+        if select is not None:
+            vectors, use = select(z)
+        batch = complete(split, prefill, vectors, use)
     finally:
         hook.remove()
     return batch, fed
@@ -42,12 +49,12 @@ def _run(split: SplitLM, prefill, max_tokens):
 def _decode(split: SplitLM, batch) -> dict:
     out = {}
     while batch.rows:
-        out.update(split.step(batch))
+        out.update(step(split, batch))
     return out
 
 
 def _picker(split: SplitLM, seen: list):
-    """A slot select that records z_t and picks a vector made from it (so a wrong z_t shows)."""
+    """A memory pick that records z_t and picks a vector made from it (so a wrong z_t shows)."""
     torch.manual_seed(7)
     mem = torch.randn(8, H) * 4
 
@@ -64,11 +71,11 @@ def _picker(split: SplitLM, seen: list):
 def test_chunks_give_what_one_forward_gives(tiny_split, tiny_titles, reuse_head, max_tokens):
     prompts = _prompts(tiny_split, tiny_titles, (2, 9, 5, 1))
     zs_whole, zs_chunk = [], []
-    common = dict(n_slots=1, max_new_tokens=10, stop_at_newline=False, reuse_head=reuse_head)
-    whole = tiny_split.start(prompts, slot_select=_picker(tiny_split, zs_whole), **common)
+    common = dict(max_new_tokens=10, stop_at_newline=False, reuse_head=reuse_head)
+    whole, _ = _run(tiny_split, begin(tiny_split, prompts, **common), None, _picker(tiny_split, zs_whole))
     logits, mask, last = whole.logits.clone(), whole.mask.clone(), whole.last.clone()
-    prefill = tiny_split.begin(prompts, slot_select=_picker(tiny_split, zs_chunk), **common)
-    batch, fed = _run(tiny_split, prefill, max_tokens)
+    prefill = begin(tiny_split, prompts, **common)
+    batch, fed = _run(tiny_split, prefill, max_tokens, _picker(tiny_split, zs_chunk))
     torch.testing.assert_close(batch.logits, logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(zs_chunk[0], zs_whole[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(batch.mask, mask) and torch.equal(batch.last, last)
@@ -76,7 +83,7 @@ def test_chunks_give_what_one_forward_gives(tiny_split, tiny_titles, reuse_head,
     # every chunk but the last fits the budget and ends before the first slot
     cols = max(1, max_tokens // len(prompts))
     assert all(f == cols for f in fed[:-1]) and len(fed) > 1
-    assert prefill.at == prefill.ids.shape[1] and prefill.done
+    assert prefill.at == prefill.ids.shape[1] and prefill.fed
     first_slot = prefill.final_from
     assert (prefill.ids.shape[1] - fed[-1]) <= first_slot
     head = prompts[0].n_shared if reuse_head else 0
@@ -87,11 +94,11 @@ def test_chunks_with_a_start_guess_and_without_slots(tiny_split, tiny_titles):
     """Full-history prompts (no slot line) chunk up to their last token; the drafted guess goes with
     the last chunk and is kept as far as it is right, as in one forward."""
     prompts = _prompts(tiny_split, tiny_titles, (7, 3), with_slot=False)
-    plain = _decode(tiny_split, tiny_split.start(prompts, max_new_tokens=10, stop_at_newline=False))
+    plain = _decode(tiny_split, start(tiny_split, prompts, max_new_tokens=10, stop_at_newline=False))
     policy = dict(drafter=FirstTokens(plain[0][:4]), draft_tokens=4, draft_max_rows=2, max_new_tokens=10,
                   stop_at_newline=False)
-    whole = tiny_split.start(prompts, **policy)
-    prefill = tiny_split.begin(prompts, **policy)
+    whole = start(tiny_split, prompts, **policy)
+    prefill = begin(tiny_split, prompts, **policy)
     assert prefill.final_from == prefill.prompt_len and len(prefill.draft) == 4
     batch, fed = _run(tiny_split, prefill, 6)
     assert fed[:-1] == [3] * (len(fed) - 1) and fed[-1] <= 3 + 4
@@ -105,22 +112,27 @@ def test_slot_vectors_and_a_batch_joining_mid_decode(tiny_split, tiny_titles):
     prompts = _prompts(tiny_split, tiny_titles, (4, 8, 2))
     torch.manual_seed(2)
     vecs = torch.randn(3, 1, H) * 4
-    alone = {i: _decode(tiny_split, tiny_split.start([p], [i], slot_vectors=vecs[i:i + 1], max_new_tokens=9,
+    alone = {i: _decode(tiny_split, start(tiny_split, [p], [i], slot_vectors=vecs[i:i + 1], max_new_tokens=9,
                                                      stop_at_newline=False))[i] for i, p in enumerate(prompts)}
-    running = tiny_split.start(prompts[:1], [0], slot_vectors=vecs[:1], max_new_tokens=9, stop_at_newline=False)
-    prefill = tiny_split.begin(prompts[1:], [1, 2], slot_vectors=vecs[1:], max_new_tokens=9, stop_at_newline=False)
+    running = start(tiny_split, prompts[:1], [0], slot_vectors=vecs[:1], max_new_tokens=9, stop_at_newline=False)
+    prefill = begin(tiny_split, prompts[1:], [1, 2], max_new_tokens=9, stop_at_newline=False)
     got = {}
-    while (part := tiny_split.advance(prefill, 4)) is None:  # a step of the running row between chunks
-        got.update(tiny_split.step(running))
-    running.merge(part)
+    while advance(tiny_split, prefill, 4) is None:  # a step of the running row between chunks
+        got.update(step(tiny_split, running))
+    running.merge(complete(tiny_split, prefill, vecs[1:]))
     got.update(_decode(tiny_split, running))
     assert got == alone
 
 
 def test_advance_checks_its_input(tiny_split, tiny_titles):
-    prefill = tiny_split.begin(_prompts(tiny_split, tiny_titles, (3,)), max_new_tokens=4)
+    prefill = begin(tiny_split, _prompts(tiny_split, tiny_titles, (3,)), max_new_tokens=4)
+    with pytest.raises(ValueError, match="complete follows"):
+        complete(tiny_split, prefill)
     with pytest.raises(ValueError, match="max_tokens"):
-        tiny_split.advance(prefill, 0)
-    assert tiny_split.advance(prefill) is not None
+        advance(tiny_split, prefill, 0)
+    assert advance(tiny_split, prefill) is not None
     with pytest.raises(ValueError, match="already run"):
-        tiny_split.advance(prefill)
+        advance(tiny_split, prefill)
+    assert complete(tiny_split, prefill).rows == 1
+    with pytest.raises(ValueError, match="complete follows"):
+        complete(tiny_split, prefill)

@@ -1,4 +1,4 @@
-"""The catalogue draft table (model/draft.py) and speculative decoding steps (SplitLM.step).
+"""The catalogue draft table (model/generation/draft.py) and speculative decoding steps (``model/generation/speculative.py``).
 
 Speculative steps must give exactly the greedy tokens of plain steps (float32 tiny model), whatever
 the drafts: right ones save forwards, wrong ones cost nothing but the forward's extra positions.
@@ -8,8 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.draft import MAX_VOCAB, NgramDrafter
+from model.generation.draft import MAX_VOCAB, NgramDrafter
+from model.generation import step
 from model.llm import SplitLM
+from tests.generation_helpers import start, stop_tables
 from model.prompts import PromptBuilder
 
 H = 64
@@ -102,14 +104,14 @@ def _decode(split: SplitLM, batch, joins=None) -> tuple[dict, int]:
     """Step ``batch`` to the end (merging ``joins[step]`` batches before a step); (tag -> tokens, forwards)."""
     forwards = []
     hook = split.model.model.embed_tokens.register_forward_hook(lambda m, a, o: forwards.append(a[0].shape))
-    got, step = {}, 0
+    got, n = {}, 0
     try:
-        while batch.rows or (joins and any(s >= step for s in joins)):
-            for other in (joins or {}).get(step, []):
+        while batch.rows or (joins and any(s >= n for s in joins)):
+            for other in (joins or {}).get(n, []):
                 batch.merge(other)
-            for tag, tokens in split.step(batch):
+            for tag, tokens in step(split, batch):
                 got[tag] = tokens
-            step += 1
+            n += 1
     finally:
         hook.remove()
     return got, len(forwards)
@@ -121,7 +123,7 @@ def _prompts(split, titles, sizes):
 
 
 def _start(split, prompts, tags, vecs, budget, drafter=None, draft_tokens=0, max_rows=4, lines=False):
-    batch = split.start(prompts, tags, slot_vectors=vecs, max_new_tokens=budget, stop_at_newline=lines)
+    batch = start(split, prompts, tags, slot_vectors=vecs, max_new_tokens=budget, stop_at_newline=lines)
     batch.drafter, batch.draft_tokens, batch.draft_max_rows = drafter, draft_tokens, max_rows
     return batch
 
@@ -157,7 +159,7 @@ def test_drafting_waits_until_few_rows_decode(setup, max_rows):
     drafter = FixedDrafter([plain[i] for i in range(4)])
     batch = _start(split, prompts, list(range(4)), vecs, 12, drafter, 4, max_rows=max_rows)
     batch.max_new = list(budgets)
-    split.step(batch)
+    step(split, batch)
     assert drafter.calls == 0  # 4 rows > max_rows: a plain step
     got, _ = _decode(split, batch)
     assert drafter.calls > 0
@@ -175,12 +177,9 @@ def test_budget_and_answer_line_stop_inside_a_draft(setup):
     stop = plain[row][at]
     newline, lead, content = (torch.zeros(split.model.config.vocab_size, dtype=torch.bool) for _ in range(3))
     newline[stop] = lead[stop] = True
-    split._lines = (newline, lead, content)
-    try:
+    with stop_tables(split, newline, lead, content):
         ref, _ = _decode(split, _start(split, prompts, list(range(4)), vecs, 12, lines=True))
         got, _ = _decode(split, _start(split, prompts, list(range(4)), vecs, 12, drafter, 8, lines=True))
-    finally:
-        split._lines = None
     assert got == ref and got[row][-1] == stop and len(got[row]) == at + 1
 
 
@@ -217,7 +216,7 @@ def test_merge_drops_positions_no_row_attends_to(setup):
     batch = _start(split, prompts[:1], [0], vecs[:1], 12, FixedDrafter(wrong=wrong), 5)
     got = {}
     for _ in range(3):
-        got.update(split.step(batch))
+        got.update(step(split, batch))
     holes = int((batch.mask == 0).all(0).sum())
     assert holes == 3 * 5  # each step fed 1 + 5 tokens and kept the first
     before = batch.mask.shape[1]
@@ -248,8 +247,8 @@ def test_recommender_start_sets_the_policy_and_service_answers_are_unchanged(tin
 
 
 def _start_guessing(split, prompts, tags, guess, **kw):
-    """``split.start`` whose prefill feeds ``guess`` (a drafter that knows only it); plain steps after."""
-    batch = split.start(prompts, tags, drafter=FixedDrafter([guess]), draft_tokens=len(guess),
+    """A prefill whose last chunk feeds ``guess`` (a drafter that knows only it); plain steps after."""
+    batch = start(split, prompts, tags, drafter=FixedDrafter([guess]), draft_tokens=len(guess),
                         draft_max_rows=len(prompts), **kw)
     batch.drafter = None
     return batch
@@ -304,9 +303,9 @@ def test_a_start_guess_keeps_the_memory_pick_of_the_prompt(tiny_split, tiny_titl
         zs.append(z.clone())
         return mem, torch.ones(2, dtype=torch.bool)
 
-    a, _ = _decode(tiny_split, tiny_split.start(prompts, [0, 1], slot_select=select, max_new_tokens=8))
+    a, _ = _decode(tiny_split, start(tiny_split, prompts, [0, 1], select=select, max_new_tokens=8))
     plain_z = zs.pop()
-    b, _ = _decode(tiny_split, _start_guessing(tiny_split, prompts, [0, 1], a[0][:3], slot_select=select,
+    b, _ = _decode(tiny_split, _start_guessing(tiny_split, prompts, [0, 1], a[0][:3], select=select,
                                                max_new_tokens=8))
     torch.testing.assert_close(zs.pop(), plain_z, rtol=1e-5, atol=1e-5)
     assert a == b

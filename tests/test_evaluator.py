@@ -192,6 +192,8 @@ def test_run_evaluation_on_a_prepared_dir(tmp_path, capsys):
         prepared.PreparedDataset.load(d)
     except Exception as e:  # the hand-written dir may not satisfy the data helper's checks
         pytest.skip(f"hand-written prepared dir not accepted: {e}")
-    res = ev.run_evaluation(d, "popularity", out=tmp_path / "pop.json", progress=False)
+    from model.eval.run import run_evaluation
+
+    res = run_evaluation(d, "popularity", out=tmp_path / "pop.json", progress=False)
     assert res.n == 5 and (tmp_path / "pop.json").is_file()
     assert "| popularity | 5 |" in capsys.readouterr().out

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from model.data.types import Catalogue, Sample
-from model.llm import SplitLM, slot_fill
+from model.checkpoint import fingerprint, load_upper, upper_state_dict
+from model.llm import SplitLM
+from tests.generation_helpers import slot_replaced
 from model.prompts import PromptBuilder
 from model.train.generator import (
     GeneratorTrainConfig,
@@ -57,7 +59,7 @@ def _brute_loss(split, ex, vec=None) -> tuple[float, int]:
     if vec is None:
         logits = split.model(x).logits[0]
     else:
-        with slot_fill(split, torch.tensor([ex.slot_positions]), vec[None], x.shape[1]):
+        with slot_replaced(split, torch.tensor([ex.slot_positions]), vec[None], x.shape[1]):
             logits = split.model(x).logits[0]
     n = ex.n_prompt
     tgt = torch.tensor(ex.input_ids[n:])
@@ -84,7 +86,7 @@ def test_response_loss_equals_full_forward_on_response_tokens(tiny_split, tiny_t
 def test_full_tuning_lowers_loss_keeps_lower_part_and_round_trips(tmp_path, tiny_split, tiny_titles, tiny_lm_factory):
     ds = _dataset(tiny_titles)
     lower_before = _lower_state(tiny_split)
-    fp = tiny_split.fingerprint()
+    fp = fingerprint(tiny_split)
     b = PromptBuilder.for_model(tiny_split)
     valid = build_examples(b, ds.split("valid"), tiny_titles, 3)
     embed_before = tiny_split.embed_final([tiny_titles[0]])
@@ -100,14 +102,14 @@ def test_full_tuning_lowers_loss_keeps_lower_part_and_round_trips(tmp_path, tiny
     # embeddings and layers 1..L bitwise unchanged; the fingerprint too
     after = _lower_state(tiny_split)
     assert all(torch.equal(lower_before[k], after[k]) for k in lower_before)
-    assert tiny_split.fingerprint() == fp
+    assert fingerprint(tiny_split) == fp
     # grounding still uses the base upper layers
     torch.testing.assert_close(tiny_split.embed_final([tiny_titles[0]]), embed_before)
     # checkpoint + log on disk; loading it on a fresh base model gives identical logits
     log = json.loads((tmp_path / "run" / "train_log.json").read_text())
     assert [e["epoch"] for e in log["epochs"]] == list(range(1, 7)) and log["report"]["best_epoch"] == rep.best_epoch
     fresh = SplitLM.from_model(tiny_lm_factory(), tiny_split.tokenizer, cut=2)
-    meta = fresh.load_upper(tmp_path / "run" / "best")
+    meta = load_upper(fresh, tmp_path / "run" / "best")
     assert meta["extra"]["epoch"] == rep.best_epoch
     x = torch.tensor([valid[0].input_ids])
     assert torch.equal(fresh.model(x).logits, tiny_split.model(x).logits)
@@ -116,18 +118,18 @@ def test_full_tuning_lowers_loss_keeps_lower_part_and_round_trips(tmp_path, tiny
 def test_lora_tuning_merges_into_plain_layers(tmp_path, tiny_split, tiny_titles, tiny_lm_factory):
     ds = _dataset(tiny_titles)
     lower_before = _lower_state(tiny_split)
-    keys_before = set(tiny_split.upper_state_dict())
+    keys_before = set(upper_state_dict(tiny_split))
     rep = train_generator(tiny_split, ds, _cfg(mode="lora", lora_r=4, lr=2e-2, out_dir=str(tmp_path / "lora")))
     assert rep.best_valid_loss < 0.8 * rep.valid_losses[0]
     assert rep.trainable_params == 2 * 4 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 128))  # 2 upper layers
-    assert set(tiny_split.upper_state_dict()) == keys_before  # adapters merged and removed
+    assert set(upper_state_dict(tiny_split)) == keys_before  # adapters merged and removed
     assert not any("lora" in n for n, _ in tiny_split.model.named_parameters())
     after = _lower_state(tiny_split)
     assert all(torch.equal(lower_before[k], after[k]) for k in lower_before)
     valid = build_examples(PromptBuilder.for_model(tiny_split), ds.split("valid"), tiny_titles, 3)
     assert evaluate_loss(tiny_split, valid) == pytest.approx(rep.best_valid_loss, rel=1e-4)
     fresh = SplitLM.from_model(tiny_lm_factory(), tiny_split.tokenizer, cut=2)
-    fresh.load_upper(tmp_path / "lora" / "best")
+    load_upper(fresh, tmp_path / "lora" / "best")
     x = torch.tensor([valid[0].input_ids])
     torch.testing.assert_close(fresh.model(x).logits, tiny_split.model(x).logits)
 
@@ -153,7 +155,7 @@ def test_bf16_model_tunes_with_fp32_master_weights(tiny_tokenizer, tiny_titles, 
     split = SplitLM.from_model(tiny_lm_factory().to(torch.bfloat16), tiny_tokenizer, cut=2)
     ds = _dataset(tiny_titles)
     lower_before = _lower_state(split)
-    upper_before = {k: v.clone() for k, v in split.upper_state_dict().items()}
+    upper_before = {k: v.clone() for k, v in upper_state_dict(split).items()}
     with pytest.raises(ValueError, match="autocast"):
         train_generator(split, ds, _cfg(autocast_bf16=False))
     rep = train_generator(split, ds, _cfg(epochs=2, lr=1e-4))
@@ -161,7 +163,7 @@ def test_bf16_model_tunes_with_fp32_master_weights(tiny_tokenizer, tiny_titles, 
     assert all(p.dtype == torch.bfloat16 for p in split.model.parameters())
     after = _lower_state(split)
     assert all(torch.equal(lower_before[k], after[k]) for k in lower_before)
-    changed = [k for k, v in split.upper_state_dict().items() if not torch.equal(v, upper_before[k])]
+    changed = [k for k, v in upper_state_dict(split).items() if not torch.equal(v, upper_before[k])]
     assert len(changed) > len(upper_before) // 2  # small updates survived (fp32 master weights)
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from model.checkpoint import fingerprint
 from model.grounding import (
     CatalogueIndex,
     IndexConfig,
@@ -87,7 +88,7 @@ def test_exact_title_ranks_first_ngram_embedder() -> None:
 def test_exact_title_ranks_first_tiny_lm(tiny_split) -> None:
     """The production embedder (SplitLM.embed_final) on a tiny random Llama, checked against torch.cdist."""
     embed = lambda texts: tiny_split.embed_final(texts)  # noqa: E731
-    index = CatalogueIndex.build(TITLES, embed, batch_size=8, fingerprint=tiny_split.fingerprint(), progress=False)
+    index = CatalogueIndex.build(TITLES, embed, batch_size=8, fingerprint=fingerprint(tiny_split), progress=False)
     items, dist = index.rank(embed(TITLES), topk=len(TITLES))
     assert items[:, 0].tolist() == list(range(len(TITLES)))
     # BIGRec's own formulation: torch.cdist over all items, argsort

@@ -1,10 +1,10 @@
-"""The in-place KV cache (model/kv_cache.py) against HF's DynamicLayer and the full forward."""
+"""The in-place KV cache (model/generation/kv_cache.py) against HF's DynamicLayer and the full forward."""
 import pytest
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from model.kv_cache import GrowingLayer, growing_cache
+from model.generation.kv_cache import GrowingLayer, growing_cache
 
 
 def _kv(b, n, seed):

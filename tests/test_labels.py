@@ -9,6 +9,7 @@ import torch
 from model.data.types import Sample
 from model.memory import MemoryEncoder
 from model.prompts import PromptBuilder
+from model.train import labels
 from model.train.labels import LabelSet, annotate, choose_samples
 
 K = 4
@@ -85,7 +86,7 @@ def test_labels_equal_brute_force(tiny_split, tiny_tokenizer, tiny_titles):
     assert labels.elements.shape[0] == len({k for si in (0, 2, 3) for k in enc.element_keys(samples[si])})
 
 
-def test_annotate_resumes_and_refuses_other_settings(tiny_split, tiny_tokenizer, tiny_titles, tmp_path):
+def test_annotate_resumes_and_refuses_other_settings(tiny_split, tiny_tokenizer, tiny_titles, tmp_path, monkeypatch):
     builder = PromptBuilder(tiny_tokenizer)
     enc = MemoryEncoder(tiny_split, builder, tiny_titles, "window", k_short=K)
     samples = _samples()
@@ -95,17 +96,14 @@ def test_annotate_resumes_and_refuses_other_settings(tiny_split, tiny_tokenizer,
     chunks[1].unlink()  # as if interrupted during the second chunk
 
     calls = []
-    real = tiny_split.target_logprob
+    real = labels.target_logprob
 
-    def counting(prompt, target, vecs, chunk_size=32):
+    def counting(lm, prompt, target, vecs, chunk_size=32):
         calls.append(prompt.input_ids)
-        return real(prompt, target, vecs, chunk_size=chunk_size)
+        return real(lm, prompt, target, vecs, chunk_size=chunk_size)
 
-    tiny_split.target_logprob = counting
-    try:
-        again = annotate(enc, samples, out_dir=tmp_path / "lab", chunk_size=1, progress=False)
-    finally:
-        del tiny_split.target_logprob
+    monkeypatch.setattr(labels, "target_logprob", counting)
+    again = annotate(enc, samples, out_dir=tmp_path / "lab", chunk_size=1, progress=False)
     assert len(calls) == 2  # only the missing chunk's sample: baseline + its elements
     assert torch.equal(again.delta, full.delta) and torch.equal(again.offsets, full.offsets)
     loaded = LabelSet.load(tmp_path / "lab")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from model.data.loaders import DataFormatError, load_dataset, parse_timestamp, sort_ids
+from model.data.loaders import load_dataset
+from model.data.reading import DataFormatError, parse_timestamp, sort_ids
 from model.data.text import clean_title
 
 FIX = Path(__file__).parent / "fixtures" / "data"

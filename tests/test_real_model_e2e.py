@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from model.artefacts import save_popularity
+from model.checkpoint import save_upper
 from model.assets import asset_paths
 from model.baselines.popularity import popularity_counts
 from tests.redis_fixtures import memory_store, redis_server, redis_url  # noqa: F401
@@ -87,7 +88,7 @@ def real_world(tmp_path_factory, threads1):
     try:
         report = train_generator(lm, ds, cfg)
         art = root / "art"
-        lm.save_upper(art / "generator", extra={"template": "list", "train_report": report.to_json()})
+        save_upper(lm, art / "generator", extra={"template": "list", "train_report": report.to_json()})
         save_popularity(art, popularity_counts(ds.split("train"), len(ds.catalogue)))  # the beams' prior
     finally:
         # the cached base model was tuned in place: never hand it to anything else in this process

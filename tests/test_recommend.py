@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from model import generation
+from model.generation import generate
 from model.grounding import CatalogueIndex, clean_generated
 from model.llm import SplitLM
 from model.prompts import PromptBuilder
@@ -45,7 +47,7 @@ def test_bigrec_equals_pieces_run_by_hand(parts):
     got = rec.recommend(reqs, topk=5)
     for req, r in zip(reqs, got):
         p = builder.build([TINY_TITLES[i] for i in req.context])
-        text = lm.generate([p], max_new_tokens=6)[0]
+        text = generate(lm, [p], max_new_tokens=6)[0]
         emb = lm.embed_final([clean_generated(text) or " "]).numpy()
         d = ((index.embeddings() - emb) ** 2).sum(1)
         order = [i for i in np.lexsort((np.arange(len(d)), d)) if i not in req.exclude][:5]
@@ -85,7 +87,7 @@ def test_memory_changes_generation_and_matches_slot_fill_by_hand(parts):
     r = rec.recommend([req])[0]
     p = builder.build([TINY_TITLES[i] for i in req.context])
     m = r.memory_indices[0]
-    by_hand = lm.generate([p], slot_vectors=mem[m][None, None], max_new_tokens=6)[0]
+    by_hand = generate(lm, [p], slot_vectors=mem[m][None, None], max_new_tokens=6)[0]
     assert r.generated == clean_generated(by_hand)
 
 
@@ -129,7 +131,7 @@ def test_pick_from_the_prefill_equals_pick_from_a_separate_lower_pass(parts, pol
     """z_t taken inside the generator's prefill (no query given) = z_t from encode_lower: same picks,
     same text, same ranking; and no separate lower-layer pass runs."""
     lm, builder, _ = parts
-    rec = _rec(parts, policy=policy, num_beams=num_beams)
+    rec = _rec(parts, policy=policy, num_beams=num_beams, constrained=num_beams > 1)
     contexts = [[0, 1, 2], [3, 4, 5, 6, 7], [8, 9], [1, 4]]
     mems = [_memory(lm, 6, seed=1), None, _memory(lm, 9, seed=2), _memory(lm, 3, seed=3)]
     lazy = [RecommendRequest(context=c, memory=m) for c, m in zip(contexts, mems)]
@@ -164,8 +166,9 @@ def test_recommend_runs_the_step_path_with_its_groups_and_drafts(parts, full_his
     grouped = _rec(parts, policy=policy, full_history=full_history, prefill_max_tokens=1, batch_size=4,
                    draft_tokens=4, draft_max_rows=4)
     starts, observed = [], []
-    begin = lm.begin
-    monkeypatch.setattr(lm, "begin", lambda prompts, *a, **k: starts.append(len(prompts)) or begin(prompts, *a, **k))
+    begin = generation.begin
+    monkeypatch.setattr(generation, "begin",
+                        lambda lm, prompts, *a, **k: starts.append(len(prompts)) or begin(lm, prompts, *a, **k))
     monkeypatch.setattr(grouped.drafter, "observe", lambda tokens: observed.append(list(tokens)))
     a = plain.recommend(reqs, topk=5)
     assert starts == [4, 1]  # one padded prefill per batch of 4

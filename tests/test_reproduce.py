@@ -100,10 +100,10 @@ def test_reproduce_natural_titles_reach_the_data_and_a_mismatched_cache_is_refus
 
 def test_single_stage_commands_default_to_what_reproduce_runs():
     """`automr train generator|retriever` run alone, without flags, train what `automr reproduce` (paper
-    budget) trains: §4d's retriever differed from §4's because the two defaults once differed."""
+    budget) trains: a retriever trained on other label budgets gets another hash (BENCHMARKS §2.4)."""
     paper, rc = BUDGETS["paper"], ReproduceConfig(**BUDGETS["paper"])
     assert paper == dict(generator_samples=48_000, generator_epochs=1, generator_valid=128, generator_batch=1,
-                         generator_lr=3e-4, generator_warmup=20, label_train=128, label_valid=32)  # BENCHMARKS §3
+                         generator_lr=3e-4, generator_warmup=20, label_train=128, label_valid=32)  # BENCHMARKS §2.2
     g = build_parser().parse_args(["train", "generator", "--data", "d"])
     assert (g.budget, g.valid_budget, g.epochs, g.lr, g.batch_size, g.warmup, g.seed) == (
         paper["generator_samples"], paper["generator_valid"], paper["generator_epochs"], paper["generator_lr"],

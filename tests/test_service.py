@@ -224,7 +224,7 @@ async def test_recommend_with_memory_learned(world, comps, memory_store, redis_u
     items = [cat.index_of(e.item_id) for e in events]
     n, n_mem = len(items), len(items) - K
     async with serve(_settings(redis_url, tmp_path), comp) as (client, state):
-        fp = state.engine.fingerprint
+        fp = state.users.fingerprint
         assert memory_store.get_user_state("u1", fp).vectors == {}  # lazily encoded: nothing yet
         r = await client.post("/recommend", json={"user_id": "u1", "k": 5})
         assert r.status_code == 200, r.text
@@ -310,7 +310,7 @@ async def test_modes_on_one_server_and_recent_items(world, comps, memory_store, 
         r = await client.post("/recommend", json={"user_id": "u2", "k": 4, "recent_items": recent, "mode": "automr"})
         assert r.status_code == 200, r.text
         r = r.json()
-        st = memory_store.get_user_state("u2", state.engine.fingerprint)
+        st = memory_store.get_user_state("u2", state.users.fingerprint)
         assert set(st.vectors) == {e.event_id for e in events[:n_mem]}  # no stored query needed
         mem = torch.from_numpy(np.stack([st.vectors[e.event_id] for e in events[:n_mem]]))
         ctx = [cat.index_of(i) for i in recent][-K:]
@@ -449,7 +449,7 @@ async def test_background_encoder_stores_vectors_of_new_events(world, comps, mem
             {"user_id": "w", "item_id": it, "timestamp": 100 + j, "event_id": f"w{j}"} for j, it in enumerate(seq)]})
         assert r.json()["added"] == len(seq)
         await asyncio.wait_for(state.encoder.idle(), 20)
-        st = memory_store.get_user_state("w", state.engine.fingerprint)
+        st = memory_store.get_user_state("w", state.users.fingerprint)
         assert set(st.vectors) == {f"w{j}" for j in range(len(seq))}
         items = [cat.index_of(i) for i in seq]
         for j in range(len(seq)):
@@ -477,7 +477,7 @@ async def test_item_elements_are_stored_with_their_events_without_a_model_call(w
     cat = ds.catalogue
     seq = ["3", "8", "1", "12", "6", "15"]
     async with serve(_settings(redis_url, tmp_path, encode_on_write=True, seed_store=False), comp) as (client, state):
-        fp = state.engine.fingerprint
+        fp = state.users.fingerprint
         calls = state.runner.calls
         r = await client.post("/interactions", json={"events": [
             {"user_id": "it", "item_id": it, "timestamp": 100 + j, "event_id": f"t{j}"} for j, it in enumerate(seq)]
@@ -504,7 +504,7 @@ async def test_item_elements_are_stored_with_their_events_without_a_model_call(w
 async def test_erasure(world, comps, memory_store, redis_url, tmp_path):
     async with serve(_settings(redis_url, tmp_path), comps["learned"]) as (client, state):
         assert (await client.post("/recommend", json={"user_id": "u1"})).json()["memory"]["used"] is True
-        assert memory_store.get_user_state("u1", state.engine.fingerprint).vectors  # vectors stored
+        assert memory_store.get_user_state("u1", state.users.fingerprint).vectors  # vectors stored
         r = await client.delete("/users/u1")
         assert r.status_code == 204 and r.content == b""
         assert memory_store.client.keys("*{u1}*") == []  # events, ids, vectors, meta: all gone
@@ -525,11 +525,11 @@ async def test_fingerprint_change_triggers_reencoding(world, comps, memory_store
     n_mem = len(items) - K
     need = {e.event_id for e in events[:n_mem]} | {events[-1].event_id}
     async with serve(_settings(redis_url, tmp_path), comps["learned"]) as (client, state):
-        fp1 = state.engine.fingerprint
+        fp1 = state.users.fingerprint
         assert (await client.post("/recommend", json={"user_id": "u1"})).status_code == 200
     # the same Redis, a model cut at another L: another fingerprint
     async with serve(_settings(redis_url, tmp_path), comps["cut1"]) as (client, state):
-        fp2 = state.engine.fingerprint
+        fp2 = state.users.fingerprint
         assert fp2 != fp1
         before = memory_store.get_user_state("u1", fp2)
         assert before.vectors == {} and set(before.stale_keys) == need  # never mixed in
@@ -583,7 +583,7 @@ async def test_vectors_of_windows_changed_meanwhile_are_not_stored(world, comps,
     events ending at their event) is unchanged are written."""
     ev = lambda it, ts: {"user_id": "r", "item_id": it, "timestamp": ts, "event_id": f"r{ts}"}  # noqa: E731
     async with serve(_settings(redis_url, tmp_path, seed_store=False), comps["learned"]) as (client, state):
-        eng = state.engine
+        eng = state.users
         await client.post("/interactions", json={"events": [ev(str(j + 1), 100 * (j + 1)) for j in range(6)]})
         view = await eng._state("r")
         fresh = await eng._encode(view, range(6))  # windows of r100..r600 as they are now

@@ -25,7 +25,7 @@ import transformers
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.components import Components
-from service.engine import MODE_RECOMMENDERS
+from service.modes import MODE_RECOMMENDERS
 from service.errors import retry_after
 from service.settings import Settings
 from tests.conftest import build_tiny_tokenizer
@@ -222,11 +222,11 @@ async def test_request_id_echoed_generated_and_logged(world, comp, memory_store,
         async def broken(user_id):
             raise RuntimeError("boom")
 
-        state.engine.history = broken
+        state.users.history = broken
         r = await client.get("/users/u4/history", headers={"X-Request-ID": "boom-1"})
         _assert_error(r, 500, "internal_error")
         assert r.headers["x-request-id"] == "boom-1" and "RuntimeError" in r.json()["detail"]
-        del state.engine.history
+        del state.users.history
         err = capsys.readouterr().err
 
     lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
@@ -409,7 +409,7 @@ async def test_version(world, comp, memory_store, redis_url, tmp_path, monkeypat
         assert v["settings"]["cut_layer"] == 20 and v["settings"]["slot_policy"] is None  # configured values
         gate.set()
         await state.wait_ready(20)
-        served_by = {mode: state.engine.choose(mode).recommender for mode in MODE_RECOMMENDERS}
+        served_by = {mode: state.users.choose(mode).recommender for mode in MODE_RECOMMENDERS}
         v = (await client.get("/version")).json()
         monkeypatch.setenv("AUTOMR_GIT_SHA", "0123abc")
         assert (await client.get("/version")).json()["git_sha"] == "0123abc"
@@ -434,7 +434,7 @@ async def test_version(world, comp, memory_store, redis_url, tmp_path, monkeypat
     assert comp.pipeline.drafter.max_recent == 50_000
     # every recommender grounds through the pipeline's one memo (catalogue rows + 10,000 recent answers)
     assert (s["ground_memo"], s["ground_memo_recent"]) == (True, 10_000)
-    assert (s["prefill_max_tokens"], s["prefill_chunk_tokens"]) == (2048, 0)
+    assert s["prefill_max_tokens"] == 2048 and "prefill_chunk_tokens" not in s
     assert comp.pipeline.ground_memo.max_recent == 10_000
     assert all(r._ground_memo is comp.pipeline.ground_memo for r in state.runner.recommenders.values())
     # full-history requests yield to the others (the runner's priority between modes)

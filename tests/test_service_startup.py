@@ -156,10 +156,10 @@ def test_evaluate_defaults_to_the_served_generation(monkeypatch):
     """`automr evaluate` of an LLM method generates as the service does (``Settings.generation``);
     an --option still wins."""
     import service.cli as cli
-    import model.eval.evaluator as evaluator
+    import model.eval.run as run
 
     seen = {}
-    monkeypatch.setattr(evaluator, "run_evaluation", lambda *a, **k: seen.update(k["options"]))
+    monkeypatch.setattr(run, "run_evaluation", lambda *a, **k: seen.update(k["options"]))
     args = build_parser().parse_args(["evaluate", "--data", "d", "--method", "bigrec", "--option", "draft_tokens=0"])
     settings = Settings(draft_max_rows=3, prefill_max_tokens=99, ground_memo=False)
     assert cli.cmd_evaluate(args, settings) == 0

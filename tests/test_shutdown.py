@@ -1,7 +1,7 @@
 """Graceful shutdown of the service (``AppState.stop``): real Redis, the tiny model of test_service.py.
 
-The model call of the first request is held on a ``threading.Event`` (its recommender wrapped in
-the runner), so that shutdown starts while it is in flight with more work queued behind it.
+The model call of the first request is held on a ``threading.Event`` (its recommender's prefill held
+on the model thread), so that shutdown starts while it is in flight with more work queued behind it.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from model.recommend import RecommendRequest
 from service.app import create_app
-from service.runner import RunnerClosed
+from service.errors import RunnerClosed
 from tests.redis_fixtures import memory_store, redis_server, redis_url  # noqa: F401
 from tests.test_service import GEN, K, MAX_NEW, _expected_events, _settings, comps, threads1, world  # noqa: F401
 
@@ -23,16 +23,19 @@ pytestmark = pytest.mark.anyio
 
 
 class Held:
-    """A recommender whose calls wait for ``gate`` (``started`` is set when the first one arrives)."""
+    """Holds the recommender's calls at their start (``begin``, on the model thread) until ``gate`` is
+    set; ``started`` is set when the first one arrives."""
 
-    def __init__(self, inner):
-        self.inner, self.config = inner, inner.config
+    def __init__(self, rec):
         self.started, self.gate = threading.Event(), threading.Event()
+        begin = rec.begin
 
-    def recommend(self, requests, topk=None):
-        self.started.set()
-        assert self.gate.wait(20)
-        return self.inner.recommend(requests, topk=topk)
+        def held(*args, **kwargs):
+            self.started.set()
+            assert self.gate.wait(20)
+            return begin(*args, **kwargs)
+
+        rec.begin = held
 
 
 async def _until(cond, timeout: float = 10.0) -> None:
@@ -64,8 +67,8 @@ async def test_shutdown_finishes_in_flight_and_queued_work(world, comps, memory_
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://automr") as client:
             state = app.state.automr
             await state.wait_ready(30)
-            runner, encoder, fp = state.runner, state.encoder, state.engine.fingerprint
-            held = runner.recommenders["none"] = Held(runner.recommenders["none"])
+            runner, encoder, fp = state.runner, state.encoder, state.users.fingerprint
+            held = Held(runner.recommenders["none"])
 
             # in flight: u2's model call is held; queued behind it: u4's request, then w's background encoding
             first = asyncio.ensure_future(client.post("/recommend", json={"user_id": "u2", "k": 3, "mode": "bigrec"}))
@@ -114,7 +117,7 @@ async def test_shutdown_grace_bounds_the_wait(world, comps, memory_store, redis_
             state = app.state.automr
             await state.wait_ready(30)
             runner = state.runner
-            held = runner.recommenders["none"] = Held(runner.recommenders["none"])
+            held = Held(runner.recommenders["none"])
             first = asyncio.ensure_future(client.post("/recommend", json={"user_id": "u2", "k": 3, "mode": "bigrec"}))
             await asyncio.to_thread(held.started.wait, 10)
             second = asyncio.ensure_future(client.post("/recommend", json={"user_id": "u4", "k": 3, "mode": "bigrec"}))

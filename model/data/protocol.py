@@ -30,7 +30,7 @@ from fractions import Fraction
 import numpy as np
 from tqdm.auto import tqdm
 
-from model.data.loaders import sort_ids
+from model.data.reading import sort_ids
 from model.data.types import Catalogue, Interactions, Sample
 
 log = logging.getLogger(__name__)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from model import context
+
 
 @dataclass
 class Catalogue:
@@ -67,10 +69,10 @@ class Sample:
     history_ts: list[int]  # their timestamps
 
     def short_term(self, k: int) -> list[int]:
-        return self.history[-k:]
+        return context.short_term(self.history, k)
 
     def memory(self, k: int) -> list[int]:
-        return self.history[:-k]
+        return self.history[:context.n_memory(len(self.history), k)]
 
     def to_json(self) -> dict:
         return {

@@ -8,7 +8,7 @@
 - :func:`register_method` / :func:`get_method`: a name -> factory registry. A factory takes a
   :class:`MethodContext` and returns a Ranker. ``popularity`` and ``sasrec`` register themselves in
   ``model.baselines``; other modules do the same and are found through ``PLUGIN_MODULES``.
-- :func:`run_evaluation` does what ``automr evaluate`` needs end to end.
+- ``model/eval/run.py``'s ``run_evaluation`` does what ``automr evaluate`` needs end to end.
 """
 from __future__ import annotations
 
@@ -304,48 +304,3 @@ def get_method(
         progress=progress,
     )
     return _REGISTRY[name](ctx)
-
-
-# ----------------------------------------------------------------------------- CLI entry point
-
-
-def run_evaluation(
-    data_dir: str | Path,
-    method: str,
-    *,
-    limit: int | None = None,
-    seed: int = 0,
-    out: str | Path | None = None,
-    artefacts_dir: str | Path | None = None,
-    options: dict | None = None,
-    split: str = "test",
-    batch_size: int = 256,
-    progress: bool = True,
-) -> EvalResult:
-    """Load the prepared dataset, build ``method``, evaluate it on ``split``, write ``out``, print the table.
-
-    ``artefacts_dir`` defaults to ``<data_dir>/artefacts``; each method keeps its own subfolder there
-    (e.g. the trained SASRec weights), so a later run reuses them.
-    """
-    from model.data.prepared import PreparedDataset  # the data helper's module
-    from model.eval.report import results_table
-
-    data_dir = Path(data_dir)
-    ds = PreparedDataset.load(data_dir)
-    art = Path(artefacts_dir) if artefacts_dir is not None else data_dir / "artefacts"
-    ranker = get_method(method, dataset=ds, options=options, artefact_dir=art / method, seed=seed, progress=progress)
-    result = evaluate(
-        ranker,
-        ds.split(split),
-        limit=limit,
-        seed=seed,
-        batch_size=batch_size,
-        train_samples=ds.split("train"),
-        split=split,
-        progress=progress,
-    )
-    result.info.setdefault("dataset", ds.config.get("name", str(data_dir)))
-    if out is not None:
-        result.save(out)
-    print(results_table([result]))
-    return result

@@ -20,7 +20,7 @@ slot (``model/recommend.py``). Options (``automr evaluate --option key=value``):
                        with its drafting and grounded through its memo (the same answers in float32;
                        bfloat16 rounds differently with other shapes, as batching does). Called
                        directly, absent ones take ``RecommenderConfig``'s defaults.
-                       head_cache=false prefills whole prompts (bfloat16 rounds differently, §5)
+                       head_cache=false prefills whole prompts (bfloat16 rounds differently, BENCHMARKS §3.2)
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
+from model import context
 from model.data.types import Sample
 from model.eval.evaluator import MethodContext, register_method
 from model.pipeline import load_pipeline
@@ -58,9 +59,8 @@ class LLMRanker:
         self.trace: list[dict] = []  # per sample: generated title and selected memory (for the reports)
 
     def _request(self, s: Sample) -> RecommendRequest:
-        full = self.recommender.config.full_history
         req = RecommendRequest(
-            context=list(s.history) if full else s.short_term(self.k_short),
+            context=context.prompt_items(s.history, self.k_short, self.recommender.config.full_history),
             exclude=set(s.history) if self.exclude_history else set(),
             seed=sample_seed(s, self.seed),
         )
@@ -92,7 +92,7 @@ class LLMRanker:
         out = np.full((len(samples), topk), -1, dtype=np.int64)
         for i, r in enumerate(recs):
             out[i, : len(r.items)] = r.items[:topk]
-            n_mem = max(len(samples[i].history) - self.k_short, 0)
+            n_mem = context.n_memory(len(samples[i].history), self.k_short)
             self.trace.append({
                 "generated": r.generated,
                 # how far back the selected element lies: 1 = the newest memory element

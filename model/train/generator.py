@@ -35,9 +35,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from model.checkpoint import fingerprint, save_upper
 from model.data.types import Sample
 from model.llm import SplitLM, left_pad
 from model.prompts import PromptBuilder
+from model.train.lora import inject_lora, load_plain_state, plain_upper_state, remove_lora
 from model.train.packed import Chunk, build_chunks, packed_loss
 
 SlotFn = Callable[[Sequence[Sample]], torch.Tensor]  # samples -> [B, S, H] slot vectors
@@ -195,79 +197,6 @@ def _upper_modules(split: SplitLM) -> list[nn.Module]:
     return [*split.upper_layers(), split.model.model.norm]
 
 
-def _inject_lora(split: SplitLM, cfg: GeneratorTrainConfig) -> list[nn.Parameter]:
-    from peft import LoraConfig, inject_adapter_in_model
-
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_targets), layers_to_transform=list(range(split.cut, split.n_layers)),
-                      layers_pattern="layers", bias="none")
-    inject_adapter_in_model(lcfg, split.model)
-    params = []
-    for name, p in split.model.named_parameters():
-        if "lora_" in name:
-            layer = int(name.split("layers.")[1].split(".")[0])
-            if layer < split.cut:
-                raise RuntimeError(f"LoRA adapter landed in a frozen lower layer: {name}")
-            p.data = p.data.float()
-            p.requires_grad_(True)
-            params.append(p)
-        else:
-            p.requires_grad_(False)
-    if not params:
-        raise RuntimeError("no LoRA adapters were injected (check lora_targets)")
-    return params
-
-
-def _lora_layers(split: SplitLM) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, attribute, lora module) for every LoRA-wrapped linear in the upper layers."""
-    from peft.tuners.lora import LoraLayer
-
-    found = []
-    for parent in split.upper_layers().modules():
-        for name, child in parent.named_children():
-            if isinstance(child, LoraLayer):
-                found.append((parent, name, child))
-    return found
-
-
-def _plain_upper_state(split: SplitLM) -> dict[str, torch.Tensor]:
-    """Float32 CPU copy of the upper layers in the plain ``upper_state_dict`` layout (LoRA merged)."""
-    from peft.tuners.lora import LoraLayer
-
-    state = {}
-    for i in range(split.cut, split.n_layers):
-        layer = split.model.model.layers[i]
-        deltas = {f"{name}.weight": m.get_delta_weight("default").detach().float()
-                  for name, m in layer.named_modules() if isinstance(m, LoraLayer)}
-        for name, p in layer.named_parameters():
-            if "lora_" in name:
-                continue
-            key = name.replace(".base_layer.", ".")
-            w = p.detach().float()
-            if key in deltas:
-                w = w + deltas[key]
-            state[f"layers.{i}.{key}"] = w.cpu().clone()
-    for k, v in split.model.model.norm.state_dict().items():
-        state[f"norm.{k}"] = v.detach().float().cpu().clone()
-    if not split._head_tied():
-        state["lm_head.weight"] = split.model.lm_head.weight.detach().float().cpu().clone()
-    return state
-
-
-def _remove_lora(split: SplitLM) -> None:
-    for parent, name, module in _lora_layers(split):
-        setattr(parent, name, module.get_base_layer())
-
-
-def _load_plain_state(split: SplitLM, state: dict[str, torch.Tensor]) -> None:
-    mine = split.upper_state_dict()
-    if set(mine) != set(state):
-        raise RuntimeError(f"upper state keys differ: {sorted(set(mine) ^ set(state))[:5]}")
-    with torch.no_grad():
-        for k, v in state.items():
-            mine[k].copy_(v.to(mine[k].dtype))
-
-
 # --------------------------------------------------------------------------------------------------
 # The training loop
 # --------------------------------------------------------------------------------------------------
@@ -308,7 +237,7 @@ def train_generator(split: SplitLM, dataset, cfg: GeneratorTrainConfig | None = 
     ``split(name)``, ``config`` with ``domain`` and ``k_short``). The best epoch's weights (by valid
     loss) are left in the model, cast to its dtype; the base upper layers are kept for grounding
     (``SplitLM.embed_final``). Returns a report; with ``cfg.out_dir`` also writes OUT/best (the tuned
-    upper layers, ``SplitLM.load_upper``) and OUT/train_log.json.
+    upper layers, ``checkpoint.load_upper``) and OUT/train_log.json.
     """
     cfg = cfg or GeneratorTrainConfig()
     cfg.validate()
@@ -396,7 +325,7 @@ def train_loop(split: SplitLM, train: list, valid: list[Example], cfg: Generator
         if cfg.master_weights:
             masters = [nn.Parameter(p.detach().float().clone()) for p in params]
     else:
-        params = _inject_lora(split, cfg)
+        params = inject_lora(split, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     n_trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(masters or params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -408,7 +337,7 @@ def train_loop(split: SplitLM, train: list, valid: list[Example], cfg: Generator
             return cfg.lr * (step + 1) / warmup
         return cfg.lr * max(0.0, (total_steps - step) / max(total_steps - warmup, 1))
 
-    log: dict = {"config": asdict(cfg), "fingerprint": split.fingerprint(), "steps": [], "epochs": []}
+    log: dict = {"config": asdict(cfg), "fingerprint": fingerprint(split), "steps": [], "epochs": []}
 
     def run_valid() -> float:
         split.model.eval()
@@ -418,12 +347,12 @@ def train_loop(split: SplitLM, train: list, valid: list[Example], cfg: Generator
 
     def checkpoint(state, name: str, extra: dict) -> None:
         if out_dir is not None:
-            split.save_upper(out_dir / name, extra=extra, state=state)
+            save_upper(split, out_dir / name, extra=extra, state=state)
 
     t0 = time.time()
     valid_losses = [run_valid()]
     best_loss, best_epoch = valid_losses[0], 0
-    best_state = _plain_upper_state(split)
+    best_state = plain_upper_state(split)
     train_losses, bad_epochs, step, train_time, seen, tokens, targets = [], 0, 0, 0.0, 0, 0, 0
     epochs_run = 0
     for epoch in range(1, cfg.epochs + 1):
@@ -471,7 +400,7 @@ def train_loop(split: SplitLM, train: list, valid: list[Example], cfg: Generator
         log["epochs"].append({"epoch": epoch, "train_loss": train_losses[-1], "valid_loss": vl, "improved": improved})
         if improved:
             best_loss, best_epoch, bad_epochs = vl, epoch, 0
-            best_state = _plain_upper_state(split)
+            best_state = plain_upper_state(split)
             checkpoint(best_state, "best", {"epoch": epoch, "valid_loss": vl, "train": asdict(cfg)})
         else:
             bad_epochs += 1
@@ -483,10 +412,10 @@ def train_loop(split: SplitLM, train: list, valid: list[Example], cfg: Generator
 
     # -- leave the best weights in the model, plain layout, model dtype --
     if cfg.mode == "lora":
-        _remove_lora(split)
+        remove_lora(split)
     for m in _upper_modules(split):
         m.to(model_dtype)
-    _load_plain_state(split, best_state)
+    load_plain_state(split, best_state)
     for p in split.model.parameters():
         p.requires_grad_(False)
     split.model.eval()

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.checkpoint import save_upper
 from model.pipeline import Pipeline, load_pipeline
 from model.train.labels import LabelSet, annotate
 from model.train.retriever import RetrieverTrainConfig, train_retriever
@@ -47,7 +48,7 @@ def tune_generator_stage(lm, ds, artefacts: Path, *, recipe: str = "packed", mod
                                out_dir=str(artefacts / "generator-run"), **config)
     report = train_generator(lm, ds, cfg).to_json()
     save_popularity(artefacts, popularity_counts(ds.split("train"), len(ds.catalogue)))
-    lm.save_upper(artefacts / "generator", extra={"train_report": report, "dataset": ds.name,
+    save_upper(lm, artefacts / "generator", extra={"train_report": report, "dataset": ds.name,
                                                   "template": cfg.template})
     return report
 
