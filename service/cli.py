@@ -72,11 +72,10 @@ def cmd_evaluate(args, settings: Settings) -> int:
 
 
 def cmd_compare(args, settings: Settings) -> int:
-    from model.eval.evaluator import compare
+    from model.eval.evaluator import compare, read_result_json
     from model.eval.report import comparison_table
 
-    a = json.loads(Path(args.a).read_text())
-    b = json.loads(Path(args.b).read_text())
+    a, b = read_result_json(args.a), read_result_json(args.b)
     result = compare(a, b, n_boot=args.n_boot, seed=args.seed)
     print(comparison_table([result]))
     if args.out:
@@ -85,9 +84,10 @@ def cmd_compare(args, settings: Settings) -> int:
 
 
 def cmd_report(args, settings: Settings) -> int:
+    from model.eval.evaluator import read_result_json
     from model.eval.report import results_table
 
-    results = [json.loads(Path(p).read_text()) for p in args.results]
+    results = [read_result_json(p) for p in args.results]
     if not args.paper:
         print(results_table(results))
         return 0

@@ -258,8 +258,9 @@ class ModelWorker:
             return
         if not self.decoding.rows:
             self.decoding = None
-        self.scheduler.answered([(job, j, lm.text(tokens), job.searches[j].result().items if job.searches[j] else [])
-                                 for (job, j), tokens in finished], time.monotonic())
+        beams = lambda job, j: job.searches[j].result().items if job.searches[j] is not None else []  # noqa: E731
+        self.scheduler.answered([(job, j, lm.text(tokens), beams(job, j)) for (job, j), tokens in finished],
+                                time.monotonic())
 
     def _ground(self) -> None:
         """Ground and answer the done calls the scheduler says, one pass per recommender."""

@@ -1,4 +1,5 @@
 """Evaluator: subset determinism, brute-force agreement, result files, comparison, registry, report."""
+import gzip
 import json
 import math
 
@@ -108,6 +109,9 @@ def test_json_fields_roundtrip_and_compare(tmp_path):
     a.save(tmp_path / "a.json")
     back = EvalResult.load(tmp_path / "a.json")
     assert back.metrics == a.metrics and back.keys == a.keys and np.array_equal(back.ranks, a.ranks)
+    (tmp_path / "a.json.gz").write_bytes(gzip.compress((tmp_path / "a.json").read_bytes()))  # as published
+    zipped = EvalResult.load(tmp_path / "a.json.gz")
+    assert zipped.metrics == a.metrics and np.array_equal(zipped.ranks, a.ranks)
 
     # a vs itself, in shuffled order: paired by key, zero difference
     shuffled = json.loads(json.dumps(d))

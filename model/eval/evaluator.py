@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import gzip
 import importlib
 import json
 import time
@@ -138,9 +139,16 @@ class EvalResult:
     @classmethod
     def load(cls, path: str | Path) -> "EvalResult":
         try:
-            return cls.from_json(json.loads(Path(path).read_text()))
+            return cls.from_json(read_result_json(path))
         except (KeyError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not an evaluation result file ({e!r})") from e
+
+
+def read_result_json(path: str | Path) -> dict:
+    """A result file as written by ``EvalResult.save``, or gzipped (``.gz``, as the published ones are)."""
+    path = Path(path)
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return json.loads(raw)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -5,8 +5,8 @@ same for 1 token as for 9 (SmolLM2-135M on 2 CPU cores: ~40 ms either way). The 
 with a catalogue title most of the time, or something close to one, so the catalogue predicts much
 of what it will say: ``"The Jungle Book (1995)"`` is one token at a time, but after ``"The Jungle``
 the catalogue knows `` Book (199``. A step can then check several guessed tokens in one forward and
-keep those the model itself would have chosen (``generation.step`` with a drafter in the batch: ``speculative.py``): the answer is the
-model's greedy answer, token for token, in fewer forwards.
+keep those the model itself would have chosen (``speculative.py``, in ``generation.step`` when the
+batch holds a drafter): the answer is the model's greedy answer, token for token, in fewer forwards.
 
 ``NgramDrafter`` is an n-gram table over the catalogue's response sequences (``'"Title"' + eos``, the
 tokens the generator is tuned to emit, ``PromptBuilder.response_ids``), longest context first

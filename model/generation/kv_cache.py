@@ -130,7 +130,8 @@ def concat_rows(caches: list[DynamicCache], spare: int = 64,
     return out
 
 
-def expand_prefix(cache: DynamicCache, prefix: list[tuple[torch.Tensor, torch.Tensor] | None], rows: int) -> DynamicCache:
+def expand_prefix(cache: DynamicCache, prefix: list[tuple[torch.Tensor, torch.Tensor] | None],
+                  rows: int) -> DynamicCache:
     """Write one row's prefix KV into ``cache`` for ``rows`` rows: ``prefix[i]`` = layer i's keys and
     values [1, kv_heads, p, d] (None: the layer stays empty). The rows are copies in the cache's own
     buffers, so each row's later tokens append to its own. Returns ``cache``.
