@@ -5,7 +5,11 @@
 For each setting (``--configs``: ``name=VAR=value VAR=value;...``; ``baseline`` = none) it starts
 ``automr serve`` with those variables, waits for /readyz, drives ``/recommend`` (automr) at
 ``--concurrency`` for ``--seconds`` with ``bench/soak.py`` alone, then again beside ``--busy`` busy
-loops (one process each, as many as the CPUs by default), and stops the server with SIGTERM. One
+loops (one process each, as many as the CPUs by default), and stops the server with SIGTERM. Where
+the loops run (``--busy-session``): ``job`` (default), all in one session of their own, as one other
+job with that many threads is; ``each``, a session per loop (as many jobs as loops); ``server``, the
+server's session. With the kernel's autogroup scheduling, CPU time is shared between sessions first,
+so the server's fair share of the CPUs is 1/2 beside one job and 1/(loops + 1) beside ``each``. One
 table: req/s and p50 alone and beside, beside / alone, and alone / the first setting's alone. Each
 server's /version ``threads`` and ``process`` are recorded, so the table says what actually ran.
 """
@@ -31,6 +35,16 @@ DEFAULT_CONFIGS = ("static=AUTOMR_TORCH_THREADS=2 AUTOMR_ADAPTIVE_THREADS=false;
                    "threads1=AUTOMR_TORCH_THREADS=1;"
                    "passive=AUTOMR_ADAPTIVE_THREADS=false OMP_WAIT_POLICY=PASSIVE")
 BUSY = "while True: pass"
+SESSIONS = {"job": "one job: a session of their own together", "each": "a session each",
+            "server": "in the server's session"}
+
+
+def start_busy(n: int, where: str) -> list[subprocess.Popen]:
+    """``n`` busy loops: one job of ``n`` processes in a new session, ``n`` sessions, or the server's."""
+    if where == "job":  # a shell in a new session starts them: they share its session (and autogroup)
+        loops = " & ".join([f"{sys.executable} -c '{BUSY}'"] * n) + " & wait"
+        return [subprocess.Popen(["sh", "-c", loops], start_new_session=True)]
+    return [subprocess.Popen([sys.executable, "-c", BUSY], start_new_session=where == "each") for _ in range(n)]
 CELL = ("req_per_s", "recommend_p50_ms", "recommend_p99_ms", "errors", "http_5xx", "threads_after")
 
 
@@ -83,7 +97,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--busy", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--port", type=int, default=8013)
-    ap.add_argument("--same-session", action="store_true", help="busy loops in the server's session")
+    ap.add_argument("--busy-session", choices=("job", "each", "server"), default="job",
+                    help="the busy loops' session: one of their own (job), one each, or the server's")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     out = Path(a.out)
@@ -105,16 +120,13 @@ def main() -> None:
             version = get_json(url + "/version")
             alone = soak(url, a.data, a.seconds, a.concurrency, out / f"{name}-alone")
             alone["threads_after"] = get_json(url + "/version")["threads"]
-            # another job: its own session, as a job started elsewhere is (with the kernel's autogroup
-            # scheduling, CPU time is shared between sessions first); --same-session shares per thread
-            busy = [subprocess.Popen([sys.executable, "-c", BUSY], start_new_session=not a.same_session)
-                    for _ in range(a.busy)]
+            busy = start_busy(a.busy, a.busy_session)
             try:
                 beside = soak(url, a.data, a.seconds, a.concurrency, out / f"{name}-beside")
                 beside["threads_after"] = get_json(url + "/version")["threads"]
             finally:
                 for b in busy:
-                    b.kill()
+                    os.killpg(b.pid, signal.SIGKILL) if a.busy_session == "job" else b.kill()
                     b.wait()
         finally:
             server.send_signal(signal.SIGTERM)
@@ -126,7 +138,7 @@ def main() -> None:
     base = results[0]["alone"]["req_per_s"]
     lines = [f"machine: {machine()['cpu']['model']}, {len(os.sched_getaffinity(0))} CPUs; "
              f"c = {a.concurrency}, {a.seconds:.0f} s per cell, {a.busy} busy loops beside "
-             f"({'in the server' + chr(39) + 's session' if a.same_session else 'in a session of their own'})",
+             f"({SESSIONS[a.busy_session]})",
              "| setting | intra-op (alone → beside, at the end) | malloc | alone req/s | alone p50 ms | beside req/s | beside p50 ms | beside / alone "
              f"| alone / {results[0]['config']} | errors |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]

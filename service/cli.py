@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("reproduce", help="every published number: data -> generator -> retriever -> Table 1, figures")
     rp.add_argument("--dataset", default="ml-100k")
     rp.add_argument("--path", default=None, help="raw data (ml-100k: the fetched copy)")
-    rp.add_argument("--runs", type=Path, default=Path("runs"), help="RUNS/<dataset>: data, artefacts, results")
+    rp.add_argument("--runs", type=Path, default=Path("runs"), help="RUNS/<dataset>: data, artefacts (ARTEFACTS/results: their evaluations)")
     rp.add_argument("--docs", type=Path, default=Path("docs/results/quality"), help="reports go to DOCS/<dataset>")
     rp.add_argument("--limit", type=int, default=PAPER.limit, help="seeded test subset, the same for every method")
     rp.add_argument("--titles", choices=["as-is", "natural"], default=PAPER.titles,

@@ -28,7 +28,7 @@ QUICK_BUDGET = dict(generator_samples=6_000, generator_epochs=1, generator_valid
 class ReproduceConfig:
     dataset: str = "ml-100k"
     path: str | None = None  # raw data (ml-100k: the fetched copy)
-    runs: Path = Path("runs")  # runs/<dataset>: prepared data, artefacts/, results/
+    runs: Path = Path("runs")  # runs/<dataset>: prepared data, artefacts/ (with results/: its evaluations)
     docs: Path = Path("docs/results/quality")  # where the markdown and PNG reports go (DOCS/<dataset>)
     min_item: int = 5  # the protocol (docs/METHOD.md §1)
     min_user: int = 20
@@ -129,7 +129,7 @@ def reproduce(cfg: ReproduceConfig) -> dict:
 
     data = cfg.runs / cfg.dataset
     art = cfg.artefacts or data / "artefacts"
-    results = data / "results"
+    results = art / "results"  # the evaluations of these artefacts: other artefacts never reuse them
     llm_opts = {**cfg.generation, "cut": cfg.cut, "dtype": cfg.dtype, "element": cfg.element}
     if cfg.model:
         llm_opts["model"] = cfg.model
@@ -187,7 +187,10 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     by = {r["method"]: r for r in found}
     docs = cfg.docs / cfg.dataset
     docs.mkdir(parents=True, exist_ok=True)
-    report = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "timings"}}
+    from service.observability import git_sha
+
+    report = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "timings"},
+              "git_sha": git_sha()}  # the code the evaluations ran on (a dirty tree: its last commit)
     pairs = (("automr", "bigrec"), ("automr", "random"), ("bigrec", "popularity"), ("automr", "sasrec"),
              ("bigrec", "bigrec-greedy"), ("automr", "full-history"))
     by_mem = memory_size_table(found, k_short=cfg.k_short)

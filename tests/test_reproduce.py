@@ -39,7 +39,7 @@ def test_reproduce_runs_every_stage_and_resumes(tmp_path, one_thread, capsys):
     assert (art / "retriever" / "retriever.safetensors").is_file()
     table = (tmp_path / "docs" / "csv" / "table1.md").read_text()
     for m in cfg["methods"]:
-        res = json.loads((tmp_path / "runs" / "csv" / "results" / f"{m}.json").read_text())
+        res = json.loads((art / "results" / f"{m}.json").read_text())
         assert res["n"] == 6 and f"| {m} |" in table
         if m != "popularity":  # the LLM methods generate as the given service settings say
             info = res["info"]
@@ -67,7 +67,7 @@ def test_reproduce_until_retriever_trains_into_the_given_folder_and_evaluates_no
     assert (quick / "generator" / "upper.safetensors").is_file()
     assert (quick / "retriever" / "retriever.safetensors").is_file()
     assert not (tmp_path / "runs" / "csv" / "artefacts").exists()  # nothing written to the default folder
-    assert not (tmp_path / "runs" / "csv" / "results").exists() and not (tmp_path / "docs").exists()
+    assert not (quick / "results").exists() and not (tmp_path / "docs").exists()
     upper = json.loads((quick / "generator" / "upper.json").read_text())
     assert upper["extra"]["train_report"]["n_train"] == 6
 
