@@ -76,18 +76,3 @@ def test_logits_after_rejected_draft_positions_equal_plain_steps(tiny_split, tin
         assert batch.tokens[0] == answer[:n]
         torch.testing.assert_close(batch.logits[0], plain[n], rtol=1e-4, atol=1e-4)
     assert holes >= 3  # positions were rejected, and the scores after them are the plain ones
-
-
-def test_a_prefill_allocates_every_position_its_rows_hold_once(tiny_split, tiny_titles):
-    """A row's KV buffer holds its padded prompt, its drafted guess and its answer budget, no more: a
-    beam copies its row's whole buffer, so unused room would be paid once per beam."""
-    from model.generation import begin, run
-
-    prompts = _prompts(tiny_split, tiny_titles, (2, 9, 5))
-    for reuse_head in (True, False):
-        p = begin(tiny_split, prompts, max_new_tokens=6, stop_at_newline=False, reuse_head=reuse_head)
-        batch = run(tiny_split, p, torch.randn(3, 1, H))
-        room = p.prompt_len + 6
-        while batch.rows:
-            assert {layer._k.shape[2] for layer in batch.cache.layers} == {room}  # never reallocated
-            step(tiny_split, batch)

@@ -19,15 +19,13 @@ from transformers.cache_utils import DynamicLayer
 class GrowingLayer(DynamicLayer):
     """``DynamicLayer`` with in-place appends: buffers [B, kv_heads, capacity, D]; ``keys`` and
     ``values`` are views [B, kv_heads, n, D] of their first ``n`` positions. When an append does not
-    fit, the buffers are reallocated: to ``capacity`` positions while that holds it (a caller that
-    knows how long its rows grow allocates once, exactly: a beam copies its row's whole buffer, so
-    room that is never filled is paid once per beam), else with ``spare`` positions of room beyond it."""
+    fit, the buffers are reallocated with ``spare`` positions of room beyond it."""
 
-    def __init__(self, spare: int = 64, capacity: int = 0, **kwargs):
+    def __init__(self, spare: int = 64, **kwargs):
         super().__init__(**kwargs)
         if spare < 1:
             raise ValueError(f"spare must be >= 1, got {spare}")
-        self.spare, self.capacity = spare, capacity
+        self.spare = spare
         self._k: torch.Tensor | None = None  # [B, kv_heads, capacity, D]
         self._v: torch.Tensor | None = None
         self._n = 0  # positions filled
@@ -49,9 +47,8 @@ class GrowingLayer(DynamicLayer):
             if self._k is not None and self._k.shape[0] != key_states.shape[0]:
                 raise ValueError(f"cache holds {self._k.shape[0]} rows, the update has {key_states.shape[0]}")
             b, h, _, d = key_states.shape
-            size = self.capacity if n <= self.capacity else n + self.spare
-            k = key_states.new_empty(b, h, size, d)
-            v = value_states.new_empty(b, h, size, value_states.shape[-1])
+            k = key_states.new_empty(b, h, n + self.spare, d)
+            v = value_states.new_empty(b, h, n + self.spare, value_states.shape[-1])
             if self._n:
                 k[:, :, : self._n] = self._k[:, :, : self._n]
                 v[:, :, : self._n] = self._v[:, :, : self._n]
@@ -89,13 +86,11 @@ class GrowingLayer(DynamicLayer):
             self._set(self._k.index_select(0, idx), self._v.index_select(0, idx), self._n)
 
 
-def growing_cache(config, spare: int = 64, capacity: int = 0) -> DynamicCache:
-    """A ``DynamicCache`` for ``config`` whose plain dynamic layers append in place (``GrowingLayer``,
-    at least ``capacity`` positions once allocated); other layer kinds (sliding windows) are kept as
-    HF builds them."""
+def growing_cache(config, spare: int = 64) -> DynamicCache:
+    """A ``DynamicCache`` for ``config`` whose plain dynamic layers append in place (``GrowingLayer``);
+    other layer kinds (sliding windows) are kept as HF builds them."""
     cache = DynamicCache(config=config)
-    cache.layers = [GrowingLayer(spare=spare, capacity=capacity) if type(layer) is DynamicLayer else layer
-                    for layer in cache.layers]
+    cache.layers = [GrowingLayer(spare=spare) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
 
 

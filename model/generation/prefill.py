@@ -91,10 +91,10 @@ def begin(lm, prompts: Sequence[PromptIds], tags: Sequence | None = None, *, max
     policy = dict(drafter=drafter, draft_tokens=draft_tokens, draft_max_rows=draft_max_rows)
     draft = drafter.draft([], min(draft_tokens, max_new_tokens - 1)) if drafts_for(b, **policy) else []
     k = len(draft)
+    spare = max(len(p.input_ids) for p in prompts) + k + max_new_tokens  # room for every fed token
     head = _shared_head(prompts) if reuse_head else 0
     ids, mask = _pad_after_head(lm, prompts, head)
-    room = ids.shape[1] + k + max_new_tokens  # every position a row ever holds: allocated once, exactly
-    cache = _head_cache(lm, prompts[0].input_ids[:head], b, room) if head else growing_cache(lm.config, 16, room)
+    cache = _head_cache(lm, prompts[0].input_ids[:head], b, spare) if head else growing_cache(lm.config, spare=spare)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] the left-padded batch's position ids
     columns = slot_columns(prompts, mask)
     slots = torch.tensor(columns, dtype=torch.long, device=lm.device) if all(columns) and columns else None
@@ -204,9 +204,9 @@ def _pad_after_head(lm, prompts: Sequence[PromptIds], head: int) -> tuple[torch.
 _HEAD_KV: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
-def _head_cache(lm, head_ids: Sequence[int], rows: int, capacity: int) -> DynamicCache:
-    """A fresh cache holding the KV of ``head_ids`` for ``rows`` rows, with room for ``capacity``
-    positions in all. The head's KV is computed once per (head, weights): the key includes every parameter's
+def _head_cache(lm, head_ids: Sequence[int], rows: int, spare: int) -> DynamicCache:
+    """A fresh cache holding the KV of ``head_ids`` for ``rows`` rows, with room for ``spare`` more
+    positions. The head's KV is computed once per (head, weights): the key includes every parameter's
     storage and in-place version counter, so tuning or loading weights recomputes it."""
     memo = _HEAD_KV.setdefault(lm, {})
     stamp = tuple((q.data_ptr(), q._version) for q in lm.model.parameters())
@@ -220,7 +220,7 @@ def _head_cache(lm, head_ids: Sequence[int], rows: int, capacity: int) -> Dynami
         while len(memo) >= 4:  # one head per prompt builder in practice
             memo.pop(next(iter(memo)))
         memo[key] = kv
-    return expand_prefix(growing_cache(lm.config, 16, capacity), kv, rows)
+    return expand_prefix(growing_cache(lm.config, spare=spare), kv, rows)
 
 
 def prefill_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
