@@ -105,8 +105,8 @@ class RecommenderConfig:
     head_cache: bool = True
     # step-wise generation (``start``): rows sorted by prompt length are prefilled in groups of at
     # most this many padded prompt tokens (rows x longest prompt); a longer prompt is prefilled alone.
-    # Padding wastes compute and a padded batch takes torch's masked attention path: four
-    # full-history prompts of 262-1,233 tokens took 7.4 s together and 3.6 s one by one (BENCHMARKS §4.5)
+    # Padding wastes compute and a padded batch takes torch's masked attention path: long prompts of
+    # unequal length are faster one by one (BENCHMARKS §4.5)
     prefill_max_tokens: int = 2048
     # speculative steps (step-wise generation only): while the decoding batch has at most
     # ``draft_max_rows`` rows, a step also checks up to ``draft_tokens`` tokens per row guessed from

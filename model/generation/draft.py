@@ -1,7 +1,7 @@
 """Draft tokens for speculative greedy decoding, from the catalogue's own titles.
 
 A decoding step at batch 1 reads every weight of the model to produce one token: it costs about the
-same for 1 token as for 9 (SmolLM2-135M on 2 CPU cores: ~40 ms either way). The generator answers
+same for 1 token as for 9 (BENCHMARKS §3.3). The generator answers
 with a catalogue title most of the time, or something close to one, so the catalogue predicts much
 of what it will say: ``"The Jungle Book (1995)"`` is one token at a time, but after ``"The Jungle``
 the catalogue knows `` Book (199``. A step can then check several guessed tokens in one forward and

@@ -1,9 +1,8 @@
 """KV caches: layers that append in place, the rows of several caches in one, a shared prefix as rows.
 
 HF's ``DynamicLayer`` appends a decode step's keys and values with ``torch.cat([past, new])``: every
-step copies the whole cache of every layer. On a CPU that copy dominates decoding: 55% of a batch-16
-step of SmolLM2-135M (T ~ 260 tokens: 30 layers x 2 x 3 MB), ~20 ms of a batch-1 step, and it grows
-with the prompt (full-history prompts are ~1,200 tokens). ``GrowingLayer`` keeps keys and values in a
+step copies the whole cache of every layer, and on a CPU that copy dominates decoding and grows with
+the prompt (BENCHMARKS §3.3). ``GrowingLayer`` keeps keys and values in a
 buffer with spare room along the sequence and writes new tokens into it; ``keys``/``values`` are views
 of the filled part, so HF's attention sees the same tensors (values) as with ``DynamicLayer``.
 

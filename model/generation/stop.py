@@ -52,7 +52,7 @@ _RULES: "weakref.WeakKeyDictionary[object, StopAfterFirstLine]" = weakref.WeakKe
 
 
 def stop_rule(lm) -> StopAfterFirstLine:
-    """The stop rule of ``lm``'s tokenizer, built once per model (it decodes the whole vocabulary, ~1 s)."""
+    """The stop rule of ``lm``'s tokenizer, built once per model (it decodes the whole vocabulary)."""
     rule = _RULES.get(lm)
     if rule is None:
         rule = _RULES[lm] = StopAfterFirstLine(*line_tables(lm.tokenizer, lm.vocab_size))
