@@ -26,7 +26,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from service.priority import BackgroundPriority
 
@@ -326,5 +326,3 @@ class Scheduler:
         waits = queued or any(adm.background for adm in self.admitting)
         return waits and self.others_live()
 
-
-Listener = Callable[[str, int, float], None]  # (kind "recommend" | "prefill_chunk" | "encode" | "ground", size, seconds)

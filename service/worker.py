@@ -34,7 +34,7 @@ import logging
 import threading
 import time
 from dataclasses import replace
-from typing import Collection, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 import torch
@@ -45,10 +45,12 @@ from model.recommend import Recommendation, Recommender, RecommendRequest
 from service.errors import RunnerClosed
 from service.memory_elements import MemoryElements
 from service.priority import BackgroundPriority
-from service.scheduler import Call, Job, Listener, Scheduler, Turn
+from service.scheduler import Call, Job, Scheduler, Turn
 from service.thread_governor import ThreadGovernor
 
 log = logging.getLogger(__name__)
+
+Listener = Callable[[str, int, float], None]  # (kind "recommend" | "prefill_chunk" | "encode" | "ground", size, seconds)
 
 
 class ModelWorker:
@@ -258,8 +260,7 @@ class ModelWorker:
             return
         if not self.decoding.rows:
             self.decoding = None
-        beams = lambda job, j: job.searches[j].result().items if job.searches[j] is not None else []  # noqa: E731
-        self.scheduler.answered([(job, j, lm.text(tokens), beams(job, j)) for (job, j), tokens in finished],
+        self.scheduler.answered([(job, j, lm.text(tokens), _beam_items(job, j)) for (job, j), tokens in finished],
                                 time.monotonic())
 
     def _ground(self) -> None:
@@ -346,3 +347,9 @@ class ModelWorker:
         log.warning("model worker closed after %.1fs with a model call still running; %d queued calls dropped",
                     timeout or 0.0, len(left))
         return False
+
+
+def _beam_items(job: Job, j: int) -> list[int]:
+    """The items of request ``j``'s finished beam search, best first ([] for a greedy row)."""
+    search = job.searches[j]
+    return search.result().items if search is not None else []

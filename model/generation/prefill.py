@@ -97,9 +97,9 @@ def begin(lm, prompts: Sequence[PromptIds], tags: Sequence | None = None, *, max
     cache = _head_cache(lm, prompts[0].input_ids[:head], b, spare) if head else growing_cache(lm.config, spare=spare)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] the left-padded batch's position ids
     columns = slot_columns(prompts, mask)
-    slots = torch.tensor(columns, dtype=torch.long, device=lm.device) if all(columns) and columns else None
-    if any(columns) and slots is None or slots is not None and len({len(c) for c in columns}) != 1:
+    if len({len(c) for c in columns}) > 1:
         raise ValueError("the prompts of one prefill must all have the same number of slots")
+    slots = torch.tensor(columns, dtype=torch.long, device=lm.device) if columns[0] else None
     t = ids.shape[1]
     if k:  # [B, T + k]: the guesses follow every row's prompt
         guess = torch.tensor(draft, dtype=torch.long, device=ids.device).expand(b, -1)
