@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -46,6 +47,19 @@ def start_busy(n: int, where: str) -> list[subprocess.Popen]:
         return [subprocess.Popen(["sh", "-c", loops], start_new_session=True)]
     return [subprocess.Popen([sys.executable, "-c", BUSY], start_new_session=where == "each") for _ in range(n)]
 CELL = ("req_per_s", "recommend_p50_ms", "recommend_p99_ms", "errors", "http_5xx", "threads_after")
+
+
+def measure_beside(a, url: str, out: Path) -> dict:
+    """The load beside the busy loops (started for it, killed after)."""
+    busy = start_busy(a.busy, a.busy_session)
+    try:
+        beside = soak(url, a.data, a.seconds, a.concurrency, out)
+        beside["threads_after"] = get_json(url + "/version")["threads"]
+        return beside
+    finally:
+        for b in busy:
+            os.killpg(b.pid, signal.SIGKILL) if a.busy_session == "job" else b.kill()
+            b.wait()
 
 
 def parse_configs(text: str) -> list[tuple[str, dict[str, str]]]:
@@ -85,7 +99,7 @@ def soak(url: str, data: str, seconds: float, concurrency: int, out: Path) -> di
 def now(cell: dict) -> int:
     """The model thread's intra-op threads at the end of a cell (the governor's count when it runs)."""
     t = cell["threads_after"]
-    return t["adaptive"]["now"] if "adaptive" in t else t["intra_op"]
+    return t["adaptive"]["now"] if "adaptive" in t else t.get("intra_op", "–")
 
 
 def main() -> None:
@@ -99,6 +113,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8013)
     ap.add_argument("--busy-session", choices=("job", "each", "server"), default="job",
                     help="the busy loops' session: one of their own (job), one each, or the server's")
+    ap.add_argument("--alone-only", action="store_true",
+                    help="no beside cells: for A/B pairs alone (list a setting twice, under two names)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     out = Path(a.out)
@@ -120,19 +136,12 @@ def main() -> None:
             version = get_json(url + "/version")
             alone = soak(url, a.data, a.seconds, a.concurrency, out / f"{name}-alone")
             alone["threads_after"] = get_json(url + "/version")["threads"]
-            busy = start_busy(a.busy, a.busy_session)
-            try:
-                beside = soak(url, a.data, a.seconds, a.concurrency, out / f"{name}-beside")
-                beside["threads_after"] = get_json(url + "/version")["threads"]
-            finally:
-                for b in busy:
-                    os.killpg(b.pid, signal.SIGKILL) if a.busy_session == "job" else b.kill()
-                    b.wait()
+            beside = None if a.alone_only else measure_beside(a, url, out / f"{name}-beside")
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(120)
         row = {"config": name, "env": extra, "threads": version["threads"], "process": version["process"],
-               "alone": {k: alone[k] for k in CELL}, "beside": {k: beside[k] for k in CELL}}
+               "alone": {k: alone[k] for k in CELL}, "beside": beside and {k: beside[k] for k in CELL}}
         results.append(row)
         print(json.dumps(row), flush=True)
     base = results[0]["alone"]["req_per_s"]
@@ -143,7 +152,8 @@ def main() -> None:
              f"| alone / {results[0]['config']} | errors |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        al, bs = r["alone"], r["beside"]
+        al, bs = r["alone"], r["beside"] or {"req_per_s": math.nan, "recommend_p50_ms": "–", "errors": 0,
+                                             "http_5xx": 0, "threads_after": {}}
         lines.append(f"| {r['config']} ({', '.join(f'{k}={v}' for k, v in r['env'].items()) or 'defaults'}) "
                      f"| {now(al)} → {now(bs)} | {r['process']['malloc']} | {al['req_per_s']:.2f} | {al['recommend_p50_ms']} "
                      f"| {bs['req_per_s']:.2f} | {bs['recommend_p50_ms']} | {bs['req_per_s'] / al['req_per_s']:.2f} "

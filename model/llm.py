@@ -22,6 +22,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.masking_utils import create_causal_mask
 
+from model.row_split import RowSplit, run_layers_split
+
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
 
@@ -82,6 +84,13 @@ def _batches(order: list[int], size: int) -> Iterable[list[int]]:
         yield order[i:i + size]
 
 
+def _run_layers(layers, h, mask, position_ids, cache, pe) -> torch.Tensor:
+    for layer in layers:
+        h = layer(h, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                  use_cache=cache is not None, position_embeddings=pe)
+    return h
+
+
 class SplitLM:
     """A Llama-family causal LM seen as ``LLM^(:L)`` and ``LLM^(L:)``; see the module docstring.
 
@@ -112,6 +121,7 @@ class SplitLM:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
+        self.row_split: RowSplit | None = None  # large forwards in row parts (model/row_split.py)
         self._base_upper: nn.ModuleList | None = None  # untuned layers L+1..N (+ norm), see embed_final
         self._base_norm: nn.Module | None = None
 
@@ -213,12 +223,15 @@ class SplitLM:
                                   past_key_values=cache, position_ids=position_ids, layer_idx=layer_idx)
 
     def run_layers(self, layers, h, mask, position_ids, cache=None) -> torch.Tensor:
-        """Decoder ``layers`` in order over ``h`` [B, T, H] (their KV appended to ``cache`` if given)."""
+        """Decoder ``layers`` in order over ``h`` [B, T, H] (their KV appended to ``cache`` if given);
+        in row parts on ``row_split``'s threads when it is set and the forward is large enough."""
         pe = self.model.model.rotary_emb(h, position_ids=position_ids)
-        for layer in layers:
-            h = layer(h, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                      use_cache=cache is not None, position_embeddings=pe)
-        return h
+        if self.row_split is not None:
+            out = run_layers_split(self.row_split, _run_layers, layers, h, mask, position_ids, cache, pe,
+                                   self.model.config)
+            if out is not None:
+                return out
+        return _run_layers(layers, h, mask, position_ids, cache, pe)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] of last-layer states [B, T, H]: the final norm, then the LM head. The norm

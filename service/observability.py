@@ -347,7 +347,7 @@ def package_version() -> str:
     return _dist_version("automr") or "0+unknown"
 
 
-def threads_info(torch_threads: int | None, governor: Any = None) -> dict:
+def threads_info(torch_threads: int | None, governor: Any = None, row_split: Any = None) -> dict:
     """The model's thread pools as torch reports them, beside the CPU budget they were sized from and,
     with the adaptive governor, the count the model thread runs now and the CPU share it last saw."""
     import torch
@@ -357,6 +357,8 @@ def threads_info(torch_threads: int | None, governor: Any = None) -> dict:
            "planned": plan.intra_op, "source": plan.source, "cpu_budget": plan.budget.as_dict()}
     if governor is not None:
         out["adaptive"] = {"now": governor.threads, "cpu_share": governor.last_share, "changes": governor.changes}
+    if row_split is not None:
+        out["row_split"] = {"workers": row_split.workers, "min_tokens": row_split.min_tokens}
     return out
 
 
@@ -384,7 +386,8 @@ def version_info(state: Any) -> dict:
         "python": platform.python_version(),
         "torch": _dist_version("torch"),
         "transformers": _dist_version("transformers"),
-        "threads": threads_info(s.torch_threads, state.runner.governor if state.runner is not None else None),
+        "threads": threads_info(s.torch_threads, state.runner.governor if state.runner is not None else None,
+                                state.runner.pipeline.lm.row_split if state.runner is not None else None),
         "process": serve_env.describe(),
         "settings": {
             **model,

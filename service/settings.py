@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     # the model thread drops to one intra-op thread while another job takes the CPUs, and goes back
     # to torch_threads once they are free (service/thread_governor.py)
     adaptive_threads: bool = True
+    # forwards of at least this many fed tokens (rows x new positions) run in row parts, one per
+    # intra-op thread, each part on a thread of one intra-op thread (model/row_split.py); 0 = off
+    row_split_min_tokens: int = Field(default=128, ge=0)
     # `automr serve`'s allocator (service/serve_env.py): auto = jemalloc when libjemalloc.so.2 is
     # installed, else glibc as it is; glibc = glibc tuned to return memory (slower); system = leave the
     # process's environment alone

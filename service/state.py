@@ -27,6 +27,7 @@ import torch
 
 from memory_store import EmbeddedRedis, MemoryStore, StoreUnavailable, open_store
 from model.generation.stop import stop_rule
+from model.row_split import RowSplit
 from service.components import Components, load_components
 from service.background_encoder import BackgroundEncoder
 from service.memory_elements import MemoryElements
@@ -76,6 +77,7 @@ class AppState:
         self.components: Components | None = None
         self.users: UserService | None = None
         self.runner: ModelWorker | None = None
+        self._row_split: RowSplit | None = None  # made here (not injected with the model): closed at stop
         self.encoder: BackgroundEncoder | None = None
         self.phase = "starting"
         self.error: str | None = None
@@ -142,6 +144,9 @@ class AppState:
             if self._stop.is_set():
                 return
             p = comp.pipeline
+            n = torch.get_num_threads()
+            if s.row_split_min_tokens and n > 1 and p.lm.row_split is None:
+                p.lm.row_split = self._row_split = RowSplit(n, s.row_split_min_tokens)
             p.draft_learn, p.ground_memo_recent = s.draft_learn, s.ground_memo_recent  # before they are built
             # the draft table and the grounding memo are built here with the recommenders, not in a request
             recommenders = build_recommenders(p, batch_size=s.llm_batch_size, **s.generation())
@@ -230,6 +235,9 @@ class AppState:
             done = await asyncio.to_thread(self.runner.close, left())
             log.info("shutdown: model runner %s after %.1fs", "drained" if done else "abandoned",
                      time.monotonic() - t0)
+            if done and self._row_split is not None:  # the model thread no longer runs forwards
+                self.runner.pipeline.lm.row_split = None
+                self._row_split.close()
         if users is not None:
             users.close()
         if self._own_store and self.store is not None:

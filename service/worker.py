@@ -153,7 +153,7 @@ class ModelWorker:
                     self._cond.wait(max(0.0, wait_until - time.monotonic()))  # for company, or a later call
                 queued_background = sched.queued_background()
                 self._busy = True
-            t0, cpu0 = time.perf_counter(), time.thread_time()
+            t0, cpu0, apart0 = time.perf_counter(), time.thread_time(), self._apart_s()
             try:
                 if taken and taken[0].kind == "recommend":
                     self._admit(taken)
@@ -169,10 +169,15 @@ class ModelWorker:
             except Exception as e:  # never let the model thread die: fail what it holds, serve the rest
                 log.exception("the model thread failed; failing the calls it held")
                 self._fail_all(taken, e)
-            if self.governor is not None:
-                self._govern(time.perf_counter() - t0, time.thread_time() - cpu0)
+            if self.governor is not None:  # the model thread's own work: not the waits for row parts
+                self._govern(time.perf_counter() - t0 - (self._apart_s() - apart0), time.thread_time() - cpu0)
             with self._cond:
                 self._busy = sched.holding
+
+    def _apart_s(self) -> float:
+        """Wall seconds this thread has waited for forwards run in row parts (``model/row_split.py``)."""
+        split = self.pipeline.lm.row_split
+        return 0.0 if split is None else split.wall_s
 
     def _govern(self, wall_s: float, cpu_s: float) -> None:
         """Set this (the model) thread's intra-op threads to the governor's count when it changes."""

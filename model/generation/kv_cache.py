@@ -58,6 +58,44 @@ class GrowingLayer(DynamicLayer):
         self._view()
         return self.keys, self.values
 
+    @property
+    def batch_rows(self) -> int | None:
+        """Rows of the buffers (None before the first append)."""
+        return None if self._k is None else int(self._k.shape[0])
+
+    def reserve(self, add: int, rows: int, heads: int, dim: int, dtype: torch.dtype, device) -> None:
+        """Room for ``add`` more positions in the buffers (allocated for ``rows`` rows when empty), so
+        that row views (``rows``) can append in place."""
+        n = self._n + add
+        if self._k is not None and n <= self._k.shape[-2]:
+            return
+        if self._k is None:
+            k = torch.empty(rows, heads, n + self.spare, dim, dtype=dtype, device=device)
+            v = torch.empty_like(k)
+            self.lazy_initialization(k, v)
+        else:
+            k = self._k.new_empty(*self._k.shape[:2], n + self.spare, self._k.shape[-1])
+            v = self._v.new_empty(*self._v.shape[:2], n + self.spare, self._v.shape[-1])
+            k[:, :, : self._n] = self._k[:, :, : self._n]
+            v[:, :, : self._n] = self._v[:, :, : self._n]
+        self._set(k, v, self._n)
+
+    def rows(self, a: int, b: int) -> "GrowingLayer":
+        """A layer over rows [a, b) of this one's buffers: its appends write into them (``reserve``
+        first); ``grew`` then moves this layer's length on."""
+        view = GrowingLayer(spare=self.spare)
+        view.lazy_initialization(self._k, self._v)
+        view._set(self._k[a:b], self._v[a:b], self._n)
+        return view
+
+    def grew(self, add: int, views: list["GrowingLayer"]) -> None:
+        """Take the ``add`` positions that ``views`` (this layer's ``rows``) appended in place."""
+        for view in views:
+            if view._n != self._n + add or view._k.untyped_storage().data_ptr() != self._k.untyped_storage().data_ptr():
+                raise RuntimeError("a row view did not append in place to its layer's buffers")
+        self._n += add
+        self._view()
+
     def reset(self) -> None:
         self._k = self._v = None
         self._n = 0
