@@ -227,10 +227,8 @@ class SplitLM:
         in row parts on ``row_split``'s threads when it is set and the forward is large enough."""
         pe = self.model.model.rotary_emb(h, position_ids=position_ids)
         if self.row_split is not None:
-            out = run_layers_split(self.row_split, _run_layers, layers, h, mask, position_ids, cache, pe,
-                                   self.model.config)
-            if out is not None:
-                return out
+            return run_layers_split(self.row_split, _run_layers, layers, h, mask, position_ids, cache, pe,
+                                    self.model.config)
         return _run_layers(layers, h, mask, position_ids, cache, pe)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

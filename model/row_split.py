@@ -34,6 +34,9 @@ class RowSplit:
         self.workers, self.min_tokens = workers, min_tokens
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="automr-rows")
         self.wall_s = 0.0
+        # the forwards run whole on the caller's thread: their wall and that thread's CPU seconds (the
+        # CPU share its intra-op threads get, for the thread governor, free of the row parts' waits)
+        self.whole_wall_s = self.whole_cpu_s = 0.0
         # OpenMP's thread count is per thread. torch gives a thread its global count at the thread's first
         # parallel op, and set_num_threads also sets that global count: so each worker runs a parallel op
         # first, then takes one thread, and the global count goes back to what it was for other threads
@@ -123,20 +126,26 @@ def grew_rows(cache: DynamicCache, layer_ids: list[int], views: list[DynamicCach
 
 
 def run_layers_split(split: RowSplit, run: Callable, layers, h: torch.Tensor, mask: Any, pos: torch.Tensor,
-                     cache: DynamicCache | None, pe: Any, config) -> torch.Tensor | None:
+                     cache: DynamicCache | None, pe: Any, config) -> torch.Tensor:
     """``run(layers, h, mask, pos, cache, pe)`` over row parts of ``h`` [B, T, H] on ``split``'s
-    threads, the KV of each part appended in place to its rows of ``cache``; the states [B, T, H] in
-    row order. None when this forward runs whole (too small, or its mask or cache cannot be cut)."""
+    threads, the KV of each part appended in place to its rows of ``cache``: the states [B, T, H] in
+    row order. A forward too small to split, or whose mask or cache cannot be cut, runs whole here."""
     n, t = h.shape[0], h.shape[1]
     parts = split.parts(n, t)
-    if parts is None or not splittable(mask, n) or not splittable(pe, n) or not splittable(pos, n):
-        return None
-    views = None
-    if cache is not None:
+    if parts is not None and not (splittable(mask, n) and splittable(pe, n) and splittable(pos, n)):
+        parts = None
+    views = ids = None
+    if parts is not None and cache is not None:
         ids = [layer.self_attn.layer_idx for layer in layers]
         views = row_views(cache, ids, parts, t, config, h.dtype, h.device)
-        if views is None:
-            return None
+        parts = parts if views is not None else None
+    if parts is None:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            return run(layers, h, mask, pos, cache, pe)
+        finally:
+            split.whole_wall_s += time.perf_counter() - t0
+            split.whole_cpu_s += time.thread_time() - c0
     out = split.run(lambda i, a, b: run(layers, h[a:b], rows_of(mask, a, b, n), rows_of(pos, a, b, n),
                                         None if views is None else views[i], rows_of(pe, a, b, n)), parts)
     if views is not None:

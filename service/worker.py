@@ -153,7 +153,7 @@ class ModelWorker:
                     self._cond.wait(max(0.0, wait_until - time.monotonic()))  # for company, or a later call
                 queued_background = sched.queued_background()
                 self._busy = True
-            t0, cpu0, apart0 = time.perf_counter(), time.thread_time(), self._apart_s()
+            t0, cpu0, whole0 = time.perf_counter(), time.thread_time(), self._whole_forwards()
             try:
                 if taken and taken[0].kind == "recommend":
                     self._admit(taken)
@@ -169,15 +169,21 @@ class ModelWorker:
             except Exception as e:  # never let the model thread die: fail what it holds, serve the rest
                 log.exception("the model thread failed; failing the calls it held")
                 self._fail_all(taken, e)
-            if self.governor is not None:  # the model thread's own work: not the waits for row parts
-                self._govern(time.perf_counter() - t0 - (self._apart_s() - apart0), time.thread_time() - cpu0)
+            if self.governor is not None:
+                whole = self._whole_forwards()
+                if whole is None:  # the turn's wall and CPU time
+                    self._govern(time.perf_counter() - t0, time.thread_time() - cpu0)
+                else:
+                    self._govern(whole[0] - whole0[0], whole[1] - whole0[1])
             with self._cond:
                 self._busy = sched.holding
 
-    def _apart_s(self) -> float:
-        """Wall seconds this thread has waited for forwards run in row parts (``model/row_split.py``)."""
+    def _whole_forwards(self) -> tuple[float, float] | None:
+        """With forwards in row parts (``model/row_split.py``): the wall and CPU seconds of those run
+        whole on the model thread so far, the only ones its intra-op count governs. The turn's own
+        times would count the waits for the parts, and for the GIL between them, as CPU lost."""
         split = self.pipeline.lm.row_split
-        return 0.0 if split is None else split.wall_s
+        return None if split is None else (split.whole_wall_s, split.whole_cpu_s)
 
     def _govern(self, wall_s: float, cpu_s: float) -> None:
         """Set this (the model) thread's intra-op threads to the governor's count when it changes."""

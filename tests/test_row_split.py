@@ -84,3 +84,17 @@ def test_parts_are_even_and_small_or_grad_forwards_run_whole():
         split.close()
     with pytest.raises(ValueError):
         RowSplit(workers=1)
+
+
+def test_whole_forwards_are_timed_for_the_governor(tiny_split, tiny_titles):
+    """A forward too small to split runs on the caller's thread, and its wall and CPU seconds are
+    counted: the thread governor decides the intra-op count of those forwards from them."""
+    split = tiny_split.row_split = RowSplit(workers=2, min_tokens=10**9)
+    try:
+        b = PromptBuilder(tiny_split.tokenizer)
+        start(tiny_split, [b.build(tiny_titles[:3]), b.build(tiny_titles[:4])], slot_vectors=torch.zeros(2, 1, H))
+        assert split.wall_s == 0.0  # nothing ran in parts
+        assert split.whole_wall_s > 0 and 0 < split.whole_cpu_s <= split.whole_wall_s * 1.5
+    finally:
+        tiny_split.row_split = None
+        split.close()
