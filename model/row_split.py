@@ -32,6 +32,10 @@ class RowSplit:
         if min_tokens < 1:
             raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
         self.workers, self.min_tokens = workers, min_tokens
+        # forwards split only while active: the service turns it on while another job takes the CPUs
+        # (the thread governor's call), as parts allocate in arenas of their own threads and its
+        # resident set grows (BENCHMARKS §5)
+        self.active = True
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="automr-rows")
         self.wall_s = 0.0
         # the forwards run whole on the caller's thread: their wall and that thread's CPU seconds (the
@@ -52,8 +56,8 @@ class RowSplit:
 
     def parts(self, rows: int, tokens: int) -> list[tuple[int, int]] | None:
         """Row ranges [a, b) of a forward of ``rows`` rows x ``tokens`` new positions, as even as can
-        be; None when it runs whole (too small, or no gradient-free context to run it in)."""
-        if rows < 2 or rows * tokens < self.min_tokens or torch.is_grad_enabled():
+        be; None when it runs whole (not active, too small, or no gradient-free context to run it in)."""
+        if not self.active or rows < 2 or rows * tokens < self.min_tokens or torch.is_grad_enabled():
             return None
         n = min(self.workers, rows)
         cuts = [rows * i // n for i in range(n + 1)]

@@ -64,7 +64,6 @@ def cmd_evaluate(args, settings: Settings) -> int:
         options.setdefault("dtype", settings.dtype)
         for key, value in settings.generation().items():
             options.setdefault(key, value)
-        options.setdefault("row_split_min_tokens", settings.row_split_min_tokens)
         if settings.model_path:
             options.setdefault("model", str(settings.model_path))
     run_evaluation(args.data, args.method, limit=args.limit, seed=args.seed, out=args.out,
@@ -218,7 +217,7 @@ def cmd_reproduce(args, settings: Settings) -> int:
     if budget.get("generator_samples") == 0:
         budget["generator_samples"] = None  # every train target
     cfg = ReproduceConfig(dataset=args.dataset, path=args.path, runs=args.runs, docs=args.docs,
-                          cut=settings.cut_layer, dtype=settings.dtype, row_split_min_tokens=settings.row_split_min_tokens,
+                          cut=settings.cut_layer, dtype=settings.dtype,
                           generation={**settings.generation(), **({"head_cache": False} if args.no_head_cache else {})},
                           model=str(settings.model_path) if settings.model_path else None,
                           artefacts=args.artefacts, until=args.until, element=args.element, titles=args.titles,

@@ -358,7 +358,8 @@ def threads_info(torch_threads: int | None, governor: Any = None, row_split: Any
     if governor is not None:
         out["adaptive"] = {"now": governor.threads, "cpu_share": governor.last_share, "changes": governor.changes}
     if row_split is not None:
-        out["row_split"] = {"workers": row_split.workers, "min_tokens": row_split.min_tokens}
+        out["row_split"] = {"workers": row_split.workers, "min_tokens": row_split.min_tokens,
+                            "active": row_split.active}
     return out
 
 

@@ -39,7 +39,6 @@ class ReproduceConfig:
     # the LLM methods' generation options (RecommenderConfig fields; the CLI passes the service's,
     # Settings.generation); absent ones take RecommenderConfig's defaults
     generation: dict = field(default_factory=dict)
-    row_split_min_tokens: int = 128  # the LLM methods' forwards in row parts, as the service's (Settings)
     model: str | None = None
     # the generator's tuning (model/train/generator.py). "packed": every train target, in packed rows of
     # the list template (model/train/packed.py); "sliding": BIGRec's one Alpaca prompt per sample
@@ -131,8 +130,7 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     data = cfg.runs / cfg.dataset
     art = cfg.artefacts or data / "artefacts"
     results = art / "results"  # the evaluations of these artefacts: other artefacts never reuse them
-    llm_opts = {**cfg.generation, "cut": cfg.cut, "dtype": cfg.dtype, "element": cfg.element,
-                "row_split_min_tokens": cfg.row_split_min_tokens}
+    llm_opts = {**cfg.generation, "cut": cfg.cut, "dtype": cfg.dtype, "element": cfg.element}
     if cfg.model:
         llm_opts["model"] = cfg.model
     t_all = time.perf_counter()

@@ -9,7 +9,7 @@ reuses them but its heap fragments; glibc tuned to give them back (``AUTOMR_MALL
 with its default decay both fault them in again at the next step and lose a third to a half of the
 throughput; jemalloc with decay off reuses them and keeps the resident set at the largest working set
 seen (docs/BENCHMARKS.md §5, §7.2). OpenMP's settings are left alone: its passive wait policy helped
-beside another job but lost 14-23% alone (§7.1); row parts and the thread governor do that job instead.
+beside another job but lost 14-23% alone (§7.1); the thread governor and row parts do that job instead.
 """
 from __future__ import annotations
 
@@ -28,10 +28,8 @@ JEMALLOC_CANDIDATES = (
 # jemalloc keeps the pages it has freed: the model allocates and frees buffers of hundreds of MB every
 # decoding step, and giving them back (jemalloc's default decay of 10 s, or 1 s) made the next step
 # fault them in again: 1.2 req/s against 2.1 at c = 16 (docs/BENCHMARKS.md, memory). The resident
-# set is then the largest working set seen, and stays there. One arena: the row parts' threads
-# (model/row_split.py) allocate a forward's activations too, and pages kept in an arena of their own
-# are not reused by the model thread's, so each arena would keep its own largest working set.
-JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:-1,muzzy_decay_ms:-1,narenas:1"
+# set is then the largest working set seen, and stays there.
+JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 # AUTOMR_MALLOC=glibc (flat, but half the throughput at c = 16): a fixed mmap threshold (glibc raises it after every large free,
 # which moves big tensors into the fragmenting heap), trimming, and two arenas
 GLIBC_TUNED = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}

@@ -147,6 +147,8 @@ class AppState:
             n = torch.get_num_threads()
             if s.row_split_min_tokens and n > 1 and p.lm.row_split is None:
                 p.lm.row_split = self._row_split = RowSplit(n, s.row_split_min_tokens)
+                # with the governor: whole forwards until it finds another job on the CPUs
+                self._row_split.active = not s.adaptive_threads
             p.draft_learn, p.ground_memo_recent = s.draft_learn, s.ground_memo_recent  # before they are built
             # the draft table and the grounding memo are built here with the recommenders, not in a request
             recommenders = build_recommenders(p, batch_size=s.llm_batch_size, **s.generation())

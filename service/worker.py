@@ -190,6 +190,9 @@ class ModelWorker:
         n = self.governor.observe(wall_s, cpu_s)
         if n is not None:
             torch.set_num_threads(n)
+            split = self.pipeline.lm.row_split
+            if split is not None:  # row parts while another job takes the CPUs, whole forwards alone
+                split.active = n < self.governor.max_threads
             log.info("model threads: %d (CPU share of the model thread %.2f)", n, self.governor.last_share)
 
     def _admit(self, calls: list[Call], first: bool = False) -> None:

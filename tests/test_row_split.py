@@ -79,6 +79,8 @@ def test_parts_are_even_and_small_or_grad_forwards_run_whole():
             assert split.parts(5, 20) == [(0, 2), (2, 5)]
             assert split.parts(3, 20) is None  # 60 tokens < 64
             assert split.parts(1, 500) is None
+            split.active = False  # the service's state alone on its CPUs (the thread governor's call)
+            assert split.parts(5, 20) is None
         assert split.parts(16, 100) is None  # gradients on: training runs whole
     finally:
         split.close()

@@ -163,6 +163,5 @@ def test_evaluate_defaults_to_the_served_generation(monkeypatch):
     args = build_parser().parse_args(["evaluate", "--data", "d", "--method", "bigrec", "--option", "draft_tokens=0"])
     settings = Settings(draft_max_rows=3, prefill_max_tokens=99, ground_memo=False)
     assert cli.cmd_evaluate(args, settings) == 0
-    assert seen == {**settings.generation(), "draft_tokens": 0, "cut": settings.cut_layer, "dtype": settings.dtype,
-                    "row_split_min_tokens": settings.row_split_min_tokens}
+    assert seen == {**settings.generation(), "draft_tokens": 0, "cut": settings.cut_layer, "dtype": settings.dtype}
     assert (seen["draft_max_rows"], seen["prefill_max_tokens"], seen["ground_memo"]) == (3, 99, False)

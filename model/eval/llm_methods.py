@@ -29,13 +29,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from model import context
 from model.data.types import Sample
 from model.eval.evaluator import MethodContext, register_method
 from model.pipeline import load_pipeline
-from model.row_split import RowSplit
 from model.recommend import Recommender, RecommendRequest
 
 
@@ -113,9 +111,6 @@ def _factory(name: str, policy: str, full_history: bool = False, fixed: dict | N
             retriever_dir=opt.get("retriever"), need_retriever=policy == "learned",
             element=opt.get("element"), n_slots=int(opt.get("n_slots", 1)), progress=ctx.progress,
         )
-        min_tokens, threads = int(opt.get("row_split_min_tokens", 0)), torch.get_num_threads()
-        if min_tokens and threads > 1 and pipe.lm.row_split is None:  # as the service runs its forwards
-            pipe.lm.row_split = RowSplit(threads, min_tokens)
         gen = {key: kind(opt[key]) for key, kind in GENERATION_OPTIONS.items() if key in opt}
         rec = pipe.recommender(policy, full_history, **{**gen, **(fixed or {})})
         memory = pipe.cached_memory_encoder(root / "memory", progress=ctx.progress) if policy != "none" else None
