@@ -33,8 +33,7 @@ class RowSplit:
             raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
         self.workers, self.min_tokens = workers, min_tokens
         # forwards split only while active: the service turns it on while another job takes the CPUs
-        # (the thread governor's call), as parts allocate in arenas of their own threads and its
-        # resident set grows (BENCHMARKS §5)
+        # (the thread governor's call); alone its forwards run whole, as the evaluator's do
         self.active = True
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="automr-rows")
         self.wall_s = 0.0

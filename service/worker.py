@@ -53,6 +53,15 @@ log = logging.getLogger(__name__)
 Listener = Callable[[str, int, float], None]  # (kind "recommend" | "prefill_chunk" | "encode" | "ground", size, seconds)
 
 
+def forward_clock(lm) -> tuple[float, float]:
+    """Wall and CPU seconds so far of the model thread's work that its intra-op count governs: with
+    row parts (``model/row_split.py``), of the forwards it ran whole (the turn's would count the waits
+    for the parts, and for the GIL between them, as CPU lost); else of everything (call it there)."""
+    if lm.row_split is not None:
+        return lm.row_split.whole_wall_s, lm.row_split.whole_cpu_s
+    return time.perf_counter(), time.thread_time()
+
+
 class ModelWorker:
     def __init__(self, pipeline: Pipeline, recommenders: dict[str, Recommender], elements: MemoryElements, *,
                  max_batch: int = 8, max_wait_ms: float = 5.0, max_queue: int = 64, ground_wait_ms: float = 0.0,
@@ -153,7 +162,7 @@ class ModelWorker:
                     self._cond.wait(max(0.0, wait_until - time.monotonic()))  # for company, or a later call
                 queued_background = sched.queued_background()
                 self._busy = True
-            t0, cpu0, whole0 = time.perf_counter(), time.thread_time(), self._whole_forwards()
+            t0, clock0 = time.perf_counter(), forward_clock(self.pipeline.lm)
             try:
                 if taken and taken[0].kind == "recommend":
                     self._admit(taken)
@@ -170,20 +179,9 @@ class ModelWorker:
                 log.exception("the model thread failed; failing the calls it held")
                 self._fail_all(taken, e)
             if self.governor is not None:
-                whole = self._whole_forwards()
-                if whole is None:  # the turn's wall and CPU time
-                    self._govern(time.perf_counter() - t0, time.thread_time() - cpu0)
-                else:
-                    self._govern(whole[0] - whole0[0], whole[1] - whole0[1])
+                self._govern(*(b - a for a, b in zip(clock0, forward_clock(self.pipeline.lm))))
             with self._cond:
                 self._busy = sched.holding
-
-    def _whole_forwards(self) -> tuple[float, float] | None:
-        """With forwards in row parts (``model/row_split.py``): the wall and CPU seconds of those run
-        whole on the model thread so far, the only ones its intra-op count governs. The turn's own
-        times would count the waits for the parts, and for the GIL between them, as CPU lost."""
-        split = self.pipeline.lm.row_split
-        return None if split is None else (split.whole_wall_s, split.whole_cpu_s)
 
     def _govern(self, wall_s: float, cpu_s: float) -> None:
         """Set this (the model) thread's intra-op threads to the governor's count when it changes."""
