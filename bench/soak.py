@@ -9,11 +9,11 @@ unknown item and a malformed event, alternately: a 4xx is expected), and every `
 re-sends an acknowledged event (a retry: ``duplicates`` must be 1). Each window records answered
 requests, req/s, /recommend p50 and p99, errors (any unexpected status or client error), 5xx and 429
 answers, and the server's RSS (``--pid``'s VmRSS, else ``process_resident_memory_bytes`` from
-/metrics). At the end every acknowledged event is looked up in its user's history: none may be
+/metrics); with ``--pid`` also the peak RSS of each window (VmHWM, reset after each sample). At the end every acknowledged event is looked up in its user's history: none may be
 missing or stored twice.
 
 Writes ``OUT.csv`` (one row per window), ``OUT.png`` (RSS, latency, throughput and errors over time)
-and ``OUT.json`` (the summary: RSS at 5 minutes and at the end, their ratio, totals). The appends stay
+and ``OUT.json`` (the summary: RSS and the window's peak RSS at 5 minutes and at the end, their ratios, totals). The appends stay
 in the store: soak a server whose Redis you can throw away.
 """
 from __future__ import annotations
@@ -57,6 +57,18 @@ def percentile(values: list[float], q: float) -> float | None:
 def rss_from_pid(pid: int) -> int | None:
     try:
         m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    except OSError:
+        return None
+    return int(m.group(1)) * 1024 if m else None
+
+
+def peak_rss_from_pid(pid: int) -> int | None:
+    """The process's peak RSS since the last call (VmHWM, then reset through ``clear_refs``): an
+    allocator that gives pages back makes one RSS sample depend on the step it lands in; the peak of
+    each window does not."""
+    try:
+        m = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS
     except OSError:
         return None
     return int(m.group(1)) * 1024 if m else None
@@ -162,9 +174,11 @@ class Soak:
             w = self.window()
             now = time.monotonic()
             rss = rss_from_pid(self.a.pid) if self.a.pid else await rss_from_metrics(self.client)
+            peak = peak_rss_from_pid(self.a.pid) if self.a.pid else None
             span = max(1e-9, now - (t_start + w.start_s))
             p50, p99 = percentile(w.recommend_latencies, 0.5), percentile(w.recommend_latencies, 0.99)
             row = {"t_s": round(now - t_start, 1), "rss_mb": round(rss / 2**20, 1) if rss else None,
+                   "rss_peak_mb": round(peak / 2**20, 1) if peak else None,
                    "answered": w.answered, "req_per_s": round(w.answered / span, 3),
                    "recommend_p50_ms": round(p50 * 1e3) if p50 else None,
                    "recommend_p99_ms": round(p99 * 1e3) if p99 else None,
@@ -209,11 +223,11 @@ class Soak:
         return {"rows": rows, "verify": await self.verify()}
 
 
-def rss_at(rows: list[dict], t_s: float) -> float | None:
-    """RSS of the first sample at or after ``t_s`` seconds."""
+def rss_at(rows: list[dict], t_s: float, key: str = "rss_mb") -> float | None:
+    """RSS (``key``: or the window's peak) of the first sample at or after ``t_s`` seconds."""
     for r in rows:
-        if r["t_s"] >= t_s and r["rss_mb"] is not None:
-            return r["rss_mb"]
+        if r["t_s"] >= t_s and r.get(key) is not None:
+            return r[key]
     return None
 
 
@@ -225,7 +239,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     t = [r["t_s"] / 60 for r in rows]
     fig, ax = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
-    ax[0].plot(t, [r["rss_mb"] for r in rows], marker=".")
+    ax[0].plot(t, [r["rss_mb"] for r in rows], marker=".", label="sampled")
+    if any(r.get("rss_peak_mb") for r in rows):
+        ax[0].plot(t, [r.get("rss_peak_mb") for r in rows], marker=".", label="peak of the window")
+        ax[0].legend()
     ax[0].set_ylabel("server RSS (MB)")
     ax[1].plot(t, [r["recommend_p50_ms"] for r in rows], label="p50")
     ax[1].plot(t, [r["recommend_p99_ms"] for r in rows], label="p99")
@@ -256,6 +273,7 @@ async def amain(a) -> dict:
     answered = sum(r["answered"] for r in rows)
     lat = [x for w in soak.windows for x in w.recommend_latencies]
     rss5, rss_end = rss_at(rows, 300), rows[-1]["rss_mb"] if rows else None
+    peak5, peak_end = rss_at(rows, 300, "rss_peak_mb"), rows[-1].get("rss_peak_mb") if rows else None
     return {
         "url": a.url, "minutes": a.minutes, "concurrency": a.concurrency, "ratio": f"{a.ratio}:1" if a.ratio else "recommend only",
         "users": len(users), "machine": machine(),
@@ -268,6 +286,9 @@ async def amain(a) -> dict:
         "retries_not_counted_as_duplicate": soak.retries_not_duplicate,
         "rss_mb_start": rows[0]["rss_mb"] if rows else None, "rss_mb_5min": rss5, "rss_mb_end": rss_end,
         "rss_end_over_5min": round(rss_end / rss5, 3) if rss5 and rss_end else None,
+        "rss_peak_mb_5min": peak5, "rss_peak_mb_end": peak_end,
+        "rss_peak_end_over_5min": round(peak_end / peak5, 3) if peak5 and peak_end else None,
+        "rss_peak_mb_max": max((r["rss_peak_mb"] for r in rows if r.get("rss_peak_mb")), default=None),
         **res["verify"], "rows": rows,
     }
 

@@ -187,12 +187,15 @@ def test_soak_mixed_load_bad_input_retries_and_no_acknowledged_event_lost(tiny, 
     with ThreadedServer(create_app(settings, components=comps)) as url:
         s = soak_main(["--url", url, "--data", str(data_dir), "--minutes", "0.1", "--interval", "2",
                        "--concurrency", "4", "--ratio", "1", "--bad-every", "3", "--dup-every", "2",
-                       "--wait-ready", "30", "--out", str(out)])
+                       "--wait-ready", "30", "--pid", str(os.getpid()), "--out", str(out)])
     assert s["answered"] > 10 and (s["errors"], s["http_5xx"], s["unexpected"]) == (0, 0, {})
     assert s["bad_input_statuses"] and all(400 <= int(k) < 500 for k in s["bad_input_statuses"])
     assert s["acknowledged_events"] > 0 and (s["missing"], s["stored_twice"]) == (0, 0)
     assert s["trimmed_by_the_window"] < s["acknowledged_events"]
     assert s["retries_not_counted_as_duplicate"] == 0 and s["rss_mb_end"] > 0
     rows = out.with_suffix(".csv").read_text().splitlines()
-    assert rows[0].startswith("t_s,rss_mb,") and len(rows) - 1 >= 3  # a sample every 2 s for 6 s
+    assert rows[0].startswith("t_s,rss_mb,rss_peak_mb,") and len(rows) - 1 >= 3  # a sample every 2 s for 6 s
+    # the peak of each window (VmHWM since the previous sample) is at least the RSS sampled in it
+    assert all(float(r.split(",")[2]) >= float(r.split(",")[1]) > 0 for r in rows[1:])
+    assert s["rss_peak_mb_max"] >= s["rss_peak_mb_end"] > 0
     assert out.with_suffix(".png").stat().st_size > 0 and json.loads(out.with_suffix(".json").read_text())["minutes"] == 0.1

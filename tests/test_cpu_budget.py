@@ -142,3 +142,19 @@ def test_reexec_replaces_the_process_with_the_serving_environment():
             "serve_env.reexec_for_serving('glibc', ['--help']); print('not replaced')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.stdout.strip() == "not replaced"
+
+
+@pytest.mark.skipif(serve_env.find_jemalloc() is None, reason="libjemalloc2 is not installed")
+def test_the_jemalloc_settings_are_the_ones_jemalloc_runs_with():
+    """jemalloc warns about and ignores a setting it does not know: read back what it runs with (the
+    decay of freed pages, and no arena of its own for large buffers, which it would purge at once)."""
+    code = ("import ctypes, json; je = ctypes.CDLL(None)\n"
+            "def get(name):\n"
+            "    v = ctypes.c_ssize_t(0); n = ctypes.c_size_t(ctypes.sizeof(v))\n"
+            "    assert je.mallctl(name.encode(), ctypes.byref(v), ctypes.byref(n), None, ctypes.c_size_t(0)) == 0\n"
+            "    return v.value\n"
+            "print(json.dumps({k: get('opt.' + k) for k in ('dirty_decay_ms', 'muzzy_decay_ms', 'oversize_threshold')}))")
+    env = {**os.environ, **serve_env.serve_environ("auto", {}, jemalloc=serve_env.find_jemalloc())}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert "<jemalloc>" not in out.stderr
+    assert json.loads(out.stdout) == {"dirty_decay_ms": 60_000, "muzzy_decay_ms": 0, "oversize_threshold": 0}
