@@ -95,6 +95,7 @@ class Soak:
         self.bad_statuses: Counter[int] = Counter()
         self.unexpected: Counter[str] = Counter()
         self.retries_not_duplicate = 0
+        self.answered_at: list[float] = []  # monotonic time of every answer
 
     def window(self) -> Window:
         return self.windows[-1]
@@ -138,6 +139,7 @@ class Soak:
             took = time.perf_counter() - t0
             w = self.window()
             w.answered += 1
+            self.answered_at.append(time.monotonic())
             if r.status_code >= 500:
                 w.server_errors += 1
             if r.status_code == 429:
@@ -223,6 +225,12 @@ class Soak:
         return {"rows": rows, "verify": await self.verify()}
 
 
+def steady_rate(times: list[float]) -> float | None:
+    """Answers per second between the first answer and the last: a closed loop answers in groups, so a
+    count over a fixed span moves in steps of up to the concurrency (16 of ~250 in two minutes)."""
+    return round((len(times) - 1) / (times[-1] - times[0]), 3) if len(times) > 1 and times[-1] > times[0] else None
+
+
 def rss_at(rows: list[dict], t_s: float, key: str = "rss_mb") -> float | None:
     """RSS (``key``: or the window's peak) of the first sample at or after ``t_s`` seconds."""
     for r in rows:
@@ -278,6 +286,7 @@ async def amain(a) -> dict:
         "url": a.url, "minutes": a.minutes, "concurrency": a.concurrency, "ratio": f"{a.ratio}:1" if a.ratio else "recommend only",
         "users": len(users), "machine": machine(),
         "answered": answered, "req_per_s": round(answered / (a.minutes * 60), 3),
+        "req_per_s_between_answers": steady_rate(soak.answered_at),
         "recommend_p50_ms": round(percentile(lat, 0.5) * 1e3) if lat else None,
         "recommend_p99_ms": round(percentile(lat, 0.99) * 1e3) if lat else None,
         "errors": sum(r["errors"] for r in rows), "http_5xx": sum(r["http_5xx"] for r in rows),

@@ -46,14 +46,15 @@ def start_busy(n: int, where: str) -> list[subprocess.Popen]:
         loops = " & ".join([f"{sys.executable} -c '{BUSY}'"] * n) + " & wait"
         return [subprocess.Popen(["sh", "-c", loops], start_new_session=True)]
     return [subprocess.Popen([sys.executable, "-c", BUSY], start_new_session=where == "each") for _ in range(n)]
-CELL = ("req_per_s", "recommend_p50_ms", "recommend_p99_ms", "errors", "http_5xx", "threads_after")
+CELL = ("req_per_s", "req_per_s_between_answers", "recommend_p50_ms", "recommend_p99_ms", "errors", "http_5xx", "threads_after",
+        "minor_faults_per_s", "cpu_user_per_s", "cpu_sys_per_s", "rss_peak_mb")
 
 
-def measure_beside(a, url: str, out: Path) -> dict:
+def measure_beside(a, url: str, out: Path, pid: int) -> dict:
     """The load beside the busy loops (started for it, killed after)."""
     busy = start_busy(a.busy, a.busy_session)
     try:
-        beside = soak(url, a.data, a.seconds, a.concurrency, out)
+        beside = soak(url, a.data, a.seconds, a.concurrency, out, pid)
         beside["threads_after"] = get_json(url + "/version")["threads"]
         return beside
     finally:
@@ -89,11 +90,31 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise SystemExit("the server did not get ready")
 
 
-def soak(url: str, data: str, seconds: float, concurrency: int, out: Path) -> dict:
+def proc_counters(pid: int) -> tuple[int, float, float]:
+    """The process's minor page faults, user and system CPU seconds (/proc/PID/stat)."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # from field 3 (state) on
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(f[7]), int(f[11]) / tick, int(f[12]) / tick
+
+
+def soak(url: str, data: str, seconds: float, concurrency: int, out: Path, pid: int) -> dict:
+    """One cell of load; with the server's page faults (an allocator that gives pages back faults them
+    in again), its CPU seconds per second, user and system, and its peak RSS over the cell."""
+    c0, t0 = proc_counters(pid), time.monotonic()
     subprocess.run([sys.executable, str(Path(__file__).with_name("soak.py")), "--url", url, "--data", data,
                     "--minutes", str(seconds / 60), "--concurrency", str(concurrency), "--ratio", "0",
-                    "--interval", str(seconds), "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
-    return json.loads(out.with_suffix(".json").read_text())
+                    "--interval", str(seconds), "--pid", str(pid), "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
+    c1, wall = proc_counters(pid), time.monotonic() - t0
+    res = json.loads(out.with_suffix(".json").read_text())
+    res.update(minor_faults_per_s=round((c1[0] - c0[0]) / wall), cpu_user_per_s=round((c1[1] - c0[1]) / wall, 3),
+               cpu_sys_per_s=round((c1[2] - c0[2]) / wall, 3), rss_peak_mb=res.get("rss_peak_mb_max"))
+    return res
+
+
+def rate(cell: dict) -> float:
+    """Answers per second between the cell's first and last answers (its fixed-span count moves in
+    steps of up to the concurrency)."""
+    return cell.get("req_per_s_between_answers") or cell["req_per_s"]
 
 
 def now(cell: dict) -> int:
@@ -134,9 +155,9 @@ def main() -> None:
         try:
             wait_ready(url, server, 900)
             version = get_json(url + "/version")
-            alone = soak(url, a.data, a.seconds, a.concurrency, out / f"{name}-alone")
+            alone = soak(url, a.data, a.seconds, a.concurrency, out / f"{name}-alone", server.pid)
             alone["threads_after"] = get_json(url + "/version")["threads"]
-            beside = None if a.alone_only else measure_beside(a, url, out / f"{name}-beside")
+            beside = None if a.alone_only else measure_beside(a, url, out / f"{name}-beside", server.pid)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(120)
@@ -144,20 +165,21 @@ def main() -> None:
                "alone": {k: alone[k] for k in CELL}, "beside": beside and {k: beside[k] for k in CELL}}
         results.append(row)
         print(json.dumps(row), flush=True)
-    base = results[0]["alone"]["req_per_s"]
+    base = rate(results[0]["alone"])
     lines = [f"machine: {machine()['cpu']['model']}, {len(os.sched_getaffinity(0))} CPUs; "
-             f"c = {a.concurrency}, {a.seconds:.0f} s per cell, {a.busy} busy loops beside "
+             f"c = {a.concurrency}, {a.seconds:.0f} s per cell (req/s between its first and last answers), {a.busy} busy loops beside "
              f"({SESSIONS[a.busy_session]})",
              "| setting | intra-op (alone → beside, at the end) | malloc | alone req/s | alone p50 ms | beside req/s | beside p50 ms | beside / alone "
-             f"| alone / {results[0]['config']} | errors |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| alone / {results[0]['config']} | errors | alone: faults/s, CPU user + sys per s, peak RSS MB |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         al, bs = r["alone"], r["beside"] or {"req_per_s": math.nan, "recommend_p50_ms": "–", "errors": 0,
                                              "http_5xx": 0, "threads_after": {}}
         lines.append(f"| {r['config']} ({', '.join(f'{k}={v}' for k, v in r['env'].items()) or 'defaults'}) "
-                     f"| {now(al)} → {now(bs)} | {r['process']['malloc']} | {al['req_per_s']:.2f} | {al['recommend_p50_ms']} "
-                     f"| {bs['req_per_s']:.2f} | {bs['recommend_p50_ms']} | {bs['req_per_s'] / al['req_per_s']:.2f} "
-                     f"| {al['req_per_s'] / base:.2f} | {al['errors'] + bs['errors'] + al['http_5xx'] + bs['http_5xx']} |")
+                     f"| {now(al)} → {now(bs)} | {r['process']['malloc']} | {rate(al):.2f} | {al['recommend_p50_ms']} "
+                     f"| {rate(bs):.2f} | {bs['recommend_p50_ms']} | {rate(bs) / rate(al):.2f} "
+                     f"| {rate(al) / base:.2f} | {al['errors'] + bs['errors'] + al['http_5xx'] + bs['http_5xx']} "
+                     f"| {al['minor_faults_per_s']:,}; {al['cpu_user_per_s']:.2f} + {al['cpu_sys_per_s']:.2f}; {al['rss_peak_mb']:,.0f} |")
     table = "\n".join(lines)
     (out / "threads.md").write_text(table + "\n")
     (out / "threads.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -197,5 +197,5 @@ def test_soak_mixed_load_bad_input_retries_and_no_acknowledged_event_lost(tiny, 
     assert rows[0].startswith("t_s,rss_mb,rss_peak_mb,") and len(rows) - 1 >= 3  # a sample every 2 s for 6 s
     # the peak of each window (VmHWM since the previous sample) is at least the RSS sampled in it
     assert all(float(r.split(",")[2]) >= float(r.split(",")[1]) > 0 for r in rows[1:])
-    assert s["rss_peak_mb_max"] >= s["rss_peak_mb_end"] > 0
+    assert s["rss_peak_mb_max"] >= s["rss_peak_mb_end"] > 0 and s["req_per_s_between_answers"] > 0
     assert out.with_suffix(".png").stat().st_size > 0 and json.loads(out.with_suffix(".json").read_text())["minutes"] == 0.1
