@@ -26,6 +26,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.soak import rss_from_pid  # noqa: E402
+
 MARK = "_AUTOMR_PROBE_ENV"
 
 
@@ -49,9 +51,7 @@ def mallctl_reader():
 
 
 def sample(read, t0: float) -> dict:
-    status = Path("/proc/self/status").read_text()
-    rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
-    row = {"t_s": round(time.monotonic() - t0, 1), "rss_mb": round(rss / 1024, 1)}
+    row = {"t_s": round(time.monotonic() - t0, 1), "rss_mb": round(rss_from_pid(os.getpid()) / 2**20, 1)}
     if hasattr(read, "refresh"):
         read.refresh()
         mb = lambda b: None if b is None else round(b / 2**20, 1)  # noqa: E731

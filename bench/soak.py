@@ -54,24 +54,29 @@ def percentile(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-def rss_from_pid(pid: int) -> int | None:
+def status_bytes(pid: int, field: str) -> int | None:
+    """A size field of /proc/PID/status (VmRSS, VmHWM...) in bytes; None if the process is gone."""
     try:
-        m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+        m = re.search(rf"{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
     except OSError:
         return None
     return int(m.group(1)) * 1024 if m else None
+
+
+def rss_from_pid(pid: int) -> int | None:
+    return status_bytes(pid, "VmRSS")
 
 
 def peak_rss_from_pid(pid: int) -> int | None:
     """The process's peak RSS since the last call (VmHWM, then reset through ``clear_refs``): an
     allocator that gives pages back makes one RSS sample depend on the step it lands in; the peak of
     each window does not."""
+    peak = status_bytes(pid, "VmHWM")
     try:
-        m = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS
     except OSError:
         return None
-    return int(m.group(1)) * 1024 if m else None
+    return peak
 
 
 async def rss_from_metrics(client: HttpClient) -> int | None:
