@@ -40,9 +40,11 @@ class RowSplit:
         # the forwards run whole on the caller's thread: their wall and that thread's CPU seconds (the
         # CPU share its intra-op threads get, for the thread governor, free of the row parts' waits)
         self.whole_wall_s = self.whole_cpu_s = 0.0
-        # OpenMP's thread count is per thread. torch gives a thread its global count at the thread's first
-        # parallel op, and set_num_threads also sets that global count: so each worker runs a parallel op
-        # first, then takes one thread, and the global count goes back to what it was for other threads
+        # OpenMP's thread count is per thread: torch gives a thread the global count at the thread's first
+        # parallel op. So the global count is 1 while each worker runs its first one, and goes back after.
+        # A worker must never start a team of 2: libgomp spins far less at every barrier of every team
+        # once it manages more threads than there are CPUs, and the whole forwards of the model thread
+        # alone would pay for these idle teams
         before, ready = torch.get_num_threads(), threading.Barrier(workers)
 
         def one_thread(_) -> None:
@@ -50,8 +52,11 @@ class RowSplit:
             torch.set_num_threads(1)
             ready.wait()  # every worker thread starts here (an idle one would take a second task)
 
-        list(self._pool.map(one_thread, range(workers)))
-        torch.set_num_threads(before)
+        torch.set_num_threads(1)
+        try:
+            list(self._pool.map(one_thread, range(workers)))
+        finally:
+            torch.set_num_threads(before)
 
     def parts(self, rows: int, tokens: int) -> list[tuple[int, int]] | None:
         """Row ranges [a, b) of a forward of ``rows`` rows x ``tokens`` new positions, as even as can

@@ -3,6 +3,10 @@ whole: the prefill with memory slots, decoding steps after a merge and after row
 copied (beams), chunks of a background prefill, and the KV each part appends in place."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -86,6 +90,26 @@ def test_parts_are_even_and_small_or_grad_forwards_run_whole():
         split.close()
     with pytest.raises(ValueError):
         RowSplit(workers=1)
+
+
+def test_workers_run_one_thread_and_start_no_openmp_team():
+    """Each worker runs one intra-op thread, and getting there starts no OpenMP team of its own: libgomp
+    spins far less at every barrier once it manages more threads than there are CPUs, so idle teams
+    would slow the model thread's whole forwards. In a fresh process: no other thread starts meanwhile."""
+    code = textwrap.dedent("""
+        import os, torch
+        from model.row_split import RowSplit
+        torch.set_num_threads(2)
+        torch.zeros(1 << 20).add_(1)  # this thread's team: its pool thread exists from here on
+        before = len(os.listdir("/proc/self/task"))
+        split = RowSplit(workers=3)
+        made = len(os.listdir("/proc/self/task")) - before
+        counts = split.run(lambda i, a, b: torch.get_num_threads(), [(0, 1), (1, 2), (2, 3)])
+        print(made, counts, torch.get_num_threads())
+        split.close()
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split("\n")[0] == "3 [1, 1, 1] 2"  # the 3 workers alone; the caller keeps its 2
 
 
 def test_whole_forwards_are_timed_for_the_governor(tiny_split, tiny_titles):
