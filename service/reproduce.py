@@ -126,7 +126,9 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     from model.eval.run import run_evaluation
     from model.eval.paper_reports import figure2, figure3, table1
     from model.eval.report import memory_size_table
+    from service.observability import git_sha
 
+    sha = git_sha()  # the code this process loaded, read now: HEAD may move while the stages run
     data = cfg.runs / cfg.dataset
     art = cfg.artefacts or data / "artefacts"
     results = art / "results"  # the evaluations of these artefacts: other artefacts never reuse them
@@ -187,10 +189,8 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     by = {r["method"]: r for r in found}
     docs = cfg.docs / cfg.dataset
     docs.mkdir(parents=True, exist_ok=True)
-    from service.observability import git_sha
-
     report = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "timings"},
-              "git_sha": git_sha()}  # the code the evaluations ran on (a dirty tree: its last commit)
+              "git_sha": sha}  # the code the evaluations ran on (a dirty tree: its last commit)
     pairs = (("automr", "bigrec"), ("automr", "random"), ("bigrec", "popularity"), ("automr", "sasrec"),
              ("bigrec", "bigrec-greedy"), ("automr", "full-history"))
     by_mem = memory_size_table(found, k_short=cfg.k_short)
