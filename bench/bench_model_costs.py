@@ -144,18 +144,18 @@ def speculative(pipe, args) -> dict:
             cfg = RecommenderConfig(n_slots=pipe.n_slots, max_new_tokens=32, draft_tokens=args.draft_tokens,
                                     draft_max_rows=b)
             rec = Recommender(pipe.lm, pipe.builder, pipe.titles, pipe.index, config=cfg, drafter=drafter)
-            begin = lm.begin
+            begin = generation.begin  # the recommender calls it through the module
             if not in_prefill:  # guesses in the decode steps only, none in the prefill
                 def begin_plain(*a, drafter=None, draft_tokens=0, draft_max_rows=1, **k):
                     prefill = begin(*a, **k)  # a prefill without guesses, then the batch's policy
                     prefill.policy = dict(drafter=drafter, draft_tokens=draft_tokens, draft_max_rows=draft_max_rows)
                     return prefill
 
-                lm.begin = begin_plain
+                generation.begin = begin_plain
             try:
                 spec_s, spec_f, spec = run(rec, b)
             finally:
-                lm.begin = begin
+                generation.begin = begin
             row[name] = {"ms_per_request": 1e3 * spec_s / len(reqs), "forwards_per_token": spec_f / tokens,
                          "same_answers": sum(x == y for x, y in zip(plain, spec))}
         out["batches"][b] = row
