@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.soak import rss_from_pid  # noqa: E402
+from bench.procfs import status_bytes  # noqa: E402
 
 MARK = "_AUTOMR_PROBE_ENV"
 
@@ -51,7 +51,7 @@ def mallctl_reader():
 
 
 def sample(read, t0: float) -> dict:
-    row = {"t_s": round(time.monotonic() - t0, 1), "rss_mb": round(rss_from_pid(os.getpid()) / 2**20, 1)}
+    row = {"t_s": round(time.monotonic() - t0, 1), "rss_mb": round(status_bytes(os.getpid(), "VmRSS") / 2**20, 1)}
     if hasattr(read, "refresh"):
         read.refresh()
         mb = lambda b: None if b is None else round(b / 2**20, 1)  # noqa: E731

@@ -17,17 +17,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import threading
 import time
 from pathlib import Path
+
+try:
+    from bench.procfs import status_bytes
+except ImportError:  # run as a script: python bench/memory_accounting.py
+    from procfs import status_bytes
 
 MB = 2**20
 
 
 def rss(pid: str | int = "self") -> float:
-    text = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) / 1024
+    """VmRSS in MB."""
+    return status_bytes(pid, "VmRSS") / MB
 
 
 def load_steps(data: str, artefacts: str) -> list[dict]:

@@ -9,12 +9,12 @@ unknown item and a malformed event, alternately: a 4xx is expected), and every `
 re-sends an acknowledged event (a retry: ``duplicates`` must be 1). Each window records answered
 requests, req/s, /recommend p50 and p99, errors (any unexpected status or client error), 5xx and 429
 answers, and the server's RSS (``--pid``'s VmRSS, else ``process_resident_memory_bytes`` from
-/metrics); with ``--pid`` also the peak RSS of each window (VmHWM, reset after each sample). At the end every acknowledged event is looked up in its user's history: none may be
-missing or stored twice.
+/metrics); with ``--pid`` also the peak RSS of each window (VmHWM, reset after each sample). At the
+end every acknowledged event is looked up in its user's history: none may be missing or stored twice.
 
 Writes ``OUT.csv`` (one row per window), ``OUT.png`` (RSS, latency, throughput and errors over time)
-and ``OUT.json`` (the summary: RSS and the window's peak RSS at 5 minutes and at the end, their ratios, totals). The appends stay
-in the store: soak a server whose Redis you can throw away.
+and ``OUT.json`` (the summary: RSS and the window's peak RSS at 5 minutes and at the end, their ratios,
+totals). The appends stay in the store: soak a server whose Redis you can throw away.
 """
 from __future__ import annotations
 
@@ -32,8 +32,10 @@ from pathlib import Path
 
 try:
     from bench.bench_load import CLIENT_ERRORS, HttpClient, items_from_dataset, machine, users_from_dataset, wait_ready
+    from bench.procfs import peak_rss_since_last_call, status_bytes
 except ImportError:  # run as a script: python bench/soak.py
     from bench_load import CLIENT_ERRORS, HttpClient, items_from_dataset, machine, users_from_dataset, wait_ready
+    from procfs import peak_rss_since_last_call, status_bytes
 
 
 @dataclass
@@ -54,29 +56,14 @@ def percentile(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-def status_bytes(pid: int, field: str) -> int | None:
-    """A size field of /proc/PID/status (VmRSS, VmHWM...) in bytes; None if the process is gone."""
-    try:
-        m = re.search(rf"{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    except OSError:
-        return None
-    return int(m.group(1)) * 1024 if m else None
-
-
 def rss_from_pid(pid: int) -> int | None:
     return status_bytes(pid, "VmRSS")
 
 
 def peak_rss_from_pid(pid: int) -> int | None:
-    """The process's peak RSS since the last call (VmHWM, then reset through ``clear_refs``): an
-    allocator that gives pages back makes one RSS sample depend on the step it lands in; the peak of
-    each window does not."""
-    peak = status_bytes(pid, "VmHWM")
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS
-    except OSError:
-        return None
-    return peak
+    """The peak RSS of the window since the previous sample: an allocator that gives pages back makes
+    one RSS sample depend on the step it lands in; the peak of each window does not."""
+    return peak_rss_since_last_call(pid)
 
 
 async def rss_from_metrics(client: HttpClient) -> int | None:

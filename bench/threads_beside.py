@@ -27,8 +27,10 @@ import urllib.request
 
 try:
     from bench.bench_load import machine
+    from bench.procfs import fault_and_cpu_counters
 except ImportError:  # run as a script: python bench/threads_beside.py
     from bench_load import machine
+    from procfs import fault_and_cpu_counters
 from pathlib import Path
 
 DEFAULT_CONFIGS = ("static=AUTOMR_TORCH_THREADS=2 AUTOMR_ADAPTIVE_THREADS=false;"
@@ -90,21 +92,14 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise SystemExit("the server did not get ready")
 
 
-def proc_counters(pid: int) -> tuple[int, float, float]:
-    """The process's minor page faults, user and system CPU seconds (/proc/PID/stat)."""
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # from field 3 (state) on
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(f[7]), int(f[11]) / tick, int(f[12]) / tick
-
-
 def soak(url: str, data: str, seconds: float, concurrency: int, out: Path, pid: int) -> dict:
     """One cell of load; with the server's page faults (an allocator that gives pages back faults them
     in again), its CPU seconds per second, user and system, and its peak RSS over the cell."""
-    c0, t0 = proc_counters(pid), time.monotonic()
+    c0, t0 = fault_and_cpu_counters(pid), time.monotonic()
     subprocess.run([sys.executable, str(Path(__file__).with_name("soak.py")), "--url", url, "--data", data,
                     "--minutes", str(seconds / 60), "--concurrency", str(concurrency), "--ratio", "0",
                     "--interval", str(seconds), "--pid", str(pid), "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
-    c1, wall = proc_counters(pid), time.monotonic() - t0
+    c1, wall = fault_and_cpu_counters(pid), time.monotonic() - t0
     res = json.loads(out.with_suffix(".json").read_text())
     res.update(minor_faults_per_s=round((c1[0] - c0[0]) / wall), cpu_user_per_s=round((c1[1] - c0[1]) / wall, 3),
                cpu_sys_per_s=round((c1[2] - c0[2]) / wall, 3), rss_peak_mb=res.get("rss_peak_mb_max"))
