@@ -6,11 +6,11 @@ compose file run the same command. A variable the caller has already set is neve
 
 The model allocates and frees buffers of tens to hundreds of MB every decoding step. glibc's malloc
 as it is reuses them but its heap fragments; glibc tuned to give them back (``AUTOMR_MALLOC=glibc``)
-faults them in again at the next step and halves the throughput. jemalloc serves them from its
+faults them in again at the next step and loses much of the throughput. jemalloc serves them from its
 arenas and gives back only pages left unused for about a minute (``JEMALLOC_CONF``): a step's
 buffers are reused within milliseconds and stay, what fragmentation strands is returned
 (docs/BENCHMARKS.md §5, §7.2). OpenMP's settings are left alone: its passive wait policy helped
-beside another job but lost 14-23% alone (§7.1); the thread governor and row parts do that job instead.
+beside another job but cost throughput alone (§7.1); the thread governor and row parts do that job instead.
 """
 from __future__ import annotations
 
@@ -28,13 +28,13 @@ JEMALLOC_CANDIDATES = (
 )
 # jemalloc: pages freed and not reused for about a minute go back to the system; the rest is reused.
 # - oversize_threshold:0: no separate arena for allocations of 8 MiB and more. jemalloc purges that
-#   arena at once whenever decay is on, so every step faulted its KV and logits buffers in again
-#   (1.2 req/s against 2.1 at c = 16, docs/BENCHMARKS.md §7.2); in the ordinary arenas they are reused.
+#   arena at once whenever decay is on, so every step would fault its KV and logits buffers in again
+#   (docs/BENCHMARKS.md §7.2); in the ordinary arenas they are reused.
 # - a finite decay: with decay off (-1) nothing freed is ever given back, so the resident set is the
-#   high-water mark plus whatever fragmentation strands, and a 30-minute soak grew 2.9x (§5). A shorter
-#   decay gives back pages that the next steps fault in again (10 s: ~90,000 faults a second, §7.2).
+#   high-water mark plus whatever fragmentation strands (§5). A shorter decay gives back pages that the
+#   next steps fault in again (§7.2); a minute keeps a 30-minute soak flat (§5).
 JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:60000,muzzy_decay_ms:0,oversize_threshold:0"
-# AUTOMR_MALLOC=glibc (flat, but half the throughput at c = 16): a fixed mmap threshold (glibc raises it after every large free,
+# AUTOMR_MALLOC=glibc (flat, but far slower at c = 16, §7.2): a fixed mmap threshold (glibc raises it after every large free,
 # which moves big tensors into the fragmenting heap), trimming, and two arenas
 GLIBC_TUNED = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 REEXEC_MARK = "_AUTOMR_SERVE_ENV"
