@@ -86,12 +86,14 @@ def main() -> None:
     apply_thread_plan(thread_plan(settings.torch_threads))
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=a.port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
-    url = f"http://127.0.0.1:{a.port}"
+    url, deadline = f"http://127.0.0.1:{a.port}", time.monotonic() + 900
     while True:
         try:
             urllib.request.urlopen(url + "/readyz", timeout=2)
             break
         except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit("the service did not get ready within 15 minutes")
             time.sleep(2)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -60,12 +60,6 @@ def rss_from_pid(pid: int) -> int | None:
     return status_bytes(pid, "VmRSS")
 
 
-def peak_rss_from_pid(pid: int) -> int | None:
-    """The peak RSS of the window since the previous sample: an allocator that gives pages back makes
-    one RSS sample depend on the step it lands in; the peak of each window does not."""
-    return peak_rss_since_last_call(pid)
-
-
 async def rss_from_metrics(client: HttpClient) -> int | None:
     try:
         r = await client.get("/metrics")
@@ -168,7 +162,9 @@ class Soak:
             w = self.window()
             now = time.monotonic()
             rss = rss_from_pid(self.a.pid) if self.a.pid else await rss_from_metrics(self.client)
-            peak = peak_rss_from_pid(self.a.pid) if self.a.pid else None
+            # the window's peak: with an allocator that gives pages back, one RSS sample depends on the
+            # step it lands in; the peak since the previous sample does not
+            peak = peak_rss_since_last_call(self.a.pid) if self.a.pid else None
             span = max(1e-9, now - (t_start + w.start_s))
             p50, p99 = percentile(w.recommend_latencies, 0.5), percentile(w.recommend_latencies, 0.99)
             row = {"t_s": round(now - t_start, 1), "rss_mb": round(rss / 2**20, 1) if rss else None,
