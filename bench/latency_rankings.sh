@@ -4,14 +4,5 @@
 # concurrency 1 and 16 each (bench/bench_load.py). Usage: bench/latency_rankings.sh ART OUT_DIR [REQUESTS]
 set -euo pipefail
 ART=$1; OUT=$2; REQ=${3:-20}
-mkdir -p "$OUT"
-for ranking in beams greedy; do
-  if [ "$ranking" = greedy ]; then export AUTOMR_CONSTRAINED=false AUTOMR_NUM_BEAMS=1; else unset AUTOMR_CONSTRAINED AUTOMR_NUM_BEAMS; fi
-  AUTOMR_DATA_DIR=runs/ml-100k AUTOMR_ARTEFACTS_DIR="$ART" AUTOMR_PORT=8011 AUTOMR_LOG_LEVEL=warning \
-    .venv/bin/automr serve > "$OUT/server-$ranking.log" 2>&1 &
-  pid=$!
-  .venv/bin/python bench/bench_load.py --url http://127.0.0.1:8011 --data runs/ml-100k --modes automr,bigrec \
-    --concurrency 1,16 --requests "$REQ" --append-concurrency 1 --append-requests 5 --wait-ready 600 --json "$OUT/load-$ranking.json" \
-    > "$OUT/load-$ranking.txt" 2>&1 || true
-  kill -TERM $pid; wait $pid || true
-done
+exec "$(dirname "$0")/load_settings.sh" "$ART" "$OUT" "beams=;greedy=AUTOMR_CONSTRAINED=false AUTOMR_NUM_BEAMS=1" -- \
+  --modes automr,bigrec --concurrency 1,16 --requests "$REQ" --append-concurrency 1 --append-requests 5
