@@ -66,7 +66,9 @@ class Recommendation:
     generated: str  # the generated title (cleaned)
     memory_indices: list[int]  # positions in the request's memory that filled the slots ([] = none)
     memory_scores: list[float]  # the policy's score of each selected element
-    beam_items: list[int] = field(default_factory=list)  # constrained decoding: the beams' items
+    beam_items: list[int] = field(default_factory=list)  # constrained decoding: the beams' items, best first
+    # the score of each beam item's title (log-probability over the unseen titles + the popularity prior)
+    beam_scores: list[float] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -101,7 +103,7 @@ class RecommenderConfig:
     popularity_mix: float = 0.0
     batch_size: int = 16  # LLM batch (generation and grounding embeddings)
     # reuse the KV cache of the prompt template's head (exact in float32; in bfloat16 its rounding
-    # differs from a full prefill's, which can flip near-tied greedy tokens: see BENCHMARKS.md §3.2)
+    # differs from a full prefill's, which can flip near-tied greedy tokens: see BENCHMARKS.md §8)
     head_cache: bool = True
     # step-wise generation (``start``): rows sorted by prompt length are prefilled in groups of at
     # most this many padded prompt tokens (rows x longest prompt); a longer prompt is prefilled alone.
@@ -282,7 +284,7 @@ class Recommender:
             searches = dict(zip(batch.tags, batch.searches))
             done = generation.decode(self.lm, batch)
             texts += [self.lm.text(done[i]) for i in range(len(part))]
-            beams += [searches[i].result().items if searches[i] is not None else [] for i in range(len(part))]
+            beams += [searches[i].result().scored_items if searches[i] is not None else [] for i in range(len(part))]
             picks += part_picks
         return self.finish(requests, texts, beams, picks, topk)
 
@@ -344,9 +346,11 @@ class Recommender:
                 batch.merge(part)
         return batch, picks
 
-    def finish(self, requests: Sequence[RecommendRequest], texts: Sequence[str], beams: Sequence[list[int]] | None,
-               picks: Sequence[tuple[list[int], list[float]] | None], topk: int | None = None) -> list[Recommendation]:
-        """``recommend`` after generation: grounding and the ranked items of each request."""
+    def finish(self, requests: Sequence[RecommendRequest], texts: Sequence[str],
+               beams: Sequence[list[tuple[int, float]]] | None, picks: Sequence[tuple[list[int], list[float]] | None],
+               topk: int | None = None) -> list[Recommendation]:
+        """``recommend`` after generation: grounding and the ranked items of each request. ``beams``: each
+        request's beam items with their titles' scores, best first ([] for greedy decoding)."""
         topk = topk or self.config.topk
         beams = beams or [[] for _ in requests]
         picks = [p if p is not None else ([], []) for p in picks]
@@ -354,16 +358,16 @@ class Recommender:
         out = []
         for i, r in enumerate(requests):
             ranked = [(int(x), float(d)) for x, d in zip(items[i], dist[i]) if x >= 0]
-            if beams[i]:  # constrained: the beams' real titles first, then the L2 ranking
-                first = [b for b in beams[i] if b not in r.exclude]
-                head = set(first)
-                ranked = [(b, 0.0) for b in first] + [(x, d) for x, d in ranked if x not in head]
+            if beams[i]:  # constrained: the beams' real titles first (at distance 0), then the L2 ranking
+                head = {b for b, _ in beams[i] if b not in r.exclude}
+                ranked = [(b, 0.0) for b, _ in beams[i] if b in head] + [(x, d) for x, d in ranked if x not in head]
                 ranked = ranked[:topk]
             out.append(Recommendation(
                 items=[x for x, _ in ranked],
                 distances=[d for _, d in ranked],
                 generated=clean_generated(texts[i]),
-                beam_items=beams[i],
+                beam_items=[b for b, _ in beams[i]],
+                beam_scores=[s for _, s in beams[i]],
                 memory_indices=picks[i][0],
                 memory_scores=picks[i][1],
             ))

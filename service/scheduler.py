@@ -69,7 +69,7 @@ class Job:
     def __post_init__(self) -> None:
         n = len(self.call.items)
         self.texts: list[str | None] = [None] * n  # None: the request is still being generated
-        self.beams: list[list[int]] = [[] for _ in range(n)]  # its beams' items (constrained), once finished
+        self.beams: list[list[tuple[int, float]]] = [[] for _ in range(n)]  # its beams' (item, score), once finished
         self.searches: list = [None] * n  # each request's beam search (constrained)
         self.picks: list = [None] * n  # each request's memory pick, once prefilled
         self.joined = 0  # requests whose rows are in the decoding batch (or were)
@@ -267,8 +267,8 @@ class Scheduler:
             self.admitting.append(adm)  # the other admissions' prefills go first
         return not (adm.background and not turn.yielding and joined is None)
 
-    def answered(self, rows: Sequence[tuple[Job, int, str, list[int]]], now: float) -> None:
-        """Requests whose answers are done: (job, request, generated text, its beams' items)."""
+    def answered(self, rows: Sequence[tuple[Job, int, str, list[tuple[int, float]]]], now: float) -> None:
+        """Requests whose answers are done: (job, request, generated text, its beams' (item, score))."""
         for job, j, text, beams in rows:
             job.texts[j], job.beams[j] = text, beams
             job.finished += 1

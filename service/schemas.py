@@ -60,7 +60,11 @@ class RecommendIn(_In):
 class ItemOut(BaseModel):
     item_id: str
     title: str
-    score: float  # LLM path: minus the L2 distance to the generated title; fallback: train popularity
+    # on the scale of the item's source: 'beam', the beam's score of the title (its log-probability among
+    # the user's unseen titles + the popularity prior); 'grounding', minus the L2 distance to the
+    # generated title; 'popularity' (the fallback), the item's training count
+    score: float
+    source: Literal["beam", "grounding", "popularity"]
 
 
 class MemoryOut(BaseModel):

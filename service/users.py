@@ -232,7 +232,10 @@ class UserService:
                 mem_out = MemoryOut(used=True, item_id=view.events[i].item_id, timestamp=view.events[i].timestamp,
                                     score=None if math.isnan(score) else float(score), elements=n_mem)
         cat = self.c.catalogue
-        items = [ItemOut(item_id=cat.item_ids[i], title=cat.titles[i], score=-math.sqrt(max(d, 0.0)))
+        beam = dict(zip(rec.beam_items, rec.beam_scores))
+        items = [ItemOut(item_id=cat.item_ids[i], title=cat.titles[i], score=float(beam[i]), source="beam")
+                 if i in beam else
+                 ItemOut(item_id=cat.item_ids[i], title=cat.titles[i], score=-math.sqrt(max(d, 0.0)), source="grounding")
                  for i, d in zip(rec.items, rec.distances)]
         return RecommendOut(
             user_id=req.user_id, items=items, memory=mem_out, fallback=None, mode=choice.mode,
@@ -242,8 +245,8 @@ class UserService:
 
     def _popularity(self, req: RecommendIn, t0: float) -> RecommendOut:
         cat = self.c.catalogue
-        items = [ItemOut(item_id=cat.item_ids[i], title=cat.titles[i], score=float(self.c.popularity[i]))
-                 for i in self.c.most_popular(req.k)]
+        items = [ItemOut(item_id=cat.item_ids[i], title=cat.titles[i], score=float(self.c.popularity[i]),
+                         source="popularity") for i in self.c.most_popular(req.k)]
         return RecommendOut(
             user_id=req.user_id, items=items, memory=None, fallback="popularity", mode=None, slot_policy=None,
             generated=None, model_version=self.c.model_version,

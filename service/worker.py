@@ -361,7 +361,8 @@ class ModelWorker:
         return False
 
 
-def _beam_items(job: Job, j: int) -> list[int]:
-    """The items of request ``j``'s finished beam search, best first ([] for a greedy row)."""
+def _beam_items(job: Job, j: int) -> list[tuple[int, float]]:
+    """The items of request ``j``'s finished beam search with their titles' scores, best first ([] for a
+    greedy row)."""
     search = job.searches[j]
-    return search.result().items if search is not None else []
+    return search.result().scored_items if search is not None else []

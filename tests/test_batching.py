@@ -147,6 +147,7 @@ async def test_requests_join_a_decoding_batch_and_get_their_own_answers(pipe, ru
     for want, have in zip(alone, got):
         assert have.items == want.items and have.generated == want.generated
         assert have.beam_items == want.beam_items
+        np.testing.assert_allclose(have.beam_scores, want.beam_scores, rtol=1e-5, atol=1e-5)
         assert have.memory_indices == want.memory_indices
         np.testing.assert_allclose(have.distances, want.distances, rtol=1e-5, atol=1e-6)
     assert [bool(w.beam_items) for w in alone] == [key == "beams" for key, _ in plan]

@@ -41,6 +41,9 @@ def test_wide_beams_rank_every_unseen_title_by_its_exact_score(tiny_split, tiny_
         assert res.items == want
         got = [s for s, _, _ in res.finished]
         np.testing.assert_allclose(got, sorted([scores[i] for i in want], reverse=True), atol=1e-4)
+        # each item with its own title's exact score (what the service reports as the item's score)
+        assert [i for i, _ in res.scored_items] == want
+        np.testing.assert_allclose([s for _, s in res.scored_items], [scores[i] for i in want], atol=1e-4)
 
 
 def test_narrow_beams_are_the_best_titles_and_stop_early(tiny_split, tiny_titles):

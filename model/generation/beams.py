@@ -128,14 +128,19 @@ class BeamResult:
     finished: list[tuple[float, list[int], list[int]]]
 
     @property
-    def items(self) -> list[int]:
+    def scored_items(self) -> list[tuple[int, float]]:
+        """Each item of the finished titles once, best first, with its title's score."""
         out, seen = [], set()
-        for _, _, items in self.finished:
+        for score, _, items in self.finished:
             for i in items:
                 if i not in seen:
                     seen.add(i)
-                    out.append(i)
+                    out.append((i, score))
         return out
+
+    @property
+    def items(self) -> list[int]:
+        return [i for i, _ in self.scored_items]
 
     @property
     def tokens(self) -> list[int]:
