@@ -14,7 +14,7 @@ from service.settings import Settings
 # paper budget), so a stage run alone gives the artefact the one command gives (BENCHMARKS §2.4)
 PAPER = ReproduceConfig()
 ELEMENT_HELP = ("memory element kind (window: the paper's, one per interaction, ~160x costlier than item "
-                "elements to encode for ML-100K on a CPU and no better on validation: BENCHMARKS §2.5)")
+                "elements to encode for ML-100K on a CPU and no better on validation: BENCHMARKS §8)")
 
 LLM_METHODS = ("bigrec", "bigrec-greedy", "full-history", "automr", "random", "semantic")
 
@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--titles", choices=["as-is", "natural"], default=PAPER.titles,
                     help="natural: 'Fugitive, The (1993)' -> 'The Fugitive (1993)' (data prepare --titles)")
     rp.add_argument("--no-head-cache", action="store_true",
-                    help="prefill whole prompts instead of reusing the template head's KV cache (BENCHMARKS.md §3.2)")
+                    help="prefill whole prompts instead of reusing the template head's KV cache (BENCHMARKS.md §8)")
     rp.add_argument("--budget", choices=["paper", "quick"], default="paper",
                     help="preset of the budgets below (service/reproduce.py: BUDGETS); a flag given overrides it")
     rp.add_argument("--generator-recipe", choices=["packed", "sliding"], default=PAPER.generator_recipe,

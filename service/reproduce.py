@@ -33,7 +33,7 @@ class ReproduceConfig:
     min_item: int = 5  # the protocol (docs/METHOD.md §1)
     min_user: int = 20
     k_short: int = 10
-    titles: str = "as-is"  # as-is | natural (a trailing article moves to the front: BENCHMARKS §2.5)
+    titles: str = "as-is"  # as-is | natural (a trailing article moves to the front: BENCHMARKS §8)
     cut: int = 20
     dtype: str = "auto"
     # the LLM methods' generation options (RecommenderConfig fields; the CLI passes the service's,
@@ -55,7 +55,7 @@ class ReproduceConfig:
     generator_batch: int = 1
     generator_lr: float = 3e-4
     generator_warmup: int = 20  # linear warm-up steps (keep below the number of steps of a small budget)
-    element: str = "item"  # memory element kind (window is the paper's; item: ~160x cheaper, no worse, BENCHMARKS §2.5)
+    element: str = "item"  # memory element kind (window is the paper's; item: ~160x cheaper, no worse, BENCHMARKS §8)
     label_train: int = 128
     label_valid: int = 32
     per_user: int = 8

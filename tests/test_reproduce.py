@@ -100,7 +100,7 @@ def test_reproduce_natural_titles_reach_the_data_and_a_mismatched_cache_is_refus
 
 def test_single_stage_commands_default_to_what_reproduce_runs():
     """`automr train generator|retriever` run alone, without flags, train what `automr reproduce` (paper
-    budget) trains: a retriever trained on other label budgets gets another hash (BENCHMARKS §2.4)."""
+    budget) trains: a retriever trained on other label budgets gets another hash."""
     paper, rc = BUDGETS["paper"], ReproduceConfig(**BUDGETS["paper"])
     assert paper == dict(generator_samples=48_000, generator_epochs=1, generator_valid=128, generator_batch=1,
                          generator_lr=3e-4, generator_warmup=20, label_train=128, label_valid=32)  # BENCHMARKS §2.2

@@ -51,7 +51,7 @@ def natural_title(title: str) -> str:
     the trailing parenthesised parts moves; any other title comes back unchanged.
 
     Why: a generator tuned on "Fugitive, The (1993)" tends to start its answer with "The" and, unable
-    to go on with a head noun that comes first in the catalogue form, writes "The (1993)" (BENCHMARKS §2.5)."""
+    to go on with a head noun that comes first in the catalogue form, writes "The (1993)" (BENCHMARKS §2.4)."""
     m = _TRAILING_ARTICLE.match(title)
     if not m:
         return title

@@ -20,7 +20,7 @@ slot (``model/recommend.py``). Options (``automr evaluate --option key=value``):
                        with its drafting and grounded through its memo (the same answers in float32;
                        bfloat16 rounds differently with other shapes, as batching does). Called
                        directly, absent ones take ``RecommenderConfig``'s defaults.
-                       head_cache=false prefills whole prompts (bfloat16 rounds differently, BENCHMARKS §3.2)
+                       head_cache=false prefills whole prompts (bfloat16 rounds differently, BENCHMARKS §8)
 """
 from __future__ import annotations
 
