@@ -6,6 +6,7 @@ file or folder to redo it); every stage's wall time is written to ``OUT/reproduc
 """
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import time
@@ -189,6 +190,8 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     by = {r["method"]: r for r in found}
     docs = cfg.docs / cfg.dataset
     docs.mkdir(parents=True, exist_ok=True)
+    for m in by:  # the per-sample results beside the report, gzipped: `automr compare` pairs them
+        (docs / f"{m}.json.gz").write_bytes(gzip.compress((results / f"{m}.json").read_bytes(), mtime=0))
     report = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "timings"},
               "git_sha": sha}  # the code the evaluations ran on (a dirty tree: its last commit)
     pairs = (("automr", "bigrec"), ("automr", "random"), ("bigrec", "popularity"), ("automr", "sasrec"),

@@ -8,7 +8,7 @@ import pytest
 
 from model.data.prepared import PreparedDataset
 from model.data.text import natural_title
-from model.train.generator import GeneratorTrainConfig
+from model.eval.evaluator import read_result_json
 from service.cli import build_parser
 from service.reproduce import BUDGETS, ReproduceConfig, reproduce
 from service.settings import Settings
@@ -41,6 +41,7 @@ def test_reproduce_runs_every_stage_and_resumes(tmp_path, one_thread, capsys):
     for m in cfg["methods"]:
         res = json.loads((art / "results" / f"{m}.json").read_text())
         assert res["n"] == 6 and f"| {m} |" in table
+        assert read_result_json(tmp_path / "docs" / "csv" / f"{m}.json.gz") == res  # published beside the report
         if m != "popularity":  # the LLM methods generate as the given service settings say
             info = res["info"]
             assert (info["draft_tokens"], info["draft_max_rows"], info["max_new_tokens"]) == (3, 4, 5)

@@ -132,9 +132,11 @@ class EvalResult:
         )
 
     def save(self, path: str | Path) -> None:
+        """As JSON; gzipped where the name ends in ``.gz`` (the published per-sample files are)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1))
+        data = json.dumps(self.to_json(), indent=1).encode()
+        path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
 
     @classmethod
     def load(cls, path: str | Path) -> "EvalResult":
