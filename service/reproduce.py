@@ -6,7 +6,6 @@ file or folder to redo it); every stage's wall time is written to ``OUT/reproduc
 """
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import time
@@ -124,6 +123,7 @@ def _warn_budget(generator_dir: Path, cfg: ReproduceConfig) -> None:
 def reproduce(cfg: ReproduceConfig) -> dict:
     from model.assets import fetch_assets
     from model.data.prepared import PreparedDataset, prepare_cmd
+    from model.eval.evaluator import write_result_json
     from model.eval.run import run_evaluation
     from model.eval.paper_reports import figure2, figure3, table1
     from model.eval.report import memory_size_table
@@ -190,8 +190,8 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     by = {r["method"]: r for r in found}
     docs = cfg.docs / cfg.dataset
     docs.mkdir(parents=True, exist_ok=True)
-    for m in by:  # the per-sample results beside the report, gzipped: `automr compare` pairs them
-        (docs / f"{m}.json.gz").write_bytes(gzip.compress((results / f"{m}.json").read_bytes(), mtime=0))
+    for m, r in by.items():  # the per-sample results beside the report, gzipped: `automr compare` pairs them
+        write_result_json(docs / f"{m}.json.gz", r)
     report = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "timings"},
               "git_sha": sha}  # the code the evaluations ran on (a dirty tree: its last commit)
     pairs = (("automr", "bigrec"), ("automr", "random"), ("bigrec", "popularity"), ("automr", "sasrec"),

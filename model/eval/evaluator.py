@@ -132,11 +132,7 @@ class EvalResult:
         )
 
     def save(self, path: str | Path) -> None:
-        """As JSON; gzipped where the name ends in ``.gz`` (the published per-sample files are)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = json.dumps(self.to_json(), indent=1).encode()
-        path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
+        write_result_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> "EvalResult":
@@ -146,8 +142,17 @@ class EvalResult:
             raise ValueError(f"{path}: not an evaluation result file ({e!r})") from e
 
 
+def write_result_json(path: str | Path, result: dict) -> None:
+    """A result as JSON; gzipped where the name ends in ``.gz`` (the published per-sample files are;
+    mtime 0, so the same result gives the same bytes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(result, indent=1).encode()
+    path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
+
+
 def read_result_json(path: str | Path) -> dict:
-    """A result file as written by ``EvalResult.save``, or gzipped (``.gz``, as the published ones are)."""
+    """A result file as ``write_result_json`` writes it, plain or gzipped."""
     path = Path(path)
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     return json.loads(raw)
